@@ -1,0 +1,1 @@
+"""ttsctl: turns a pipeline spec into stage runs (local processes or PyTorchJobs)."""

@@ -1,0 +1,19 @@
+"""Shared test fixtures. Tests run on CPU with tiny models; the example data ships in the repo."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_MANIFEST = REPO / "example" / "configs" / "samples.jsonl"
+
+# Tiny models train on one thread faster than on an oversubscribed pool (2-core CI machines).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO

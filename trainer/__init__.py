@@ -1,0 +1,1 @@
+"""SpeechLM TTS trainer: the stages that run inside the pods."""

@@ -1,0 +1,194 @@
+"""The acoustic encoder: X-codec2's BigCodec-style CNN from 16 kHz waveform to 50 Hz frames.
+
+Module and parameter names follow the original `CodecEnc` (conv_blocks / conv_final_block, anti-aliased
+SnakeBeta activations with their low-pass filters, weight-normed convolutions) so checkpoints map by
+prefix only (see trainer/codec/xcodec2.py).
+
+Batched encode pads items to a common length. Every layer that looks across time can take
+`lengths` (valid samples per item at its input rate): convolutions then see zeros past each item's end
+and the anti-aliasing filters see the item's last value (their replicate padding), exactly what the
+item alone would see, so padding never changes an item's codes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+
+def zero_beyond(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Zero the time steps of x (B, C, T) at or past each item's length."""
+    if lengths is None:
+        return x
+    valid = torch.arange(x.shape[-1], device=x.device)[None, :] < lengths[:, None]
+    return x * valid[:, None, :].to(x.dtype)
+
+
+def hold_last(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Repeat each item's last valid step over its padding: what replicate padding would add."""
+    if lengths is None:
+        return x
+    steps = torch.arange(x.shape[-1], device=x.device)[None, :]
+    index = torch.minimum(steps, (lengths - 1)[:, None])
+    return x.gather(2, index[:, None, :].expand(x.shape[0], x.shape[1], -1))
+
+
+def kaiser_sinc_filter(cutoff: float, half_width: float, kernel_size: int) -> torch.Tensor:
+    """Kaiser-windowed sinc low-pass, shape (1, 1, kernel_size); the alias-free activation filter."""
+    half = kernel_size // 2
+    attenuation = 2.285 * (half - 1) * math.pi * (4 * half_width) + 7.95
+    if attenuation > 50.0:
+        beta = 0.1102 * (attenuation - 8.7)
+    elif attenuation >= 21.0:
+        beta = 0.5842 * (attenuation - 21) ** 0.4 + 0.07886 * (attenuation - 21.0)
+    else:
+        beta = 0.0
+    window = torch.kaiser_window(kernel_size, beta=beta, periodic=False)
+    if kernel_size % 2 == 0:
+        time = torch.arange(-half, half) + 0.5
+    else:
+        time = torch.arange(kernel_size) - half
+    taps = 2 * cutoff * window * torch.sinc(2 * cutoff * time)
+    return (taps / taps.sum()).view(1, 1, kernel_size)
+
+
+class SnakeBeta(nn.Module):
+    """x + 1/b * sin^2(a x) per channel, a and b stored in log scale (BigVGAN)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = self.alpha.exp()[None, :, None]
+        beta = self.beta.exp()[None, :, None]
+        return x + torch.sin(x * alpha).pow(2) / (beta + 1e-9)
+
+
+class UpSample1d(nn.Module):
+    def __init__(self, ratio: int = 2, kernel_size: int = 12):
+        super().__init__()
+        self.ratio = ratio
+        self.pad = kernel_size // ratio - 1
+        self.crop_left = self.pad * ratio + (kernel_size - ratio) // 2
+        self.crop_right = self.pad * ratio + (kernel_size - ratio + 1) // 2
+        self.register_buffer("filter", kaiser_sinc_filter(0.5 / ratio, 0.6 / ratio, kernel_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        x = nn.functional.pad(x, (self.pad, self.pad), mode="replicate")
+        x = self.ratio * nn.functional.conv_transpose1d(
+            x, self.filter.expand(channels, -1, -1), stride=self.ratio, groups=channels
+        )
+        return x[..., self.crop_left : -self.crop_right]
+
+
+class LowPassFilter1d(nn.Module):
+    def __init__(self, stride: int = 2, kernel_size: int = 12):
+        super().__init__()
+        self.stride = stride
+        self.pad_left = kernel_size // 2 - int(kernel_size % 2 == 0)
+        self.pad_right = kernel_size // 2
+        self.register_buffer("filter", kaiser_sinc_filter(0.5 / stride, 0.6 / stride, kernel_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        x = nn.functional.pad(x, (self.pad_left, self.pad_right), mode="replicate")
+        return nn.functional.conv1d(x, self.filter.expand(channels, -1, -1), stride=self.stride, groups=channels)
+
+
+class DownSample1d(nn.Module):
+    def __init__(self, ratio: int = 2, kernel_size: int = 12):
+        super().__init__()
+        self.lowpass = LowPassFilter1d(ratio, kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lowpass(x)
+
+
+class Activation1d(nn.Module):
+    """SnakeBeta at twice the rate (upsample -> act -> low-pass downsample) to limit aliasing."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.act = SnakeBeta(channels)
+        self.upsample = UpSample1d(2, 12)
+        self.downsample = DownSample1d(2, 12)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.upsample(hold_last(x, lengths))
+        x = self.act(x)
+        x = self.downsample(hold_last(x, None if lengths is None else lengths * 2))
+        return zero_beyond(x, lengths)
+
+
+def wn_conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, dilation: int = 1, padding: int = 0):
+    conv = nn.Conv1d(in_ch, out_ch, kernel, stride=stride, dilation=dilation, padding=padding)
+    nn.init.trunc_normal_(conv.weight, std=0.02)
+    nn.init.zeros_(conv.bias)
+    return weight_norm(conv)
+
+
+def run_layers(layers: nn.Sequential, x: torch.Tensor, lengths: torch.Tensor | None):
+    """Apply layers in order, keeping padding inert; returns (x, lengths at the output rate)."""
+    for layer in layers:
+        if isinstance(layer, nn.Conv1d):
+            x = layer(zero_beyond(x, lengths))
+            if lengths is not None:
+                lengths = lengths // layer.stride[0]
+            x = zero_beyond(x, lengths)
+        else:
+            x, lengths = layer(x, lengths) if isinstance(layer, EncoderBlock) else (layer(x, lengths), lengths)
+    return x, lengths
+
+
+class ResidualUnit(nn.Module):
+    def __init__(self, dim: int, dilation: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            Activation1d(dim),
+            wn_conv(dim, dim, 7, dilation=dilation, padding=3 * dilation),
+            Activation1d(dim),
+            wn_conv(dim, dim, 1),
+        )
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return x + run_layers(self.block, x, lengths)[0]
+
+
+class EncoderBlock(nn.Module):
+    """Three dilated residual units at dim/2 channels, then a strided conv to dim channels."""
+
+    def __init__(self, dim: int, stride: int, dilations: tuple[int, ...] = (1, 3, 9)):
+        super().__init__()
+        self.block = nn.Sequential(
+            *[ResidualUnit(dim // 2, d) for d in dilations],
+            Activation1d(dim // 2),
+            wn_conv(dim // 2, dim, 2 * stride, stride=stride, padding=stride // 2 + stride % 2),
+        )
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None):
+        return run_layers(self.block, x, lengths)
+
+
+class AcousticEncoder(nn.Module):
+    def __init__(self, channels: int, strides: list[int], output_dim: int):
+        super().__init__()
+        dim = channels
+        blocks: list[nn.Module] = [wn_conv(1, dim, 7, padding=3)]
+        for stride in strides:
+            dim *= 2
+            blocks.append(EncoderBlock(dim, stride))
+        self.conv_blocks = nn.Sequential(*blocks)
+        self.conv_final_block = nn.Sequential(Activation1d(dim), wn_conv(dim, output_dim, 3, padding=1))
+
+    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """wav (B, 1, S) with S a multiple of the total stride -> (B, S / stride, output_dim)."""
+        x, lengths = run_layers(self.conv_blocks, wav, lengths)
+        x, _ = run_layers(self.conv_final_block, x, lengths)
+        return x.transpose(1, 2)
+

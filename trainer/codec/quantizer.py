@@ -1,0 +1,66 @@
+"""Finite scalar quantisation (FSQ, Mentzer et al. 2023) with X-codec2's projection layout.
+
+X-codec2 wraps one FSQ in vector-quantize-pytorch's `ResidualFSQ(num_quantizers=1)`, whose only
+weights are `project_in` (dim -> len(levels)) and `project_out` (len(levels) -> dim). We keep those
+names but own the quantiser: the library changed how ResidualFSQ bounds its inputs across releases
+(recent ones force `preserve_symmetry=True`), which would silently change the code <-> vector map of
+pretrained checkpoints and of every dataset already vectorised with them. This module freezes the
+original FSQ formulation (tanh bound with the even-level half-step offset, round with a
+straight-through gradient).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class FSQ(nn.Module):
+    def __init__(self, dim: int, levels: list[int]):
+        super().__init__()
+        if any(level < 2 for level in levels):
+            raise ValueError(f"every FSQ level must be >= 2, got {levels}")
+        self.codebook_size = math.prod(levels)
+        self.project_in = nn.Linear(dim, len(levels))
+        self.project_out = nn.Linear(len(levels), dim)
+        levels_t = torch.tensor(levels, dtype=torch.int64)
+        basis = torch.cumprod(torch.tensor([1, *levels[:-1]], dtype=torch.int64), dim=0)
+        # Derived from `levels` (stored in the model config), so kept out of the state dict.
+        self.register_buffer("levels", levels_t, persistent=False)
+        self.register_buffer("basis", basis, persistent=False)
+
+    def _bound(self, z: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+        levels = self.levels.to(z.dtype)
+        half_l = (levels - 1) * (1 + eps) / 2
+        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0).to(z.dtype)
+        shift = torch.atanh(offset / half_l)
+        return torch.tanh(z + shift) * half_l - offset
+
+    def _quantize(self, z: torch.Tensor) -> torch.Tensor:
+        """Bound, round (straight-through), and scale to [-1, 1]: the normalised code vector."""
+        bounded = self._bound(z)
+        rounded = bounded + (bounded.round() - bounded).detach()
+        return rounded / (self.levels // 2).to(z.dtype)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, dim) -> (quantised (B, T, dim), codes (B, T) int64 in [0, codebook_size))."""
+        # Quantise in fp32: rounding in bf16 would merge neighbouring codes.
+        z = self.project_in(x).float()
+        codes_vec = self._quantize(z)
+        half_width = self.levels // 2
+        level_index = (codes_vec * half_width + half_width).round().long()
+        codes = (level_index * self.basis).sum(dim=-1)
+        return self.project_out(codes_vec.to(x.dtype)), codes
+
+    def indices_to_vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, T) int64 -> normalised code vectors (B, T, len(levels))."""
+        level_index = (codes.unsqueeze(-1) // self.basis) % self.levels
+        half_width = self.levels // 2
+        return (level_index - half_width).float() / half_width.float()
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, T) -> (B, T, dim): the decoder input X-codec2 calls `get_output_from_indices`."""
+        vectors = self.indices_to_vectors(codes).to(self.project_out.weight.dtype)
+        return self.project_out(vectors)

@@ -1,0 +1,441 @@
+"""One validated config object for every `tts-train` stage.
+
+The section names and keys follow the seed trainer's JSON configs (`training`, `modeling.parameters`,
+`checkpointing`, `train_weighted_datasets`, `val_weighted_datasets`, `dataset`, `rlhf_training`) so its
+files load unchanged; stages we add (`codec`, `vectorize`, `export`, `infer`, `eval`, `metrics`) get
+sections of their own. Every model forbids unknown keys: a typo fails at load with its key path,
+before any GPU time is spent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trainer.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True
+    )
+
+
+# --------------------------------------------------------------------------------------------- seed
+class TrainingConfig(Section):
+    seed: int = 777
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int = Field(100, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
+    # Rows per micro-batch. With packing on, each row holds `pack_length` tokens of whole samples.
+    batch_size: int = Field(4, gt=0)
+    precision: Literal["bf16", "fp32", "fp16"] = "bf16"
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    num_epochs: int = Field(1, gt=0)
+    # Stop after this many optimiser steps (None: run `num_epochs`).
+    max_steps: int | None = Field(None, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.01, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    gradient_checkpointing: bool = False
+    compile_model: bool = False
+    # Sequence packing: whole samples packed into rows of `pack_length` tokens, attention kept per sample.
+    packing: bool = True
+    pack_length: int = Field(4096, gt=0)
+    deepspeed_zero_stage: Literal[2, 3] = 2
+    process_group_timeout_s: int = Field(1800, gt=0)
+    num_workers: int = Field(2, ge=0)
+    output_dir: str = "experiments"
+    run_name: str = "run"
+    use_wandb: bool = False
+    dry_run: bool = False
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # "all-linear" (peft's shortcut) or explicit module names, e.g. ["q_proj", "v_proj"].
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class ModelParameters(Section):
+    codebook_size: int = Field(65536, gt=0)
+    max_seq_len: int = Field(2048, gt=0)
+    # A local Hugging Face directory, or a preset name ("tiny", "llama-3.2-1b") for random init.
+    model_name: str = "tiny"
+    enable_text_normalization: bool = True
+    prompt_format: Literal["inworld", "llasa"] = "inworld"
+    attn_implementation: Literal["auto", "flash_attention_2", "flex", "sdpa"] = "auto"
+    # "audio": cross-entropy over the audio rows of the head only (+ speech-end); "full": whole vocabulary.
+    loss_vocab: Literal["audio", "full"] = "audio"
+    # Rows of the [tokens x vocab] head computed at once; bounds peak memory.
+    loss_chunk_size: int = Field(4096, gt=0)
+
+
+class ModelingConfig(Section):
+    parameters: ModelParameters = ModelParameters()
+    lora: LoraConfig = LoraConfig()
+
+
+class CheckpointingConfig(Section):
+    save_steps: int = Field(1000, gt=0)
+    keep_only_last_n_checkpoints: int = Field(3, gt=0)
+    # A checkpoint directory/URL to resume from; "auto" = the latest complete checkpoint of this run.
+    checkpoint_file_to_resume_from: str | None = None
+    resume: Literal["auto", "never"] = "auto"
+
+
+class DatasetConfig(Section):
+    enable_rlhf_training: bool = False
+    # None: every language is accepted. Case-insensitive; "en" also admits "en-GB" (primary subtag).
+    allowed_languages: list[str] | None = None
+    # Filters below judge the audio file itself, not the manifest's declared values.
+    min_sample_rate: int = Field(16000, gt=0)
+    # Applies only to records that carry a "dnsmos" field.
+    min_dnsmos: float | None = None
+    min_duration: float = Field(0.5, ge=0)
+    max_duration: float = Field(30.0, gt=0)
+    min_chars_per_second: float = Field(2.0, ge=0)
+    max_chars_per_second: float = Field(35.0, gt=0)
+    # A declared duration further than this from the file's is noted on the sample (the file wins).
+    duration_tolerance_s: float = Field(0.1, ge=0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> DatasetConfig:
+        if self.min_duration >= self.max_duration:
+            raise ValueError("min_duration must be below max_duration")
+        if self.min_chars_per_second >= self.max_chars_per_second:
+            raise ValueError("min_chars_per_second must be below max_chars_per_second")
+        return self
+
+
+class RlhfConfig(Section):
+    base_model_dir: str | None = None
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int = Field(75, ge=0)
+    repetition_penalty: float = Field(1.1, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    num_generations: int = Field(8, ge=2)
+    max_prompt_length: int = Field(1024, gt=0)
+    max_completion_length: int = Field(1024, gt=0)
+    min_completion_length: int = Field(0, ge=0)
+    use_vllm: bool = False
+    # vLLM rollout server (`trl vllm-serve` protocol); env TTS_VLLM_HOST / TTS_VLLM_PORT override.
+    vllm_server_host: str = "127.0.0.1"
+    vllm_server_port: int = Field(8000, gt=0)
+    vllm_group_port: int = Field(51216, gt=0)
+    vllm_server_timeout_s: float = Field(600.0, gt=0)
+    reward_funcs: list[str] = ["WERRewardFunc"]
+    reward_weights: list[float] | None = None
+    # ASR / speaker backends used by the rewards; local model dirs only, never a hub id.
+    asr_backend: Literal["pocketsphinx", "whisper"] = "pocketsphinx"
+    asr_model_path: str | None = None
+    speaker_backend: Literal["resemblyzer", "wavlm-ecapa"] = "resemblyzer"
+    speaker_model_path: str | None = None
+    save_completions_steps: int = Field(50, gt=0)
+    per_device_train_batch_size: int = Field(4, gt=0)
+    num_iterations: int = Field(1, gt=0)
+    scale_rewards: bool = False
+    kl_beta: float = Field(0.0, ge=0)
+    max_steps: int | None = Field(None, gt=0)
+    guard_rail_steps: int = Field(50, gt=0)
+    guard_rail_samples: int = Field(8, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RlhfConfig:
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} entries but reward_funcs has "
+                f"{len(self.reward_funcs)}"
+            )
+        if self.min_completion_length >= self.max_completion_length:
+            raise ValueError("min_completion_length must be below max_completion_length")
+        return self
+
+
+# ------------------------------------------------------------------------------------ our stages
+class CodecModelConfig(Section):
+    """Shape of the codec. The defaults are the full-size X-codec2 configuration."""
+
+    input_sample_rate: Literal[16000] = 16000
+    sample_rate: Literal[16000, 24000, 48000] = 16000  # decoder output rate
+    hop_length: int = Field(320, gt=0)  # decoder iSTFT hop at the output rate
+    token_rate: int = Field(50, gt=0)
+    fsq_levels: list[int] = [4, 4, 4, 4, 4, 4, 4, 4]
+    encoder_channels: int = Field(48, gt=0)
+    encoder_strides: list[int] = [2, 2, 4, 4, 5]
+    encoder_dim: int = Field(1024, gt=0)
+    # "none" or a LOCAL directory holding a Wav2Vec2-BERT model (e.g. w2v-bert-2.0).
+    semantic: str = "none"
+    semantic_layer: int = Field(16, ge=0)
+    semantic_dim: int = Field(1024, gt=0)
+    quantizer_dim: int = Field(2048, gt=0)
+    decoder_dim: int = Field(1024, gt=0)
+    decoder_layers: int = Field(12, gt=0)
+    decoder_heads: int = Field(16, gt=0)
+    # Super-resolution decoder: transposed-conv strides before the iSTFT head (e.g. [3, 2] for 48 kHz).
+    upsample_factors: list[int] = []
+    upsample_kernel_sizes: list[int] = []
+
+    @property
+    def codebook_size(self) -> int:
+        size = 1
+        for level in self.fsq_levels:
+            size *= level
+        return size
+
+    @model_validator(mode="after")
+    def _rates(self) -> CodecModelConfig:
+        prod_up = 1
+        for f in self.upsample_factors:
+            prod_up *= f
+        if self.sample_rate / (self.hop_length * prod_up) != self.token_rate:
+            raise ValueError(
+                f"sample_rate / hop_length / prod(upsample_factors) must equal token_rate: "
+                f"{self.sample_rate} / {self.hop_length} / {prod_up} != {self.token_rate}"
+            )
+        prod_stride = 1
+        for s in self.encoder_strides:
+            prod_stride *= s
+        if self.input_sample_rate / prod_stride != self.token_rate:
+            raise ValueError(
+                f"input_sample_rate / prod(encoder_strides) must equal token_rate: "
+                f"{self.input_sample_rate} / {prod_stride} != {self.token_rate}"
+            )
+        if len(self.upsample_kernel_sizes) not in (0, len(self.upsample_factors)):
+            raise ValueError("upsample_kernel_sizes must be empty or match upsample_factors")
+        if self.decoder_dim % self.decoder_heads:
+            raise ValueError("decoder_dim must be divisible by decoder_heads")
+        return self
+
+
+class CodecTrainConfig(Section):
+    # Manifest (seed format) of the training audio.
+    dataset_path: str = "example/configs/samples.jsonl"
+    output_dir: str = "experiments/codec"
+    max_steps: int = Field(1000, gt=0)
+    batch_size: int = Field(8, gt=0)
+    segment_seconds: float = Field(1.0, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    disc_learning_rate: float = Field(2e-4, gt=0)
+    # Start the GAN losses after this many generator-only steps.
+    disc_start_step: int = Field(0, ge=0)
+    lambda_mel: float = Field(15.0, ge=0)
+    lambda_adv: float = Field(1.0, ge=0)
+    lambda_feat: float = Field(1.0, ge=0)
+    lambda_rms: float = Field(1.0, ge=0)
+    mpd_periods: list[int] = [2, 3, 5, 7, 11]
+    stft_disc_fft_sizes: list[int] = [78, 126, 206, 334, 542, 876, 1418, 2296]
+    # Train only the decoder from a frozen encoder (super-resolution decoder case).
+    decoder_only: bool = False
+    init_from: str | None = None
+
+
+class CodecConfig(Section):
+    model: CodecModelConfig = CodecModelConfig()
+    train: CodecTrainConfig = CodecTrainConfig()
+
+
+class VectorizeConfig(Section):
+    codec_model_path: str | None = None
+    dataset_path: str | None = None
+    output_dir: str | None = None
+    run_name: str = "vectorize"
+    batch_size: int = Field(16, gt=0)
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    samples_per_shard: int = Field(10000, gt=0)
+    # Exit non-zero when more than this fraction of manifest lines is rejected.
+    max_reject_fraction: float = Field(0.5, ge=0, le=1)
+    pushgateway_url: str | None = None
+    # Threads reading/decoding audio ahead of the codec (0: read in the main thread).
+    num_workers: int = Field(4, ge=0)
+    # Clips read ahead and sorted by length before batching: less padding, memory bounded by the window.
+    sort_window: int = Field(256, gt=0)
+    # Accepted for the seed's `--use_wandb` flag; vectorize reports through Prometheus and its summary JSON.
+    use_wandb: bool = False
+
+
+class ExportConfig(Section):
+    checkpoint_path: str | None = None
+    output_path: str | None = None
+    codec_model_path: str | None = None
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.1, gt=0)
+    max_new_tokens: int = Field(1500, gt=0)
+    seed: int = 42
+
+
+class InferConfig(Section):
+    model_checkpoint_path: str | None = None
+    # Codec checkpoints (ours or X-codec2); the decoder may be a super-resolution one.
+    audio_encoder_path: str | None = None
+    audio_decoder_path: str | None = None
+    prompt_wav_path: str | None = None
+    prompt_transcription: str | None = None
+    text: str | None = None
+    output_path: str = "output.wav"
+    use_vllm: bool = False
+    # Longer texts are split at sentence boundaries into chunks of at most this many characters.
+    max_chunk_chars: int = Field(300, gt=0)
+    max_text_chars: int = Field(5000, gt=0)
+    sampling: SamplingConfig = SamplingConfig()
+
+
+class MergeConfig(Section):
+    dataset_path: str | None = None
+    remove_shards: bool = False
+
+
+class EvalConfig(Section):
+    model_path: str | None = None
+    codec_model_path: str | None = None
+    # JSONL test list: {"prompt_wav", "prompt_text", "target_text", optional "target_wav", "id", "language"}.
+    test_list: str | None = None
+    output_dir: str | None = None
+    # Run directory whose metrics (jsonl) feed the loss/reward plots; optional.
+    metrics_dirs: list[str] = []
+    asr_backend: Literal["pocketsphinx", "whisper"] = "pocketsphinx"
+    asr_model_path: str | None = None
+    speaker_backend: Literal["resemblyzer", "wavlm-ecapa"] = "resemblyzer"
+    speaker_model_path: str | None = None
+    use_dnsmos: bool = True
+    max_items: int | None = Field(None, gt=0)
+    sampling: SamplingConfig = SamplingConfig()
+
+
+class MetricsConfig(Section):
+    # Rank 0 serves Prometheus metrics here; 0 disables the HTTP server.
+    port: int = Field(9090, ge=0, le=65535)
+    pushgateway_url: str | None = None
+
+
+# ------------------------------------------------------------------------------------------ root
+class TrainerConfig(Section):
+    training: TrainingConfig = TrainingConfig()
+    modeling: ModelingConfig = ModelingConfig()
+    checkpointing: CheckpointingConfig = CheckpointingConfig()
+    train_weighted_datasets: dict[str, float] = {}
+    val_weighted_datasets: dict[str, float] = {}
+    dataset: DatasetConfig = DatasetConfig()
+    rlhf_training: RlhfConfig = RlhfConfig()
+    codec: CodecConfig = CodecConfig()
+    vectorize: VectorizeConfig = VectorizeConfig()
+    merge: MergeConfig = MergeConfig()
+    export: ExportConfig = ExportConfig()
+    infer: InferConfig = InferConfig()
+    eval: EvalConfig = EvalConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    @field_validator("train_weighted_datasets", "val_weighted_datasets")
+    @classmethod
+    def _weights_positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for path, weight in value.items():
+            if weight <= 0:
+                raise ValueError(f"weight of {path!r} must be > 0, got {weight}")
+        return value
+
+
+# ---------------------------------------------------------------------------------------- loading
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], typed value). JSON values (numbers, booleans, null, lists,
+    objects) are parsed as JSON; anything else stays a string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return [part for part in key.strip().split(".")], value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node, model = raw, TrainerConfig
+        i = 0
+        while i < len(path) - 1:
+            field = model.model_fields.get(path[i]) if model is not None else None
+            annotation = field.annotation if field is not None else None
+            child = node.setdefault(path[i], {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(path[: i + 1])} is not a section")
+            node, i = child, i + 1
+            if get_origin(annotation) is dict:
+                # Map keys are dataset paths/URLs that may contain dots: the rest of the path is the key.
+                break
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        node[".".join(path[i:])] = value
+    return raw
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        lines.append(f"{loc}: {msg[:1].lower()}{msg[1:]}")
+    return "\n".join(lines)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    from trainer import io
+
+    text = io.read_text(str(path))
+    try:
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: not valid {'JSON' if str(path).endswith('.json') else 'YAML'}: {err}")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    data: Mapping[str, Any] | None = None,
+) -> TrainerConfig:
+    """Load a YAML/JSON config file (or a dict), apply `--set` overrides, validate."""
+    raw: dict[str, Any] = dict(data or {})
+    if path is not None:
+        if not _exists(path):
+            raise ConfigError(f"config file not found: {path}")
+        raw = read_config_file(path)
+    raw = apply_overrides(raw, overrides)
+    try:
+        return TrainerConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def _exists(path: str | Path) -> bool:
+    from trainer import io
+
+    return io.exists(str(path))
+
+
+def dump_config(config: TrainerConfig) -> str:
+    return json.dumps(config.model_dump(mode="json"), indent=2)

@@ -1,0 +1,1 @@
+"""Speech data: manifests, audio io, filters, vectorization, merge, packed datasets."""

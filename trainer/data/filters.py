@@ -1,0 +1,82 @@
+"""Which manifest records become training samples (the `dataset` config section).
+
+Two checks: `check_record` runs on the manifest record alone (cheap, before any audio is read);
+`check_audio` runs on what the audio file really holds, because declared durations and rates are
+often wrong. Each returns None (keep) or a `Rejection` whose `reason` is a short stable tag used in
+rejects files, summaries and metric labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from trainer.config import DatasetConfig
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str
+    detail: str
+
+
+def language_allowed(language: str, allowed: list[str] | None) -> bool:
+    """Case-insensitive; an allowed "en" admits "en-GB"/"en_us" (same primary subtag)."""
+    if allowed is None:
+        return True
+    tag = language.strip().lower().replace("_", "-")
+    allowed_tags = {a.strip().lower().replace("_", "-") for a in allowed}
+    return tag in allowed_tags or tag.split("-", 1)[0] in allowed_tags
+
+
+def speech_chars(transcript: str) -> int:
+    """Characters that are spoken-ish: whitespace runs count as one."""
+    return len(" ".join(transcript.split()))
+
+
+def check_record(record: dict[str, Any], config: DatasetConfig) -> Rejection | None:
+    transcript = record["transcript"]
+    if not transcript.strip():
+        return Rejection("empty_transcript", "transcript is empty")
+    # str.isalnum covers letters and digits of every script, so only punctuation/symbol text fails.
+    if not any(ch.isalnum() for ch in transcript):
+        return Rejection("punctuation_only_transcript", f"transcript has no letters or digits: {transcript!r}")
+    if not language_allowed(record["language"], config.allowed_languages):
+        return Rejection(
+            "language_not_allowed", f"language {record['language']!r} not in {config.allowed_languages}"
+        )
+    dnsmos = record.get("dnsmos")
+    if config.min_dnsmos is not None and dnsmos is not None and dnsmos < config.min_dnsmos:
+        return Rejection("low_dnsmos", f"dnsmos {dnsmos} < {config.min_dnsmos}")
+    return None
+
+
+def check_audio(transcript: str, duration: float, sample_rate: int, config: DatasetConfig) -> Rejection | None:
+    """Filters on the file's real duration and sample rate."""
+    if sample_rate < config.min_sample_rate:
+        return Rejection("low_sample_rate", f"file sample rate {sample_rate} Hz < {config.min_sample_rate} Hz")
+    if duration < config.min_duration:
+        return Rejection("too_short", f"{duration:.3f} s < {config.min_duration} s")
+    if duration > config.max_duration:
+        return Rejection("too_long", f"{duration:.3f} s > {config.max_duration} s")
+    rate = speech_chars(transcript) / duration
+    if not config.min_chars_per_second <= rate <= config.max_chars_per_second:
+        return Rejection(
+            "chars_per_second_outlier",
+            f"{rate:.1f} chars/s outside [{config.min_chars_per_second}, {config.max_chars_per_second}]",
+        )
+    return None
+
+
+def declared_mismatch_notes(
+    record: dict[str, Any], duration: float, sample_rate: int, channels: int, config: DatasetConfig
+) -> list[str]:
+    """Differences between the manifest's claims and the file (kept on the sample; the file wins)."""
+    notes = []
+    if abs(float(record["duration"]) - duration) > config.duration_tolerance_s:
+        notes.append(f"duration_mismatch: declared {float(record['duration']):.3f} s, file {duration:.3f} s")
+    if int(record["sample_rate"]) != sample_rate:
+        notes.append(f"sample_rate_mismatch: declared {int(record['sample_rate'])} Hz, file {sample_rate} Hz")
+    if channels > 1:
+        notes.append(f"downmixed: {channels} channels averaged to mono")
+    return notes

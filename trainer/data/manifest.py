@@ -1,0 +1,97 @@
+"""Speech manifests in the seed format: one JSON object per line.
+
+    {"transcript", "language", "wav_path", "duration", "sample_rate"} + optional "id", "speaker_id", "dnsmos"
+
+Manifests are streamed (local path or any fsspec URL, `.gz` etc. decompressed by suffix) so a
+multi-million-line manifest never sits in memory. A line that cannot become a record is returned as a
+`LineError` instead of raising: the caller decides where it goes, and nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from trainer import io
+
+REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "transcript": str,
+    "language": str,
+    "wav_path": str,
+    "duration": (int, float),
+    "sample_rate": (int, float),
+}
+OPTIONAL_NUMERIC_FIELDS = ("dnsmos",)
+
+
+@dataclass(frozen=True)
+class LineError:
+    """A manifest line that is not a valid record. `reason` is a short machine-readable tag."""
+
+    reason: str  # malformed_json | missing_field | invalid_field
+    detail: str
+    raw: str
+
+
+def read_lines(url: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text without the newline) for every line, blank ones included.
+
+    Bytes that are not UTF-8 are kept (replacement characters) so `parse_line` can reject the line
+    with its number instead of aborting the whole stream.
+    """
+    with io.open_url(url, "rb", compression="infer") as f:
+        for line_no, raw in enumerate(f, start=1):
+            yield line_no, raw.decode("utf-8", errors="replace").rstrip("\r\n")
+
+
+def parse_line(text: str) -> dict[str, Any] | LineError:
+    """One manifest line -> its record, or why it is not one."""
+    if "\ufffd" in text:
+        return LineError("malformed_json", "line is not valid UTF-8", text)
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        return LineError("malformed_json", f"not JSON: {err}", text)
+    if not isinstance(record, dict):
+        return LineError("malformed_json", f"expected a JSON object, got {type(record).__name__}", text)
+    missing = [name for name in REQUIRED_FIELDS if record.get(name) is None]
+    if missing:
+        return LineError("missing_field", f"missing required field(s): {', '.join(missing)}", text)
+    for name, kind in REQUIRED_FIELDS.items():
+        if not isinstance(record[name], kind) or isinstance(record[name], bool):
+            return LineError("invalid_field", f"{name} has type {type(record[name]).__name__}", text)
+    if not record["wav_path"].strip():
+        return LineError("invalid_field", "wav_path is empty", text)
+    for name in OPTIONAL_NUMERIC_FIELDS:
+        value = record.get(name)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            return LineError("invalid_field", f"{name} has type {type(value).__name__}", text)
+    return record
+
+
+def read_manifest(url: str) -> Iterator[tuple[int, dict[str, Any] | LineError]]:
+    """(1-based line number, record or LineError) for every non-blank line of the manifest at `url`."""
+    for line_no, text in read_lines(url):
+        if text.strip():
+            yield line_no, parse_line(text)
+
+
+def sample_id(record: dict[str, Any]) -> str:
+    """Stable identity of a sample: its "id", else its wav_path as written in the manifest."""
+    value = record.get("id")
+    return str(value) if value is not None else str(record["wav_path"])
+
+
+def resolve_wav_path(manifest_url: str, wav_path: str) -> str:
+    """Absolute paths and URLs stay as they are; a relative path is taken from the manifest's directory
+    (same filesystem and URL scheme as the manifest)."""
+    if "://" in wav_path or wav_path.startswith("/"):
+        return wav_path
+    scheme, sep, path = str(manifest_url).rpartition("://")
+    if not sep:
+        path = os.path.abspath(path)
+    return scheme + sep + posixpath.normpath(posixpath.join(posixpath.dirname(path), wav_path))

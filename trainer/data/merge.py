@@ -1,0 +1,180 @@
+"""`tts-train merge`: shards -> one `{split}_codes.npy` / `_codes_index.npy` / `_samples.jsonl` per split.
+
+Every shard is validated (offset table, code range, num_codes per record) before anything is
+published; merged files are staged and published atomically, then `_merged.json` records which
+shards they hold, and only after that are shards removed (`--remove_shards`). A run killed at any
+point can simply be run again: it either re-merges from intact shards or finishes the removal.
+Memory stays at one shard: codes stream into a memory-mapped .npy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer import io
+from trainer.config import TrainerConfig
+from trainer.data import shards
+from trainer.data.vectorize import MARKER_PATTERN, SUMMARY
+from trainer.errors import ConfigError, StageError
+
+log = logging.getLogger(__name__)
+
+FLAGS = {"dataset_path": "merge.dataset_path", "remove_shards": "merge.remove_shards"}
+
+MERGED = "_merged.json"
+
+
+@contextmanager
+def staged_file(dest_url: str) -> Iterator[Path]:
+    """A local scratch file that replaces `dest_url` when the block succeeds (rename on a local
+    filesystem, one upload otherwise) and vanishes when it fails."""
+    if io.is_local(dest_url):
+        dest = Path(io.local_path(dest_url))
+        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+        scratch = None
+    else:
+        scratch = Path(tempfile.mkdtemp(prefix="merge-"))
+        tmp = scratch / "file"
+    try:
+        yield tmp
+        if scratch is None:
+            os.replace(tmp, dest)
+        else:
+            fs, path = io.filesystem(dest_url)
+            fs.put_file(str(tmp), path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def codebook_size_of(dataset_url: str, config: TrainerConfig) -> int:
+    """From dataset_info.json (written by vectorize); shards made by the seed trainer have none, so
+    the config's codebook size is the bound then."""
+    info_url = io.join(dataset_url, shards.DATASET_INFO)
+    if io.exists(info_url):
+        return int(io.read_json(info_url)["codebook_size"])
+    return config.modeling.parameters.codebook_size
+
+
+def merge_split(
+    dataset_url: str, split: str, ids: list[int], codebook_size: int, stack: ExitStack
+) -> dict[str, Any]:
+    """Validate the shards of `split` and stage the merged files (published when `stack` closes)."""
+    indexes = []
+    for i in ids:
+        index = shards.read_npy(io.join(dataset_url, shards.shard_files(split, i).index))
+        if index.ndim != 1 or len(index) == 0:
+            raise StageError(f"{shards.shard_files(split, i).index}: not an offset table (shape {index.shape})")
+        indexes.append(index)
+    total_codes = int(sum(int(index[-1]) for index in indexes))
+    total_samples = sum(len(index) - 1 for index in indexes)
+
+    merged = shards.shard_files(split)
+    codes_path = stack.enter_context(staged_file(io.join(dataset_url, merged.codes)))
+    index_path = stack.enter_context(staged_file(io.join(dataset_url, merged.index)))
+    samples_path = stack.enter_context(staged_file(io.join(dataset_url, merged.samples)))
+
+    codes_out = np.lib.format.open_memmap(codes_path, mode="w+", dtype=shards.CODES_DTYPE, shape=(total_codes,))
+    index_out = np.zeros(total_samples + 1, dtype=shards.INDEX_DTYPE)
+    code_pos, sample_pos = 0, 0
+    with samples_path.open("wb") as samples_out:
+        for i, index in zip(ids, indexes, strict=True):
+            files = shards.shard_files(split, i)
+            codes = shards.read_npy(io.join(dataset_url, files.codes))
+            samples_text = io.read_text(io.join(dataset_url, files.samples))
+            records = [json.loads(line) for line in samples_text.splitlines() if line.strip()]
+            shards.validate_shard(shards.Shard(codes, index, records), codebook_size, files.codes)
+            codes_out[code_pos : code_pos + len(codes)] = codes
+            index_out[sample_pos + 1 : sample_pos + len(records) + 1] = index[1:] + code_pos
+            samples_out.write(shards.jsonl_bytes(records))
+            code_pos += len(codes)
+            sample_pos += len(records)
+    codes_out.flush()
+    del codes_out
+    np.save(index_path, index_out, allow_pickle=False)
+    return {"shards": ids, "samples": total_samples, "codes": total_codes}
+
+
+def remove_shard_files(dataset_url: str, plan: dict[str, list[int]]) -> int:
+    removed = 0
+    for split, ids in plan.items():
+        for i in ids:
+            files = shards.shard_files(split, i)
+            for name in (files.samples, files.index, files.codes):
+                url = io.join(dataset_url, name)
+                if io.exists(url):
+                    io.remove(url)
+                    removed += 1
+    return removed
+
+
+def check_vectorize_finished(dataset_url: str) -> None:
+    markers = [n for n in io.listdir(dataset_url) if MARKER_PATTERN.match(n)]
+    if markers and not io.exists(io.join(dataset_url, SUMMARY)):
+        raise StageError(
+            f"{dataset_url}: vectorize has not finished ({len(markers)} units done, no {SUMMARY}); "
+            "run vectorize again to complete it before merging"
+        )
+
+
+def merge(dataset_url: str, remove: bool, codebook_size: int) -> dict[str, Any]:
+    """Merge (or finish an interrupted merge) and return the `_merged.json` record."""
+    check_vectorize_finished(dataset_url)
+    plan = {split: shards.shard_ids(dataset_url, split) for split in shards.SPLITS}
+    record_url = io.join(dataset_url, MERGED)
+    previous = io.read_json(record_url) if io.exists(record_url) else None
+    already_merged = previous is not None and all(
+        set(plan[split]) <= set(previous["splits"].get(split, {}).get("shards", [])) for split in shards.SPLITS
+    )
+    if already_merged:
+        log.info("%s: shards already merged", dataset_url)
+        record = previous
+    else:
+        if previous is not None:
+            missing = {
+                split: sorted(set(previous["splits"].get(split, {}).get("shards", [])) - set(plan[split]))
+                for split in shards.SPLITS
+            }
+            if any(missing.values()):
+                raise StageError(
+                    f"{dataset_url}: new shards appeared after a merge that already removed shards {missing}; "
+                    "re-vectorize into a fresh directory"
+                )
+        if not any(plan.values()):
+            raise StageError(f"{dataset_url}: no shards ({{split}}_codes_{{i}}.npy) to merge")
+        record = {"splits": {}}
+        with ExitStack() as stack:
+            for split, ids in plan.items():
+                if ids:
+                    record["splits"][split] = merge_split(dataset_url, split, ids, codebook_size, stack)
+        io.write_json_atomic(record_url, record)
+        for split, stats in record["splits"].items():
+            log.info("%s: %d samples, %d codes from %d shards", split, stats["samples"], stats["codes"], len(stats["shards"]))
+    if remove:
+        removed = remove_shard_files(dataset_url, {s: v["shards"] for s, v in record["splits"].items()})
+        log.info("removed %d shard files", removed)
+    return record
+
+
+def run(config: TrainerConfig) -> int:
+    dataset_url = config.merge.dataset_path
+    if not dataset_url:
+        raise ConfigError("merge.dataset_path is required (flag --dataset_path)")
+    if not io.isdir(dataset_url):
+        raise ConfigError(f"dataset directory not found: {dataset_url}")
+    record = merge(dataset_url, config.merge.remove_shards, codebook_size_of(dataset_url, config))
+    for split, stats in record["splits"].items():
+        print(f"{split}: {stats['samples']} samples, {stats['codes']} codes ({len(stats['shards'])} shards merged)")
+    return 0

@@ -1,0 +1,132 @@
+"""Prompt formats: how (text, audio codes) become token ids, for training and for zero-shot inference.
+
+"inworld" (the seed's format, no chat template):
+    <bos>Convert the text to speech:<|text_prompt_start|>{text}<|text_prompt_end|>\\n
+    <|speech_start|><|s_..|>...<|speech_end|>
+"llasa" (Llasa's LLaMA-3 chat-template-like format, without the dated system header):
+    <bos><|start_header_id|>user<|end_header_id|>\\n\\nConvert the text to speech:
+    <|TEXT_UNDERSTANDING_START|>{text}<|TEXT_UNDERSTANDING_END|><|eot_id|>
+    <|start_header_id|>assistant<|end_header_id|>\\n\\n<|SPEECH_GENERATION_START|><|s_..|>...<|SPEECH_GENERATION_END|>
+
+Labels: -100 up to and including speech-start; the codes and speech-end are labelled. Zero-shot
+cloning: the text is "reference transcript + target text" and the reference codes are prefilled
+after speech-start. Ids are assembled piece by piece (specials by id, text by the tokenizer), which
+equals tokenizing the whole string because BPE never merges across an added special token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from trainer.model.text_normalization import normalize_text
+from trainer.model.vocab import AudioVocab
+
+IGNORE_INDEX = -100
+INSTRUCTION = "Convert the text to speech:"
+TEXT = object()  # marks where the (normalised) text goes in a template
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    # Tags added to the vocabulary; the LAST one is speech-end (it sits right before <|s_0|>).
+    tags: tuple[str, ...]
+    # Tokens the format needs that a LLaMA-3 tokenizer already has (added only when missing).
+    chat_tokens: tuple[str, ...]
+    speech_start: str
+    speech_end: str
+    # Pieces before the codes: strings (tokenized, or by id when they are tags/chat tokens) and TEXT.
+    template: tuple[object, ...]
+
+    def __post_init__(self) -> None:
+        assert self.tags[-1] == self.speech_end and self.template[-1] == self.speech_start
+
+
+FORMATS: dict[str, FormatSpec] = {
+    "inworld": FormatSpec(
+        tags=("<|text_prompt_start|>", "<|text_prompt_end|>", "<|speech_start|>", "<|speech_end|>"),
+        chat_tokens=(),
+        speech_start="<|speech_start|>",
+        speech_end="<|speech_end|>",
+        template=(INSTRUCTION, "<|text_prompt_start|>", TEXT, "<|text_prompt_end|>", "\n", "<|speech_start|>"),
+    ),
+    "llasa": FormatSpec(
+        tags=(
+            "<|TEXT_GENERATION_START|>", "<|TEXT_GENERATION_END|>", "<|TEXT_UNDERSTANDING_START|>",
+            "<|TEXT_UNDERSTANDING_END|>", "<|SPEECH_UNDERSTANDING_START|>", "<|SPEECH_UNDERSTANDING_END|>",
+            "<|SPEECH_GENERATION_START|>", "<|SPEECH_GENERATION_END|>",
+        ),
+        chat_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        speech_start="<|SPEECH_GENERATION_START|>",
+        speech_end="<|SPEECH_GENERATION_END|>",
+        template=(
+            "<|start_header_id|>", "user", "<|end_header_id|>", "\n\n", INSTRUCTION,
+            "<|TEXT_UNDERSTANDING_START|>", TEXT, "<|TEXT_UNDERSTANDING_END|>", "<|eot_id|>",
+            "<|start_header_id|>", "assistant", "<|end_header_id|>", "\n\n", "<|SPEECH_GENERATION_START|>",
+        ),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    input_ids: np.ndarray  # int64 [L]
+    labels: np.ndarray  # int64 [L], IGNORE_INDEX before the codes
+
+
+class PromptFormat:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab: AudioVocab, normalize: bool = True):
+        self.tokenizer = tokenizer
+        self.vocab = vocab
+        self.spec = FORMATS[vocab.prompt_format]
+        self.normalize = normalize
+        self._piece_cache: dict[str, list[int]] = {}
+
+    def _piece(self, piece: str) -> list[int]:
+        if piece in self.vocab.special_tokens:
+            return [self.vocab.special_tokens[piece]]
+        if piece not in self._piece_cache:
+            self._piece_cache[piece] = self.tokenizer.encode(piece, add_special_tokens=False)
+        return self._piece_cache[piece]
+
+    def clean_text(self, text: str) -> str:
+        return normalize_text(text) if self.normalize else " ".join(text.split())
+
+    def prefix_ids(self, text: str) -> list[int]:
+        """Ids up to and including speech-start for `text` (already the full text to speak)."""
+        ids: list[int] = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
+        for piece in self.spec.template:
+            if piece is TEXT:
+                ids.extend(self.tokenizer.encode(self.clean_text(text), add_special_tokens=False))
+            else:
+                ids.extend(self._piece(piece))
+        return ids
+
+    def training_example(self, text: str, codes: np.ndarray) -> TrainingExample:
+        if len(codes) == 0:
+            raise ValueError("a training example needs at least one audio code")
+        prefix = self.prefix_ids(text)
+        speech = [*self.vocab.code_ids(codes).tolist(), self.vocab.speech_end_id]
+        input_ids = np.asarray(prefix + speech, dtype=np.int64)
+        labels = input_ids.copy()
+        labels[: len(prefix)] = IGNORE_INDEX
+        return TrainingExample(input_ids, labels)
+
+    def inference_prompt(
+        self, target_text: str, ref_text: str | None = None, ref_codes: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Zero-shot prompt: text = reference transcript + target text, reference codes prefilled."""
+        text = f"{self.clean_text(ref_text)} {self.clean_text(target_text)}" if ref_text else target_text
+        ids = self.prefix_ids(text)
+        if ref_codes is not None and len(ref_codes):
+            ids += self.vocab.code_ids(ref_codes).tolist()
+        return np.asarray(ids, dtype=np.int64)
+
+    def codes_from_ids(self, generated_ids: np.ndarray | list[int]) -> np.ndarray:
+        return self.vocab.codes_from_ids(generated_ids)
+
+    def render(self, ids: np.ndarray | list[int]) -> str:
+        """The prompt as a string (audio tokens spelled `<|s_N|>`), for logs and tests."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
