@@ -105,7 +105,7 @@ def synthesize(text: str, voice: str, out: Path, stretch: float, tmp: Path, pad:
     subprocess.run(cmd, check=True, capture_output=True)
     # Trim leading/trailing silence, pad each side, normalise to -3 dBFS peak.
     subprocess.run(
-        ["sox", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(out),
+        ["sox", "-D", "-R", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(out),
          "silence", "1", "0.02", "0.5%", "reverse", "silence", "1", "0.02", "0.5%", "reverse",
          "pad", str(pad), str(pad), "gain", "-n", "-3"],
         check=True, capture_output=True,
@@ -117,8 +117,8 @@ def main() -> None:
     voices = [f"flite:{v}" for v in FLITE_VOICES] + [f"espeak:{v}@{r}" for v, r in ESPEAK_VOICES]
     wav_dir = ROOT / "wavs"
     wav_dir.mkdir(exist_ok=True)
-    for old in wav_dir.glob("*.flac"):
-        old.unlink()
+    for stale in wav_dir.glob("*.flac"):
+        stale.unlink()
     records = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -152,18 +152,24 @@ def main() -> None:
             })
     manifest = ROOT / "configs" / "samples.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
-    # Eval list: each held-out sentence cloned from a flite reference clip of a different voice.
+    # Eval list: each held-out sentence cloned from a flite reference clip; the same voice speaking
+    # the target text is the ground-truth row the eval report scores alongside the model.
     refs = [r for r in records if r["speaker_id"] in FLITE_VOICES and r["duration"] < 6.0]
     eval_items = []
-    for k, text in enumerate(HELD_OUT):
-        ref = next(r for r in refs if r["speaker_id"] == FLITE_VOICES[k % 4])
-        eval_items.append({
-            "id": f"eval_{k:02d}",
-            "prompt_wav": ref["wav_path"],
-            "prompt_text": ref["transcript"],
-            "target_text": text,
-            "language": "en",
-        })
+    with tempfile.TemporaryDirectory() as tmp_name:
+        for k, text in enumerate(HELD_OUT):
+            voice = FLITE_VOICES[k % 4]
+            ref = next(r for r in refs if r["speaker_id"] == voice)
+            target = f"eval_{k:02d}.flac"
+            synthesize(text, f"flite:{voice}", wav_dir / target, 1.0, Path(tmp_name))
+            eval_items.append({
+                "id": f"eval_{k:02d}",
+                "prompt_wav": ref["wav_path"],
+                "prompt_text": ref["transcript"],
+                "target_text": text,
+                "target_wav": f"../wavs/{target}",
+                "language": "en",
+            })
     (ROOT / "configs" / "eval_list.jsonl").write_text("".join(json.dumps(e) + "\n" for e in eval_items))
     total = sum(r["duration"] for r in records)
     print(f"wrote {len(records)} utterances, {total / 60:.1f} min of speech, to {wav_dir}")
