@@ -13,11 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.config import TrainerConfig, load_config
-from trainer.errors import ConfigError
-
 from controller.layout import RunLayout
 from controller.spec import PipelineSpec, StageSpec
+from trainer.config import TrainerConfig, load_config
+from trainer.errors import ConfigError
 
 STAGE_ORDER = ("codec", "vectorize", "merge", "sft", "export-sft", "rlhf", "export-rlhf", "eval")
 

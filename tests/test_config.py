@@ -105,16 +105,17 @@ def test_overrides_are_typed() -> None:
 
 
 def test_override_keys_with_dots_address_dataset_paths() -> None:
-    raw = apply_overrides(json.loads(json.dumps(SEED_SFT)), ["train_weighted_datasets./path/to/your/vectorized_dataset=2.5"])
+    override = "train_weighted_datasets./path/to/your/vectorized_dataset=2.5"
+    raw = apply_overrides(json.loads(json.dumps(SEED_SFT)), [override])
     assert raw["train_weighted_datasets"] == {"/path/to/your/vectorized_dataset": 2.5}
     raw = apply_overrides({}, ["train_weighted_datasets.gs://bucket/data.v2=1.5"])
     assert raw == {"train_weighted_datasets": {"gs://bucket/data.v2": 1.5}}
 
 
 def test_bad_override_syntax() -> None:
-    with pytest.raises(ConfigError, match="expected key.path=value"):
+    with pytest.raises(ConfigError, match=r"expected key\.path=value"):
         load_config(data={}, overrides=["training.learning_rate"])
-    with pytest.raises(ConfigError, match="training.seed is not a section"):
+    with pytest.raises(ConfigError, match=r"training\.seed is not a section"):
         load_config(data={"training": {"seed": 1}}, overrides=["training.seed.x=2"])
 
 

@@ -150,9 +150,16 @@ class RlhfConfig(Section):
     num_iterations: int = Field(1, gt=0)
     scale_rewards: bool = False
     kl_beta: float = Field(0.0, ge=0)
+    # TRL loss normalisation; "dr_grpo" (Dr. GRPO: no length bias) with scale_rewards=False by default.
+    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "dr_grpo"
+    # Completions cut at max_completion_length (no speech-end) do not contribute to the loss.
+    mask_truncated_completions: bool = True
     max_steps: int | None = Field(None, gt=0)
     guard_rail_steps: int = Field(50, gt=0)
     guard_rail_samples: int = Field(8, gt=0)
+    # Codec whose decoder turns completions into audio for the rewards. None: the codec the base model's
+    # serving directory references (codec.json / codec/), else the dataset's dataset_info.json.
+    codec_model_path: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> RlhfConfig:
@@ -178,6 +185,8 @@ class CodecModelConfig(Section):
     encoder_channels: int = Field(48, gt=0)
     encoder_strides: list[int] = [2, 2, 4, 4, 5]
     encoder_dim: int = Field(1024, gt=0)
+    # Anti-aliased (2x up/down-sampled) SnakeBeta activations as in X-codec2; off for cheap CPU codecs.
+    encoder_antialias: bool = True
     # "none" or a LOCAL directory holding a Wav2Vec2-BERT model (e.g. w2v-bert-2.0).
     semantic: str = "none"
     semantic_layer: int = Field(16, ge=0)
@@ -217,8 +226,14 @@ class CodecModelConfig(Section):
             )
         if len(self.upsample_kernel_sizes) not in (0, len(self.upsample_factors)):
             raise ValueError("upsample_kernel_sizes must be empty or match upsample_factors")
-        if self.decoder_dim % self.decoder_heads:
-            raise ValueError("decoder_dim must be divisible by decoder_heads")
+        if self.decoder_dim % self.decoder_heads or (self.decoder_dim // self.decoder_heads) % 2:
+            raise ValueError("decoder_dim / decoder_heads must be an even integer (rotary pairs)")
+        if self.decoder_dim % 32:
+            raise ValueError("decoder_dim must be divisible by 32 (the decoder's GroupNorm groups)")
+        if any(level < 2 for level in self.fsq_levels) or not self.fsq_levels:
+            raise ValueError("fsq_levels must be a non-empty list of integers >= 2")
+        if any(k < f for k, f in zip(self.upsample_kernel_sizes, self.upsample_factors)):
+            raise ValueError("each upsample kernel size must be >= its upsample factor")
         return self
 
 
@@ -241,7 +256,22 @@ class CodecTrainConfig(Section):
     stft_disc_fft_sizes: list[int] = [78, 126, 206, 334, 542, 876, 1418, 2296]
     # Train only the decoder from a frozen encoder (super-resolution decoder case).
     decoder_only: bool = False
+    # A codec (our directory or an X-codec2 .ckpt) whose weights start training; tensors whose name
+    # and shape match are copied (decoder_only requires every encoder weight to be there).
     init_from: str | None = None
+    precision: Literal["bf16", "fp32"] = "bf16"
+    seed: int = 1234
+    disc_channels: int = Field(16, gt=0)
+    mel_fft_sizes: list[int] = [512, 1024, 2048]
+    max_grad_norm: float = Field(1.0, gt=0)
+    log_steps: int = Field(10, gt=0)
+    save_steps: int = Field(500, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    # Resume from the latest complete checkpoint under output_dir/checkpoints.
+    resume: bool = True
+    # Clips whose loss is measured before and after training (eval_mel_loss in metrics.jsonl).
+    eval_clips: int = Field(4, gt=0)
+    num_workers: int = Field(0, ge=0)
 
 
 class CodecConfig(Section):
@@ -269,9 +299,17 @@ class VectorizeConfig(Section):
 
 
 class ExportConfig(Section):
+    # An HF SpeechLM directory (SFT/GRPO checkpoint or final model), a peft LoRA adapter directory, a
+    # sharded FSDP (torch.distributed.checkpoint) or DeepSpeed resume state, or one state-dict file.
     checkpoint_path: str | None = None
     output_path: str | None = None
+    # Codec to ship with the model; None: the one the checkpoint's codec.json names (if any).
     codec_model_path: str | None = None
+    # Copy our codec directory into <output_path>/codec (self-contained); X-codec2 .ckpt files are referenced.
+    copy_codec: bool = True
+    # Architecture + tokenizer for checkpoints that carry only weights (adapters, resume states, files);
+    # None: the checkpoint's own directory or parent when it holds speechlm.json, or the adapter's base.
+    base_model_path: str | None = None
 
 
 class SamplingConfig(Section):
@@ -405,7 +443,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: not valid {'JSON' if str(path).endswith('.json') else 'YAML'}: {err}")
+        kind = "JSON" if str(path).endswith(".json") else "YAML"
+        raise ConfigError(f"{path}: not valid {kind}: {err}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -111,15 +111,22 @@ class DownSample1d(nn.Module):
 
 
 class Activation1d(nn.Module):
-    """SnakeBeta at twice the rate (upsample -> act -> low-pass downsample) to limit aliasing."""
+    """SnakeBeta at twice the rate (upsample -> act -> low-pass downsample) to limit aliasing.
 
-    def __init__(self, channels: int):
+    `antialias=False` applies SnakeBeta at the input rate: ~3x cheaper, for small CPU codecs.
+    """
+
+    def __init__(self, channels: int, antialias: bool = True):
         super().__init__()
         self.act = SnakeBeta(channels)
-        self.upsample = UpSample1d(2, 12)
-        self.downsample = DownSample1d(2, 12)
+        self.antialias = antialias
+        if antialias:
+            self.upsample = UpSample1d(2, 12)
+            self.downsample = DownSample1d(2, 12)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.antialias:
+            return zero_beyond(self.act(x), lengths)
         x = self.upsample(hold_last(x, lengths))
         x = self.act(x)
         x = self.downsample(hold_last(x, None if lengths is None else lengths * 2))
@@ -147,12 +154,12 @@ def run_layers(layers: nn.Sequential, x: torch.Tensor, lengths: torch.Tensor | N
 
 
 class ResidualUnit(nn.Module):
-    def __init__(self, dim: int, dilation: int):
+    def __init__(self, dim: int, dilation: int, antialias: bool):
         super().__init__()
         self.block = nn.Sequential(
-            Activation1d(dim),
+            Activation1d(dim, antialias),
             wn_conv(dim, dim, 7, dilation=dilation, padding=3 * dilation),
-            Activation1d(dim),
+            Activation1d(dim, antialias),
             wn_conv(dim, dim, 1),
         )
 
@@ -163,11 +170,11 @@ class ResidualUnit(nn.Module):
 class EncoderBlock(nn.Module):
     """Three dilated residual units at dim/2 channels, then a strided conv to dim channels."""
 
-    def __init__(self, dim: int, stride: int, dilations: tuple[int, ...] = (1, 3, 9)):
+    def __init__(self, dim: int, stride: int, antialias: bool, dilations: tuple[int, ...] = (1, 3, 9)):
         super().__init__()
         self.block = nn.Sequential(
-            *[ResidualUnit(dim // 2, d) for d in dilations],
-            Activation1d(dim // 2),
+            *[ResidualUnit(dim // 2, d, antialias) for d in dilations],
+            Activation1d(dim // 2, antialias),
             wn_conv(dim // 2, dim, 2 * stride, stride=stride, padding=stride // 2 + stride % 2),
         )
 
@@ -176,15 +183,15 @@ class EncoderBlock(nn.Module):
 
 
 class AcousticEncoder(nn.Module):
-    def __init__(self, channels: int, strides: list[int], output_dim: int):
+    def __init__(self, channels: int, strides: list[int], output_dim: int, antialias: bool = True):
         super().__init__()
         dim = channels
         blocks: list[nn.Module] = [wn_conv(1, dim, 7, padding=3)]
         for stride in strides:
             dim *= 2
-            blocks.append(EncoderBlock(dim, stride))
+            blocks.append(EncoderBlock(dim, stride, antialias))
         self.conv_blocks = nn.Sequential(*blocks)
-        self.conv_final_block = nn.Sequential(Activation1d(dim), wn_conv(dim, output_dim, 3, padding=1))
+        self.conv_final_block = nn.Sequential(Activation1d(dim, antialias), wn_conv(dim, output_dim, 3, padding=1))
 
     def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """wav (B, 1, S) with S a multiple of the total stride -> (B, S / stride, output_dim)."""

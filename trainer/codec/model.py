@@ -55,7 +55,7 @@ class Codec(nn.Module):
         self.quantizer = FSQ(config.quantizer_dim, config.fsq_levels)
         if "encoder" in self.components:
             self.acoustic_encoder = AcousticEncoder(
-                config.encoder_channels, config.encoder_strides, config.encoder_dim
+                config.encoder_channels, config.encoder_strides, config.encoder_dim, config.encoder_antialias
             )
             prior_in = config.encoder_dim
             if self.uses_semantic:

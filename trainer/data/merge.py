@@ -103,7 +103,8 @@ def merge_split(
             sample_pos += len(records)
     codes_out.flush()
     del codes_out
-    np.save(index_path, index_out, allow_pickle=False)
+    with index_path.open("wb") as f:  # a file object: np.save would append ".npy" to a path
+        np.save(f, index_out, allow_pickle=False)
     return {"shards": ids, "samples": total_samples, "codes": total_codes}
 
 
@@ -161,7 +162,7 @@ def merge(dataset_url: str, remove: bool, codebook_size: int) -> dict[str, Any]:
                     record["splits"][split] = merge_split(dataset_url, split, ids, codebook_size, stack)
         io.write_json_atomic(record_url, record)
         for split, stats in record["splits"].items():
-            log.info("%s: %d samples, %d codes from %d shards", split, stats["samples"], stats["codes"], len(stats["shards"]))
+            log.info("%s: %d samples from %d shards", split, stats["samples"], len(stats["shards"]))
     if remove:
         removed = remove_shard_files(dataset_url, {s: v["shards"] for s, v in record["splits"].items()})
         log.info("removed %d shard files", removed)

@@ -37,7 +37,9 @@ class ShardFiles:
 def shard_files(split: str, shard: int | None = None) -> ShardFiles:
     """File names of shard `shard` of `split`, or of the merged split when `shard` is None."""
     suffix = "" if shard is None else f"_{shard}"
-    return ShardFiles(f"{split}_codes{suffix}.npy", f"{split}_codes_index{suffix}.npy", f"{split}_samples{suffix}.jsonl")
+    return ShardFiles(
+        f"{split}_codes{suffix}.npy", f"{split}_codes_index{suffix}.npy", f"{split}_samples{suffix}.jsonl"
+    )
 
 
 def shard_ids(dataset_url: str, split: str) -> list[int]:

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from tqdm import tqdm
 
@@ -135,7 +134,7 @@ class Candidate:
 class UnitResult:
     """What one unit produced; its counts become the unit's marker."""
 
-    samples: dict[str, list[tuple[int, dict[str, Any], np.ndarray]]] = field(
+    samples: dict[str, list[tuple[dict[str, Any], np.ndarray]]] = field(
         default_factory=lambda: {s: [] for s in shards.SPLITS}
     )
     rejects: list[dict[str, Any]] = field(default_factory=list)
@@ -146,9 +145,44 @@ class UnitResult:
         REJECTS.labels(reason).inc()
         ITEMS.labels("rejected").inc()
 
+    def note_counts(self) -> dict[str, int]:
+        """Accepted samples per note kind ("duration_mismatch", "downmixed", ...)."""
+        kinds = Tally(
+            note.split(":", 1)[0]
+            for split_samples in self.samples.values()
+            for record, _ in split_samples
+            for note in record.get("notes", [])
+        )
+        return dict(sorted(kinds.items()))
+
+
+class Progress:
+    """Rank 0's progress bar: audio hours encoded, audio hours per second, lines accepted/rejected."""
+
+    def __init__(self, enabled: bool):
+        self.bar = tqdm(
+            desc="vectorize", disable=not enabled, bar_format="{desc}: {n:.3f} audio h [{elapsed}{postfix}]"
+        )
+        self.start = time.monotonic()
+        self.accepted = 0
+        self.rejected = 0
+
+    def update(self, audio_seconds: float = 0.0, accepted: int = 0, rejected: int = 0) -> None:
+        self.accepted += accepted
+        self.rejected += rejected
+        hours = self.bar.n + audio_seconds / 3600
+        rate = hours / max(time.monotonic() - self.start, 1e-6)
+        self.bar.set_postfix_str(
+            f"{rate:.4f} audio h/s, accepted {self.accepted}, rejected {self.rejected}", refresh=False
+        )
+        self.bar.update(audio_seconds / 3600)
+
+    def close(self) -> None:
+        self.bar.close()
+
 
 class Vectorizer:
-    def __init__(self, config: TrainerConfig, codec: Any, output_dir: str, progress: tqdm):
+    def __init__(self, config: TrainerConfig, codec: Any, output_dir: str, progress: Progress):
         self.config = config
         self.vcfg = config.vectorize
         self.codec = codec
@@ -212,29 +246,30 @@ class Vectorizer:
             return err
 
     def _encode(self, window: list[tuple[Candidate, Audio, list[str]]], result: UnitResult) -> None:
-        """Encode clips sorted by length so each batch pads little."""
-        window = sorted(window, key=lambda item: len(item[1].samples))
-        for start in range(0, len(window), self.vcfg.batch_size):
-            batch = window[start : start + self.vcfg.batch_size]
-            with torch.inference_mode():
-                codes = self.codec.encode([a.samples for _, a, _ in batch], [a.sample_rate for _, a, _ in batch])
-            seconds = 0.0
-            for (candidate, audio, notes), item_codes in zip(batch, codes, strict=True):
-                record = {
-                    **candidate.record,
-                    "duration": round(audio.duration, 6),
-                    "sample_rate": audio.sample_rate,
-                    "line": candidate.line,
-                    "resolved_wav_path": candidate.wav_url,
-                    "num_codes": len(item_codes),
-                }
-                if notes:
-                    record["notes"] = notes
-                result.samples[candidate.split].append((candidate.line, record, np.asarray(item_codes)))
-                seconds += audio.duration
-            ITEMS.labels("accepted").inc(len(batch))
-            AUDIO_SECONDS.inc(seconds)
-            self.progress.update(seconds / 3600)
+        """Encode a window of clips; the codec sorts them by length into batches that pad little."""
+        if not window:
+            return
+        codes = self.codec.encode(
+            [audio.samples for _, audio, _ in window],
+            [audio.sample_rate for _, audio, _ in window],
+            batch_size=self.vcfg.batch_size,
+        )
+        for (candidate, audio, notes), item_codes in zip(window, codes, strict=True):
+            record = {
+                **candidate.record,
+                "duration": round(audio.duration, 6),
+                "sample_rate": audio.sample_rate,
+                "line": candidate.line,
+                "resolved_wav_path": candidate.wav_url,
+                "num_codes": len(item_codes),
+            }
+            if notes:
+                record["notes"] = notes
+            result.samples[candidate.split].append((record, np.asarray(item_codes)))
+        seconds = sum(audio.duration for _, audio, _ in window)
+        ITEMS.labels("accepted").inc(len(window))
+        AUDIO_SECONDS.inc(seconds)
+        self.progress.update(seconds, accepted=len(window))
 
     def _remove_stale_temporaries(self, unit: int) -> None:
         """Temporary files a killed run left for this unit (local filesystems only have them)."""
@@ -253,24 +288,14 @@ class Vectorizer:
             "audio_seconds": {},
             "rejected": dict(sorted(Tally(r["reason"] for r in result.rejects).items())),
             "blank_lines": result.blank_lines,
-            "notes": dict(
-                sorted(
-                    Tally(
-                        note.split(":", 1)[0]
-                        for split_samples in result.samples.values()
-                        for _, record, _ in split_samples
-                        for note in record.get("notes", [])
-                    ).items()
-                )
-            ),
+            "notes": result.note_counts(),
         }
         for split in shards.SPLITS:
-            samples = sorted(result.samples[split], key=lambda s: s[0])
-            shards.write_shard(
-                self.output_dir, split, unit.index, [c for _, _, c in samples], [r for _, r, _ in samples]
-            )
-            marker["accepted"][split] = len(samples)
-            marker["audio_seconds"][split] = round(sum(r["duration"] for _, r, _ in samples), 6)
+            samples = sorted(result.samples[split], key=lambda sample: sample[0]["line"])
+            records = [record for record, _ in samples]
+            shards.write_shard(self.output_dir, split, unit.index, [codes for _, codes in samples], records)
+            marker["accepted"][split] = len(records)
+            marker["audio_seconds"][split] = round(sum(r["duration"] for r in records), 6)
         rejects = sorted(result.rejects, key=lambda r: r["line"])
         io.write_bytes_atomic(io.join(self.output_dir, rejects_name(unit.index)), shards.jsonl_bytes(rejects))
         io.write_json_atomic(io.join(self.output_dir, marker_name(unit.index)), marker)
@@ -289,6 +314,7 @@ def summarize(markers: list[dict[str, Any]], manifest_url: str) -> dict[str, Any
         notes.update(m["notes"])
     rejected = sum(by_reason.values())
     records = sum(accepted.values()) + rejected
+    hours = {s: round(v / 3600, 6) for s, v in seconds.items()}
     return {
         "manifest": manifest_url,
         "units": len(markers),
@@ -297,7 +323,7 @@ def summarize(markers: list[dict[str, Any]], manifest_url: str) -> dict[str, Any
         "accepted": {**accepted, "total": sum(accepted.values())},
         "rejected": {"total": rejected, "by_reason": dict(sorted(by_reason.items()))},
         "reject_fraction": round(rejected / records, 6) if records else 0.0,
-        "audio_hours": {**{s: round(v / 3600, 6) for s, v in seconds.items()}, "total": round(sum(seconds.values()) / 3600, 6)},
+        "audio_hours": {**hours, "total": round(sum(seconds.values()) / 3600, 6)},
         "notes": dict(sorted(notes.items())),
     }
 
@@ -402,10 +428,7 @@ def run(config: TrainerConfig) -> int:
     io.makedirs(output_dir)
     claim_output_dir(output_dir, dataset_info(config, codec))
 
-    progress = tqdm(
-        desc=f"vectorize rank {rank}", unit=" audio h", disable=rank != 0,
-        bar_format="{desc}: {n:.3f}{unit} [{elapsed}, {rate_fmt}{postfix}]",
-    )
+    progress = Progress(enabled=rank == 0)
     vectorizer = Vectorizer(config, codec, output_dir, progress)
     units = 0
     for unit in iter_units(v.dataset_path, v.samples_per_shard, keep=lambda i: i % world == rank):
@@ -422,11 +445,9 @@ def run(config: TrainerConfig) -> int:
             UNITS.labels("skipped").inc()
             continue
         marker = vectorizer.run_unit(unit)
-        progress.set_postfix(
-            accepted=sum(marker["accepted"].values()), rejected=sum(marker["rejected"].values()), refresh=False
-        )
+        progress.update(rejected=sum(marker["rejected"].values()))
     progress.close()
-    log.info("rank %d/%d done with its units of %d", rank, world, units)
+    log.info("rank %d of %d finished its share of %d units", rank, world, units)
 
     markers = read_markers(output_dir, units)
     if markers is None:

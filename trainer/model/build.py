@@ -144,6 +144,16 @@ def _set_generation_ids(model: PreTrainedModel, vocab: AudioVocab) -> None:
         model.generation_config.eos_token_id = vocab.speech_end_id
 
 
+def preset(
+    name: str, codebook_size: int, prompt_format: str = "inworld"
+) -> tuple[LlamaConfig, PreTrainedTokenizerBase, AudioVocab]:
+    """The model config, extended tokenizer and vocabulary of a preset (no weights allocated)."""
+    text_rows, make_config = PRESETS[name]
+    tokenizer = preset_tokenizer(text_rows)
+    vocab = extend_tokenizer(tokenizer, codebook_size, prompt_format)
+    return make_config(vocab.vocab_size), tokenizer, vocab
+
+
 def build_speechlm(
     model_name: str,
     codebook_size: int,
@@ -153,11 +163,9 @@ def build_speechlm(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, AudioVocab]:
     """A SpeechLM from a preset (random init) or a local HF directory (extended unless already one)."""
     if model_name in PRESETS:
-        text_rows, make_config = PRESETS[model_name]
-        tokenizer = preset_tokenizer(text_rows)
-        vocab = extend_tokenizer(tokenizer, codebook_size, prompt_format)
+        config, tokenizer, vocab = preset(model_name, codebook_size, prompt_format)
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(make_config(vocab.vocab_size)).to(dtype)
+        model = LlamaForCausalLM(config).to(dtype)
     else:
         if not io.exists(model_name):
             raise ConfigError(

@@ -88,4 +88,6 @@ def preset_tokenizer(text_vocab_size: int | None = None) -> PreTrainedTokenizerF
         additional_special_tokens=CHAT_TOKENS,
         add_bos_token=False,
         clean_up_tokenization_spaces=False,
+        # Causal LMs take no token_type_ids; generate() rejects them.
+        model_input_names=["input_ids", "attention_mask"],
     )

@@ -19,8 +19,8 @@ import jiwer
 import numpy as np
 
 from trainer.data.audio import resample
-from trainer.rl.rewards.model_files import local_model_dir
 from trainer.errors import ConfigError
+from trainer.rl.rewards.model_files import local_model_dir
 
 ASR_SAMPLE_RATE = 16000
 CER_LANGUAGES = frozenset({"zh", "ja", "ko", "yue"})

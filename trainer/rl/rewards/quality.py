@@ -44,7 +44,7 @@ class DNSMOS:
         length = int(WINDOW_SECONDS * DNSMOS_SAMPLE_RATE)
         if wave.size < length:  # speechmos tiles short clips up to one window
             wave = np.tile(wave, int(np.ceil(length / wave.size)))
-        hops = int(np.floor(wave.size / DNSMOS_SAMPLE_RATE - WINDOW_SECONDS)) + 1
+        hops = int(np.floor(wave.size / DNSMOS_SAMPLE_RATE) - WINDOW_SECONDS) + 1
         hop = int(HOP_SECONDS * DNSMOS_SAMPLE_RATE)
         return [wave[i * hop : i * hop + length] for i in range(hops) if wave[i * hop :].size >= length]
 

@@ -1,0 +1,209 @@
+"""GRPO (`tts-train rlhf`): prompt building, sampling constraints, vLLM server plumbing, and a real
+3-step run of a tiny policy with real rewards that writes checkpoints, metrics and a final model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from speech_fixtures import make_codec, make_dataset, make_model
+
+from trainer.cli import main
+from trainer.config import RlhfConfig, load_config
+from trainer.data.shards import read_shard
+from trainer.errors import ConfigError
+from trainer.metrics import read_scalars
+from trainer.model.build import load_speechlm
+from trainer.model.prompt import PromptFormat
+from trainer.rl import grpo, rollout
+from trainer.rl.prompts import build_prompts
+from trainer.rl.trl_rewards import TrlRewards
+
+
+@pytest.fixture(scope="module")
+def artefacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo")
+    codec = make_codec(root / "codec")
+    model = make_model(root / "model", codec)
+    data = make_dataset(root / "data", codec)
+    return root, codec, model, data
+
+
+def _settings(root, model, data, **extra) -> list[str]:
+    values = {
+        "rlhf_training.base_model_dir": str(model),
+        "train_weighted_datasets": {str(data): 1.0},
+        "val_weighted_datasets": {str(data): 1.0},
+        "rlhf_training.num_generations": 4,
+        "rlhf_training.per_device_train_batch_size": 4,
+        "rlhf_training.max_completion_length": 15,
+        "rlhf_training.min_completion_length": 3,
+        "rlhf_training.reward_funcs": ["WERRewardFunc", "SIMRewardFunc", "DNSMOSRewardFunc", "TruncationRewardFunc"],
+        "rlhf_training.guard_rail_steps": 3,
+        "rlhf_training.guard_rail_samples": 2,
+        # A random policy rarely says speech-end: keep truncated completions in the loss so it learns.
+        "rlhf_training.mask_truncated_completions": False,
+        "training.learning_rate": 1e-2,
+        "training.logging_steps": 1,
+        "training.precision": "fp32",
+        "training.output_dir": str(root / "out"),
+        "training.run_name": "rl",
+        "checkpointing.save_steps": 3,
+        "metrics.port": 0,
+        **extra,
+    }
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
+
+
+def _overrides(root, model, data, **extra) -> list[str]:
+    return [arg for setting in _settings(root, model, data, **extra) for arg in ("--set", setting)]
+
+
+def test_prompts_pair_reference_with_next_sample_of_the_shard(artefacts):
+    _, _, model, data = artefacts
+    _, tokenizer, vocab = load_speechlm(str(model))
+    fmt = PromptFormat(tokenizer, vocab)
+    shard = read_shard(str(data), "train", 0)
+    prompts = build_prompts({str(data): 1.0}, "train", fmt, 100_000, None, seed=0)
+    assert len(prompts) == len(shard)
+    for p in prompts:
+        k = int(p.reference_key.rsplit("#", 1)[1])
+        assert p.reference_text == shard.records[k]["transcript"]
+        assert p.target_text == shard.records[(k + 1) % len(shard)]["transcript"]
+        assert p.prompt_codes == shard.sample(k).tolist()
+        assert p.prompt.endswith("".join(f"<|s_{c}|>" for c in p.prompt_codes[-3:]))
+    shortest = min(len(fmt.inference_prompt(p.target_text, p.reference_text, np.asarray(p.prompt_codes)))
+                   for p in prompts)
+    assert len(build_prompts({str(data): 1.0}, "train", fmt, shortest, None, seed=0)) < len(prompts)
+    with pytest.raises(Exception, match="no usable GRPO prompts"):
+        build_prompts({str(data): 1.0}, "train", fmt, 100_000, ["zh"], seed=0)
+
+
+def test_generation_is_restricted_to_audio_tokens_and_min_length(artefacts):
+    _, _, model_dir, _ = artefacts
+    model, tokenizer, vocab = load_speechlm(str(model_dir))
+    kwargs = rollout.hf_generation_kwargs(vocab, model.get_input_embeddings().weight.shape[0], min_new_tokens=5)
+    allowed = set(rollout.allowed_token_ids(vocab))
+    # Bias sampling hard towards speech-end and a text token: the constraints must still win.
+    bias = {(vocab.speech_end_id,): 30.0, (5,): 60.0}
+    torch.manual_seed(0)
+    out = model.generate(torch.tensor([[tokenizer.bos_token_id, 7, 8]]), do_sample=True, max_new_tokens=12,
+                         eos_token_id=vocab.speech_end_id, pad_token_id=vocab.pad_token_id, sequence_bias=bias,
+                         **kwargs)
+    generated = out[0, 3:].tolist()
+    assert set(generated) <= allowed
+    assert generated.index(vocab.speech_end_id) == 5  # suppressed until min length, then near-certain
+    server = rollout.vllm_sampling_kwargs(vocab, 7)
+    assert server["min_tokens"] == 7 and server["stop_token_ids"] == [vocab.speech_end_id]
+    assert set(server["allowed_token_ids"]) == allowed
+
+
+def test_vllm_server_settings_come_from_config_then_environment():
+    config = RlhfConfig(vllm_server_host="rollout.tts.svc", vllm_server_port=8000, vllm_group_port=51216)
+    assert rollout.vllm_server(config, {}).base_url == "http://rollout.tts.svc:8000"
+    env = {"TTS_VLLM_HOST": "10.1.2.3", "TTS_VLLM_PORT": "9000", "TTS_VLLM_GROUP_PORT": "52000"}
+    server = rollout.vllm_server(config, env)
+    assert (server.host, server.port, server.group_port) == ("10.1.2.3", 9000, 52000)
+    with pytest.raises(ConfigError, match="TTS_VLLM_PORT"):
+        rollout.vllm_server(config, {"TTS_VLLM_PORT": "eighty"})
+    with pytest.raises(ConfigError, match="both"):
+        rollout.vllm_server(config, {"TTS_VLLM_GROUP_PORT": "8000"})
+
+
+def test_grpo_args_server_mode_and_field_defaults(artefacts, monkeypatch):
+    root, _, model, data = artefacts
+    monkeypatch.setenv("TTS_VLLM_HOST", "rollout-0.rollout")
+    config = load_config(overrides=_settings(root, model, data, **{"rlhf_training.use_vllm": True}))
+    _, _, vocab = load_speechlm(str(model))
+    args = grpo.grpo_args(config, str(root / "hf"), vocab, 4096)
+    assert args.use_vllm and args.vllm_mode == "server"
+    assert args.vllm_server_base_url == "http://rollout-0.rollout:8000"
+    assert args.generation_kwargs["stop_token_ids"] == [vocab.speech_end_id]
+    assert args.generation_kwargs["min_tokens"] == 3
+    defaults = grpo.grpo_args(load_config(overrides=_settings(root, model, data, **{
+        "rlhf_training.mask_truncated_completions": True})), str(root / "hf"), vocab, 4096)
+    assert (defaults.beta, defaults.scale_rewards, defaults.loss_type) == (0.0, False, "dr_grpo")
+    assert defaults.mask_truncated_completions and not defaults.use_vllm
+    assert defaults.generation_kwargs["min_new_tokens"] == 3 and defaults.max_prompt_length is None
+    assert vocab.speech_end_id not in defaults.generation_kwargs["suppress_tokens"]
+
+    import trl.trainer.grpo_trainer as grpo_module
+
+    original = getattr(grpo_module, "VLLMClient", None)
+    grpo_module.VLLMClient = lambda **kw: kw  # records what TRL would build the client with
+    try:
+        with grpo.vllm_group_port(52000):
+            assert grpo_module.VLLMClient(base_url="http://x:8000")["group_port"] == 52000
+    finally:
+        grpo_module.VLLMClient = original
+
+
+def test_config_errors_before_any_work(artefacts, capsys):
+    root, _, model, data = artefacts
+    assert main(["rlhf", *_overrides(root, model, data, **{"rlhf_training.num_generations": 3})]) == 2
+    assert "divisible by num_generations" in capsys.readouterr().err
+    assert main(["rlhf", *_overrides(root, model, data, **{"rlhf_training.base_model_dir": str(root / "x")})]) == 2
+    assert main(["rlhf", *_overrides(root, model, data, **{"rlhf_training.reward_funcs": ["Nope"]})]) == 2
+
+
+def test_reward_adapter_scores_each_batch_once():
+    class FakeScorer:
+        names = ["A", "B"]
+        calls = 0
+
+        def score(self, codes, prompt_codes, targets, refs, languages, reference_keys, truncated):
+            FakeScorer.calls += 1
+            n = len(codes)
+            from trainer.rl.rewards.scorer import ScoreResult
+
+            return ScoreResult({"A": np.full(n, 0.25), "B": np.asarray(truncated, float)}, {}, np.zeros(n),
+                               batch=None, seconds={"decode": 0.0})
+
+    from trainer.model.vocab import AudioVocab
+
+    vocab = AudioVocab(audio_offset=10, codebook_size=4, prompt_format="inworld",
+                       special_tokens={"<|speech_end|>": 9}, speech_end="<|speech_end|>")
+    funcs = TrlRewards(FakeScorer(), vocab).functions()
+    batch = dict(prompts=["p"] * 2, completions=["", ""], completion_ids=[[10, 11, 9], [12, 13]],
+                 prompt_codes=[[1], [1]], reference_key=["k", "k"], reference_text=["r", "r"],
+                 target_text=["t", "t"], language=["en", "en"])
+    assert [f.__name__ for f in funcs] == ["A", "B"]
+    assert funcs[0](**batch) == [0.25, 0.25]
+    assert funcs[1](**batch) == [0.0, 1.0]  # second completion never said speech-end
+    assert FakeScorer.calls == 1
+
+
+def test_three_grpo_steps_end_to_end(artefacts):
+    root, _, model_dir, data = artefacts
+    assert main(["rlhf", *_overrides(root, model_dir, data, **{"rlhf_training.max_steps": 3})]) == 0
+    run = root / "out" / "rl"
+    step = run / "checkpoints" / "step_3"
+    assert (step / "_COMPLETE").exists() and (step / "model.safetensors").exists()
+    assert (step / "speechlm.json").exists() and (step / "optimizer.pt").exists()
+    final = run / "final_model"
+    assert (final / "_COMPLETE").exists()
+    trained, _, vocab = load_speechlm(str(final))
+    base, _, base_vocab = load_speechlm(str(model_dir))
+    assert vocab == base_vocab
+    changed = [k for k, v in base.state_dict().items() if not torch.equal(v, trained.state_dict()[k])]
+    assert changed, "three optimiser steps left every weight unchanged"
+    rows = read_scalars(str(run / "metrics.jsonl"))
+    train_rows = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    for row in train_rows:
+        for name in ("WERRewardFunc", "SIMRewardFunc", "DNSMOSRewardFunc", "TruncationRewardFunc"):
+            assert 0.0 <= row[f"rewards/{name}/mean"] <= 1.0
+        assert 3 <= row["completions/mean_length"] <= 15
+        assert row["timing/rollout_seconds"] > 0
+    guard = [r for r in rows if "guard/wer" in r]
+    assert guard and guard[-1]["step"] == 3
+    assert 0 <= guard[-1]["guard/sim"] <= 1 and guard[-1]["guard/dnsmos"] >= 1
+
+    # Resume: a longer run picks up the published step_3 and only does the missing step.
+    assert main(["rlhf", *_overrides(root, model_dir, data, **{
+        "rlhf_training.max_steps": 4, "rlhf_training.reward_funcs": ["TruncationRewardFunc"],
+        "rlhf_training.guard_rail_steps": 100})]) == 0
+    steps = [r["step"] for r in read_scalars(str(run / "metrics.jsonl")) if "reward" in r]
+    assert steps == [1, 2, 3, 4]

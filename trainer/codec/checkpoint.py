@@ -1,0 +1,119 @@
+"""Reading codec checkpoints: our directory / model.pt, or an original X-codec2 Lightning .ckpt."""
+
+from __future__ import annotations
+
+import io as _stdio
+import logging
+import pickle
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pydantic import ValidationError
+
+from trainer import io
+from trainer.codec import xcodec2
+from trainer.config import CodecModelConfig, format_validation_error
+from trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from trainer.codec.model import Codec
+
+log = logging.getLogger(__name__)
+
+ENCODER_PREFIXES = ("acoustic_encoder.", "semantic_adapter.", "fc_prior.")
+DECODER_PREFIXES = ("fc_post_a.", "backbone.", "upsampler.", "head.")
+
+
+def _torch_load(url: str) -> Any:
+    data = io.read_bytes(url)
+    try:
+        return torch.load(_stdio.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Lightning checkpoints may pickle hyper-parameter objects; only load files you trust.
+        log.warning("%s holds more than tensors; unpickling it fully", url)
+        return torch.load(_stdio.BytesIO(data), map_location="cpu", weights_only=False)
+
+
+def _read_config(url: str) -> CodecModelConfig:
+    try:
+        return CodecModelConfig.model_validate(io.read_json(url))
+    except ValidationError as err:
+        raise ConfigError(f"{url}: {format_validation_error(err)}") from None
+
+
+def keep_components(state: dict[str, torch.Tensor], components: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Drop the weights of components that are not being loaded."""
+    dropped: tuple[str, ...] = ()
+    if "encoder" not in components:
+        dropped += ENCODER_PREFIXES
+    if "decoder" not in components:
+        dropped += DECODER_PREFIXES
+    return {k: v for k, v in state.items() if not k.startswith(dropped)} if dropped else state
+
+
+def load_strict(model: Codec, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `model`, failing with every missing / unexpected / mis-shaped key listed."""
+    expected = model.codec_state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mis_shaped = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or mis_shaped:
+        parts = [f"{source} does not match the codec ({model.config.codebook_size} codes)"]
+        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mis_shaped)):
+            if keys:
+                shown = "\n    ".join(keys[:50]) + (f"\n    ... and {len(keys) - 50} more" if len(keys) > 50 else "")
+                parts.append(f"  {title} ({len(keys)}):\n    {shown}")
+        raise ConfigError("\n".join(parts))
+    model.load_state_dict(state, strict=False)
+
+
+def read_codec_state(
+    url: str, semantic_model_path: str | None = None
+) -> tuple[CodecModelConfig, dict[str, torch.Tensor], list[str], str]:
+    """(config, state dict in our names, components saved, description) of a codec checkpoint."""
+    from trainer.codec.model import CONFIG_FILE, MODEL_FILE
+
+    if not io.exists(url):
+        raise ConfigError(f"codec checkpoint not found: {url}")
+    if io.isdir(url):
+        model_url, config_url = io.join(url, MODEL_FILE), io.join(url, CONFIG_FILE)
+    else:
+        model_url, config_url = url, io.join(url.rstrip("/").rsplit("/", 1)[0], CONFIG_FILE)
+    if not io.exists(model_url):
+        raise ConfigError(f"{url}: no {MODEL_FILE} in the codec directory")
+    obj = _torch_load(model_url)
+    if xcodec2.is_xcodec2_checkpoint(obj):
+        config = xcodec2.xcodec2_config(semantic_model_path)
+        return config, xcodec2.to_codec_state_dict(obj["state_dict"]), ["encoder", "decoder"], f"X-codec2 checkpoint {url}"
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        if not io.exists(config_url):
+            raise ConfigError(f"{url}: {CONFIG_FILE} is missing beside {MODEL_FILE}")
+        config = _read_config(config_url)
+        if semantic_model_path:
+            config = config.model_copy(update={"semantic": semantic_model_path})
+        return config, obj["model"], list(obj.get("components", ["encoder", "decoder"])), f"codec checkpoint {url}"
+    raise ConfigError(
+        f"{url} is neither our codec checkpoint ({{'model': state_dict}}) nor an X-codec2 Lightning "
+        "checkpoint (top-level 'state_dict' with CodecEnc./generator. keys)"
+    )
+
+
+def load_codec(
+    cls: type[Codec],
+    url: str,
+    device: torch.device,
+    components: Sequence[str],
+    semantic_model_path: str | None,
+) -> Codec:
+    config, state, saved, source = read_codec_state(url, semantic_model_path)
+    absent = [c for c in components if c not in saved]
+    if absent:
+        raise ConfigError(f"{url} holds only the codec {saved}; {absent} cannot be loaded from it")
+    model = cls(config, components)
+    load_strict(model, keep_components(state, components), source)
+    return model.to(device).eval()

@@ -1,0 +1,34 @@
+"""Named codec shapes: the full-size X-codec2 codec and a tiny one for tests and the CPU demo."""
+
+from __future__ import annotations
+
+from trainer.config import CodecModelConfig
+
+
+def full_codec_config(sample_rate: int = 16000) -> CodecModelConfig:
+    """X-codec2's shape; 24 and 48 kHz select Inworld's super-resolution decoders."""
+    decoders = {16000: (320, []), 24000: (480, []), 48000: (160, [3, 2])}
+    hop, factors = decoders[sample_rate]
+    return CodecModelConfig(sample_rate=sample_rate, hop_length=hop, upsample_factors=factors)
+
+
+def tiny_codec_config(sample_rate: int = 16000) -> CodecModelConfig:
+    """256 codes, ~0.5M parameters: encodes ~30 min of audio per CPU-minute and trains on CPU."""
+    decoders = {16000: (320, []), 24000: (240, [2]), 48000: (160, [3, 2])}
+    hop, factors = decoders[sample_rate]
+    return CodecModelConfig(
+        sample_rate=sample_rate,
+        hop_length=hop,
+        upsample_factors=factors,
+        fsq_levels=[4, 4, 4, 4],
+        encoder_channels=4,
+        encoder_dim=64,
+        encoder_antialias=False,
+        quantizer_dim=64,
+        decoder_dim=64,
+        decoder_layers=2,
+        decoder_heads=4,
+    )
+
+
+PRESETS = {"tiny": tiny_codec_config, "full": full_codec_config}

@@ -1,0 +1,330 @@
+"""`tts-train codec-train`: GAN training of the codec (DDP under torchrun).
+
+Generator = the Codec (encoder -> FSQ -> decoder, or the decoder alone from a frozen encoder with
+`codec.train.decoder_only`); discriminators = multi-period + multi-resolution STFT. Losses: log-mel L1,
+RMS loudness, least-squares adversarial and feature matching. Checkpoints (codec + optimiser state)
+are published atomically under `<output_dir>/checkpoints/step_<N>/` and resumed from; the final codec
+goes to `<output_dir>/final/` (loadable with `Codec.load`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from prometheus_client import Counter, Gauge
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer import distributed, io, metrics
+from trainer.codec.checkpoint import ENCODER_PREFIXES, read_codec_state
+from trainer.codec.discriminators import Discriminators
+from trainer.codec.losses import (
+    MultiResolutionMelLoss,
+    adversarial_loss,
+    discriminator_loss,
+    feature_matching_loss,
+    rms_loss,
+)
+from trainer.codec.model import Codec
+from trainer.config import CodecTrainConfig, TrainerConfig
+from trainer.data.audio import AudioError, read_audio, resample
+from trainer.errors import ConfigError, StageError
+
+log = logging.getLogger(__name__)
+
+FLAGS: dict[str, str] = {
+    "dataset_path": "codec.train.dataset_path",
+    "output_dir": "codec.train.output_dir",
+    "max_steps": "codec.train.max_steps",
+    "batch_size": "codec.train.batch_size",
+    "learning_rate": "codec.train.learning_rate",
+    "decoder_only": "codec.train.decoder_only",
+    "init_from": "codec.train.init_from",
+}
+
+LOSS = Gauge("speechlm_codec_loss", "Latest codec training loss", ["loss"])
+STEP = Gauge("speechlm_codec_step", "Optimiser steps done")
+AUDIO_SECONDS = Counter("speechlm_codec_audio_seconds_total", "Seconds of audio trained on (this rank)")
+THROUGHPUT = Gauge("speechlm_codec_audio_seconds_per_second", "Training throughput (this rank)")
+UNREADABLE = Counter("speechlm_codec_unreadable_files_total", "Training files skipped as unreadable", ["reason"])
+
+
+class Clips:
+    """Random fixed-length crops of the manifest's audio: 16 kHz encoder input + output-rate target.
+
+    An unreadable file is logged and counted once, then never read again; training goes on.
+    """
+
+    def __init__(self, manifest_url: str, frames: int, output_rate: int, token_rate: int):
+        if not io.exists(manifest_url):
+            raise ConfigError(f"codec.train.dataset_path: manifest not found: {manifest_url}")
+        base = manifest_url.rstrip("/").rsplit("/", 1)[0] if "/" in manifest_url else "."
+        self.paths = []
+        for n, line in enumerate(io.read_text(manifest_url).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                wav_path = json.loads(line)["wav_path"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                log.warning("%s:%d: not a manifest record with wav_path; skipped", manifest_url, n)
+                continue
+            self.paths.append(wav_path if "://" in wav_path or wav_path.startswith("/") else io.join(base, wav_path))
+        if not self.paths:
+            raise StageError(f"{manifest_url} lists no audio")
+        self.frames = frames
+        self.output_rate = output_rate
+        self.in_hop = 16000 // token_rate
+        self.out_hop = output_rate // token_rate
+        self.bad: set[str] = set()
+
+    def read(self, path: str) -> tuple[np.ndarray, np.ndarray] | None:
+        if path in self.bad:
+            return None
+        try:
+            audio = read_audio(path)
+        except AudioError as err:
+            self.bad.add(path)
+            UNREADABLE.labels(reason=err.reason).inc()
+            log.warning("skipping unreadable training file (%d so far): %s", len(self.bad), err)
+            return None
+        wav16 = resample(audio.samples, audio.sample_rate, 16000)
+        return wav16, resample(audio.samples, audio.sample_rate, self.output_rate)
+
+    def crop(self, wav16: np.ndarray, target: np.ndarray, rng: random.Random | None) -> tuple[np.ndarray, np.ndarray]:
+        available = max(len(wav16) // self.in_hop - self.frames, 0)
+        start = rng.randint(0, available) if rng is not None else 0
+        x = wav16[start * self.in_hop : (start + self.frames) * self.in_hop]
+        y = target[start * self.out_hop : (start + self.frames) * self.out_hop]
+        x = np.pad(x, (0, self.frames * self.in_hop - len(x)))
+        y = np.pad(y, (0, self.frames * self.out_hop - len(y)))
+        return x, y
+
+    def batch(self, size: int, rng: random.Random | None, paths: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys, tries = [], [], 0
+        candidates = iter(paths) if paths is not None else None
+        while len(xs) < size:
+            tries += 1
+            if tries > 20 * size + len(self.paths):
+                raise StageError(f"could not read {size} clips: {len(self.bad)} of {len(self.paths)} files unreadable")
+            if candidates is not None:
+                path = next(candidates, None)
+                if path is None:
+                    break
+            else:
+                path = rng.choice(self.paths)
+            item = self.read(path)
+            if item is None:
+                continue
+            x, y = self.crop(*item, rng)
+            xs.append(x)
+            ys.append(y)
+        if not xs:
+            raise StageError("no readable clip for the evaluation batch")
+        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+
+def _build_codec(config: TrainerConfig) -> Codec:
+    train = config.codec.train
+    codec = Codec(config.codec.model)
+    if train.init_from:
+        _, state, _, source = read_codec_state(train.init_from)
+        own = codec.codec_state_dict()
+        copied = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        if train.decoder_only:
+            absent = [k for k in own if k.startswith((*ENCODER_PREFIXES, "quantizer.project_in")) and k not in copied]
+            if absent:
+                raise ConfigError(
+                    f"codec.train.init_from: {source} lacks encoder weights matching codec.model "
+                    f"({len(absent)} keys, e.g. {absent[:3]}); decoder_only needs a trained encoder"
+                )
+        codec.load_state_dict(copied, strict=False)
+        log.info("initialised %d of %d tensors from %s", len(copied), len(own), source)
+    elif train.decoder_only:
+        raise ConfigError("codec.train.decoder_only needs codec.train.init_from (the frozen encoder)")
+    return codec
+
+
+def _trainable(codec: Codec, decoder_only: bool) -> list[nn.Parameter]:
+    if decoder_only:
+        # The encoder and the code book stay fixed, so codes vectorised with it keep their meaning.
+        frozen_prefixes = (*ENCODER_PREFIXES, "quantizer.project_in", "semantic_model.")
+    else:
+        frozen_prefixes = ("semantic_model.",)
+    params = []
+    for name, param in codec.named_parameters():
+        param.requires_grad_(not name.startswith(frozen_prefixes))
+        if param.requires_grad:
+            params.append(param)
+    return params
+
+
+class Generator(nn.Module):
+    """The codec's training forward (one call per step, as DDP requires)."""
+
+    def __init__(self, codec: Codec, decoder_only: bool):
+        super().__init__()
+        self.codec = codec
+        self.decoder_only = decoder_only
+
+    def forward(self, wav16: torch.Tensor, semantic: torch.Tensor | None) -> torch.Tensor:
+        if self.decoder_only:
+            with torch.no_grad():
+                _, codes = self.codec.encode_tensor(wav16, semantic=semantic)
+            return self.codec.decode_tensor(codes)
+        quantized, _ = self.codec.encode_tensor(wav16, semantic=semantic)
+        return self.codec.decode_quantized(quantized)
+
+
+def _checkpoint_dirs(output_dir: str) -> list[tuple[int, str]]:
+    root = io.join(output_dir, "checkpoints")
+    found = []
+    for name in io.listdir(root):
+        if name.startswith("step_") and name[5:].isdigit() and io.is_complete(io.join(root, name)):
+            found.append((int(name[5:]), io.join(root, name)))
+    return sorted(found)
+
+
+def _save_checkpoint(train: CodecTrainConfig, step: int, codec: Codec, disc: nn.Module, g_opt, d_opt) -> None:
+    url = io.join(train.output_dir, "checkpoints", f"step_{step}")
+    with io.staged_dir(url) as tmp:
+        codec.save(str(Path(tmp) / "codec"))
+        torch.save(
+            {"step": step, "discriminators": disc.state_dict(), "g_opt": g_opt.state_dict(), "d_opt": d_opt.state_dict()},
+            Path(tmp) / "train_state.pt",
+        )
+    for _, old in _checkpoint_dirs(train.output_dir)[: -train.keep_checkpoints]:
+        io.remove(old, recursive=True)
+    log.info("checkpoint %s", url)
+
+
+def _resume(train: CodecTrainConfig, codec: Codec, disc: nn.Module, g_opt, d_opt) -> int:
+    checkpoints = _checkpoint_dirs(train.output_dir)
+    if not train.resume or not checkpoints:
+        return 0
+    step, url = checkpoints[-1]
+    _, state, _, _ = read_codec_state(io.join(url, "codec"))
+    codec.load_state_dict(state, strict=False)
+    import io as _stdio
+
+    extra = torch.load(_stdio.BytesIO(io.read_bytes(io.join(url, "train_state.pt"))), map_location="cpu", weights_only=True)
+    disc.load_state_dict(extra["discriminators"])
+    g_opt.load_state_dict(extra["g_opt"])
+    d_opt.load_state_dict(extra["d_opt"])
+    log.info("resumed from %s (step %d)", url, step)
+    return int(extra["step"])
+
+
+def run(config: TrainerConfig) -> int:
+    train = config.codec.train
+    distributed.init(config.training.process_group_timeout_s)
+    device = distributed.device()
+    rank, world = distributed.rank(), distributed.world_size()
+    torch.manual_seed(train.seed)
+    rng = random.Random(train.seed + 1000 * rank)
+    metrics.serve(config.metrics.port)
+    scalars = metrics.ScalarLog(io.join(train.output_dir, "metrics.jsonl"), "codec-train")
+
+    model_cfg = config.codec.model
+    frames = max(1, round(train.segment_seconds * model_cfg.token_rate))
+    clips = Clips(train.dataset_path, frames, model_cfg.sample_rate, model_cfg.token_rate)
+
+    codec = _build_codec(config).to(device).train()
+    params = _trainable(codec, train.decoder_only)
+    disc = Discriminators(train.mpd_periods, train.stft_disc_fft_sizes, train.disc_channels).to(device)
+    mel_loss = MultiResolutionMelLoss(model_cfg.sample_rate, tuple(train.mel_fft_sizes)).to(device)
+    g_opt = torch.optim.AdamW(params, lr=train.learning_rate, betas=(0.8, 0.99))
+    d_opt = torch.optim.AdamW(disc.parameters(), lr=train.disc_learning_rate, betas=(0.8, 0.99))
+    step = _resume(train, codec, disc, g_opt, d_opt)
+
+    generator: nn.Module = Generator(codec, train.decoder_only)
+    disc_step: nn.Module = disc
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        generator = DistributedDataParallel(generator, device_ids=ids)
+        disc_step = DistributedDataParallel(disc, device_ids=ids)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16")
+
+    eval_x, eval_y = clips.batch(train.eval_clips, None, clips.paths[: 4 * train.eval_clips])
+
+    def evaluate() -> float:
+        codec.eval()
+        with torch.no_grad(), autocast:
+            wav = Generator(codec, train.decoder_only)(eval_x.to(device), codec.semantic_features(list(eval_x.numpy())))
+            value = float(mel_loss(wav.float(), eval_y.to(device)))
+        codec.train()
+        return value
+
+    if step == 0:
+        scalars.log(0, eval_mel_loss=evaluate())
+    started, seconds_done = time.time(), 0.0
+    while step < train.max_steps:
+        x, y = clips.batch(train.batch_size, rng)
+        x, y = x.to(device), y.to(device)
+        semantic = codec.semantic_features(list(x.cpu().numpy()))
+        with autocast:
+            fake = generator(x, semantic).float()
+        gan_on = step >= train.disc_start_step
+        d_loss = torch.zeros((), device=device)
+        if gan_on:
+            d_opt.zero_grad(set_to_none=True)
+            with autocast:
+                outputs = disc_step(torch.cat([y, fake.detach()]))
+            real_out = [[f[: len(y)] for f in maps] for maps in outputs]
+            fake_out = [[f[len(y) :] for f in maps] for maps in outputs]
+            d_loss = discriminator_loss(real_out, fake_out)
+            d_loss.backward()
+            nn.utils.clip_grad_norm_(disc.parameters(), train.max_grad_norm)
+            d_opt.step()
+
+        g_opt.zero_grad(set_to_none=True)
+        mel = mel_loss(fake, y)
+        rms = rms_loss(fake, y)
+        g_loss = train.lambda_mel * mel + train.lambda_rms * rms
+        adv = fm = torch.zeros((), device=device)
+        if gan_on:
+            # The unwrapped discriminators: their gradients here are discarded, so no DDP sync.
+            with autocast:
+                outputs = disc(torch.cat([y, fake]))
+            real_out = [[f[: len(y)] for f in maps] for maps in outputs]
+            fake_out = [[f[len(y) :] for f in maps] for maps in outputs]
+            adv = adversarial_loss(fake_out)
+            fm = feature_matching_loss(real_out, fake_out)
+            g_loss = g_loss + train.lambda_adv * adv + train.lambda_feat * fm
+        if not torch.isfinite(g_loss):
+            raise StageError(f"codec training diverged at step {step}: generator loss {float(g_loss)}")
+        g_loss.backward()
+        nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+        g_opt.step()
+        step += 1
+
+        clip_seconds = len(x) * x.shape[-1] / 16000
+        seconds_done += clip_seconds
+        AUDIO_SECONDS.inc(clip_seconds)
+        STEP.set(step)
+        values = {"gen_loss": g_loss, "mel_loss": mel, "rms_loss": rms, "adv_loss": adv, "fm_loss": fm, "disc_loss": d_loss}
+        for name, value in values.items():
+            LOSS.labels(loss=name).set(float(value))
+        if step % train.log_steps == 0 or step == train.max_steps:
+            rate = seconds_done / max(time.time() - started, 1e-9)
+            THROUGHPUT.set(rate)
+            scalars.log(step, audio_seconds_per_second=rate * world, **{k: float(v) for k, v in values.items()})
+            log.info("step %d mel %.4f gen %.4f disc %.4f (%.1f audio-s/s)", step, float(mel), float(g_loss), float(d_loss), rate)
+            metrics.push(config.metrics.pushgateway_url, "codec-train")
+        if step % train.save_steps == 0 and step < train.max_steps:
+            if distributed.is_main():
+                _save_checkpoint(train, step, codec, disc, g_opt, d_opt)
+            distributed.barrier()
+
+    if distributed.is_main():
+        scalars.log(step, eval_mel_loss=evaluate(), unreadable_files=len(clips.bad))
+        codec.eval().save(io.join(train.output_dir, "final"))
+        log.info("final codec at %s", io.join(train.output_dir, "final"))
+    distributed.barrier()
+    distributed.shutdown()
+    return 0

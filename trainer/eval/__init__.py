@@ -1,0 +1,1 @@
+"""Offline evaluation: Seed-TTS-eval-style harness and its HTML report."""

@@ -1,0 +1,234 @@
+"""`tts-train eval`: a Seed-TTS-eval-style harness that runs offline.
+
+For each test item (prompt wav, prompt text, target text, optional ground-truth target wav) the model
+clones the prompt voice and speaks the target text. Both the synthesised clip and the ground truth
+are scored with the same scorers the GRPO rewards use (one implementation): WER/CER from an ASR
+backend, speaker similarity (cosine of speaker embeddings, prompt vs clip), DNSMOS OVRL, and the
+real-time factor of synthesis. Writes `results.json` (per item and aggregate), the WAVs, and
+`report.html` with plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer import io
+from trainer.config import EvalConfig, TrainerConfig
+from trainer.data.audio import read_audio, write_wav
+from trainer.data.manifest import resolve_wav_path
+from trainer.errors import ConfigError
+from trainer.eval import report
+
+log = logging.getLogger(__name__)
+
+FLAGS = {
+    "model_path": "eval.model_path",
+    "codec_model_path": "eval.codec_model_path",
+    "test_list": "eval.test_list",
+    "output_dir": "eval.output_dir",
+}
+REQUIRED_ITEM_KEYS = ("prompt_wav", "prompt_text", "target_text")
+
+
+def read_test_list(url: str, max_items: int | None = None) -> list[dict[str, Any]]:
+    if not io.exists(url):
+        raise ConfigError(f"eval.test_list: {url} does not exist")
+    items = []
+    for line_no, line in enumerate(io.read_text(url).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{url}:{line_no}: not valid JSON: {err}") from None
+        missing = [k for k in REQUIRED_ITEM_KEYS if not item.get(k)]
+        if missing:
+            raise ConfigError(f"{url}:{line_no}: missing {', '.join(missing)}")
+        item.setdefault("id", f"item_{line_no:04d}")
+        item.setdefault("language", "en")
+        for key in ("prompt_wav", "target_wav"):
+            if item.get(key):
+                item[key] = resolve_wav_path(url, item[key])
+        items.append(item)
+        if max_items and len(items) >= max_items:
+            break
+    if not items:
+        raise ConfigError(f"eval.test_list: {url} has no items")
+    return items
+
+
+class Scorers:
+    """WER/CER, speaker similarity and DNSMOS over batches of clips, loaded once."""
+
+    def __init__(self, cfg: EvalConfig):
+        from trainer.rl.rewards.asr import load_transcriber
+        from trainer.rl.rewards.quality import DNSMOS
+        from trainer.rl.rewards.speaker import load_speaker_encoder
+
+        self.asr = load_transcriber(cfg.asr_backend, cfg.asr_model_path)
+        self.speaker = load_speaker_encoder(cfg.speaker_backend, cfg.speaker_model_path)
+        self.dnsmos = DNSMOS() if cfg.use_dnsmos else None
+
+    def score(
+        self,
+        clips: list[tuple[np.ndarray, int]],
+        prompts: list[tuple[np.ndarray, int]],
+        texts: list[str],
+        languages: list[str],
+    ) -> list[dict[str, Any]]:
+        from trainer.rl.rewards.asr import error_rate
+        from trainer.rl.rewards.speaker import cosine_similarity
+
+        rows: list[dict[str, Any]] = [{} for _ in clips]
+        # Scorers take one sample rate per batch: group clips by rate.
+        for sr in sorted({sr for _, sr in clips}):
+            idx = [i for i, (_, s) in enumerate(clips) if s == sr]
+            waves = [clips[i][0] for i in idx]
+            hyps = self.asr.transcribe(waves, sr, [languages[i] for i in idx])
+            for i, hyp in zip(idx, hyps, strict=True):
+                rows[i]["transcript"] = hyp
+                rows[i]["wer"] = float(error_rate(hyp, texts[i], languages[i]))
+            if self.dnsmos is not None:
+                for i, s in zip(idx, self.dnsmos.score(waves, sr), strict=True):
+                    ovrl = s.get("ovrl")
+                    rows[i]["dnsmos"] = None if ovrl is None or np.isnan(ovrl) else float(ovrl)
+            emb = self.speaker.embed(waves, sr)
+            prompt_emb = np.concatenate([self.speaker.embed([prompts[i][0]], prompts[i][1]) for i in idx])
+            for i, cos in zip(idx, cosine_similarity(emb, prompt_emb), strict=True):
+                rows[i]["sim"] = None if not clips[i][0].size else float(cos)
+        return rows
+
+
+def aggregate(rows: list[dict[str, Any]], texts: list[str], languages: list[str]) -> dict[str, Any]:
+    from trainer.rl.rewards.asr import corpus_error_rate
+
+    ok = [i for i, r in enumerate(rows) if "error" not in r]
+
+    def mean(key: str) -> float | None:
+        values = [rows[i][key] for i in ok if rows[i].get(key) is not None]
+        return float(np.mean(values)) if values else None
+
+    language = languages[0] if len(set(languages)) == 1 else "en"
+    return {
+        # Corpus-level like Seed-TTS-eval: failed items count with an empty transcript.
+        "wer": corpus_error_rate([r.get("transcript", "") for r in rows], texts, language),
+        "sim": mean("sim"),
+        "dnsmos": mean("dnsmos"),
+        "rtf": mean("rtf"),
+        "duration": mean("duration"),
+        "items": len(rows),
+        "failed": len(rows) - len(ok),
+    }
+
+
+def run(config: TrainerConfig) -> int:
+    cfg = config.eval
+    for key in ("model_path", "test_list", "output_dir"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"eval.{key} is required")
+    items = read_test_list(cfg.test_list, cfg.max_items)
+    # Remote output dirs (gs://...) are written locally first and uploaded file by file at the end.
+    out_dir = Path(io.local_path(cfg.output_dir) if io.is_local(cfg.output_dir) else tempfile.mkdtemp())
+    (out_dir / "audio").mkdir(parents=True, exist_ok=True)
+
+    from trainer.serve.synthesize import Synthesizer
+
+    synth = Synthesizer.load(cfg.model_path, codec_path=cfg.codec_model_path)
+    prompts = [read_audio(it["prompt_wav"]) for it in items]
+    model_clips: list[tuple[np.ndarray, int]] = []
+    model_rows: list[dict[str, Any]] = []
+    for it, prompt in zip(items, prompts, strict=True):
+        row: dict[str, Any] = {}
+        start = time.perf_counter()
+        try:
+            wave, sr = synth.synthesize(
+                it["target_text"], prompt.samples, prompt.sample_rate, it["prompt_text"], cfg.sampling
+            )
+        except Exception as err:  # one bad item must not lose the whole evaluation
+            log.warning("item %s: synthesis failed: %s", it["id"], err)
+            wave, sr = np.zeros(0, np.float32), synth.sample_rate
+            row["error"] = f"{type(err).__name__}: {err}"
+        elapsed = time.perf_counter() - start
+        duration = wave.size / sr
+        row.update(duration=duration, rtf=elapsed / duration if duration else None)
+        if wave.size:
+            row["wav"] = f"audio/{it['id']}.wav"
+            write_wav(str(out_dir / row["wav"]), wave, sr)
+        model_clips.append((wave, sr))
+        model_rows.append(row)
+        log.info("eval %s: %.2f s of audio in %.2f s", it["id"], duration, elapsed)
+
+    scorers = Scorers(cfg)
+    texts = [it["target_text"] for it in items]
+    languages = [it["language"] for it in items]
+    prompt_clips = [(p.samples, p.sample_rate) for p in prompts]
+    for row, scores in zip(model_rows, scorers.score(model_clips, prompt_clips, texts, languages), strict=True):
+        row.update({k: v for k, v in scores.items() if k not in row})
+    results: dict[str, Any] = {
+        "model_path": cfg.model_path,
+        "codec_path": cfg.codec_model_path,
+        "asr_backend": cfg.asr_backend,
+        "speaker_backend": cfg.speaker_backend,
+        "aggregate": {"model": aggregate(model_rows, texts, languages)},
+        "items": [],
+    }
+    gt_idx = [i for i, it in enumerate(items) if it.get("target_wav")]
+    gt_rows: dict[int, dict[str, Any]] = {}
+    if gt_idx:
+        gt_audio = [read_audio(items[i]["target_wav"]) for i in gt_idx]
+        gt_scores = scorers.score(
+            [(a.samples, a.sample_rate) for a in gt_audio],
+            [prompt_clips[i] for i in gt_idx],
+            [texts[i] for i in gt_idx],
+            [languages[i] for i in gt_idx],
+        )
+        for i, audio, scores in zip(gt_idx, gt_audio, gt_scores, strict=True):
+            gt_rows[i] = {**scores, "duration": audio.duration, "wav": f"audio/{items[i]['id']}_gt.wav"}
+            write_wav(str(out_dir / gt_rows[i]["wav"]), audio.samples, audio.sample_rate)
+        results["aggregate"]["ground_truth"] = aggregate(
+            list(gt_rows.values()), [texts[i] for i in gt_idx], [languages[i] for i in gt_idx]
+        )
+    for i, it in enumerate(items):
+        results["items"].append({
+            "id": it["id"], "target_text": it["target_text"], "prompt_text": it["prompt_text"],
+            "language": it["language"], "model": model_rows[i], "ground_truth": gt_rows.get(i),
+        })
+
+    plots = []
+    if report.plot_curves([io.join(d, "metrics.jsonl") for d in cfg.metrics_dirs], out_dir / "curves.png"):
+        plots.append("curves.png")
+    first = next((i for i, (w, _) in enumerate(model_clips) if w.size), None)
+    if first is not None:
+        spectra = [(f"model: {items[first]['target_text']}", *model_clips[first])]
+        if first in gt_rows:
+            gt = read_audio(items[first]["target_wav"])
+            spectra.append(("ground truth", gt.samples, gt.sample_rate))
+        report.plot_spectrograms(spectra, out_dir / "spectrogram.png")
+        plots.append("spectrogram.png")
+    report.plot_histograms(results["items"], out_dir / "histograms.png")
+    plots.append("histograms.png")
+    results["plots"] = plots
+    io.write_json_atomic(str(out_dir / "results.json"), results)
+    report.write_html(results, plots, out_dir / "report.html")
+    if not io.is_local(cfg.output_dir):
+        for file in sorted(p for p in out_dir.rglob("*") if p.is_file()):
+            io.write_bytes_atomic(io.join(cfg.output_dir, file.relative_to(out_dir).as_posix()), file.read_bytes())
+
+    for row_name, agg in results["aggregate"].items():
+        log.info(
+            "%s: WER %.3f  SIM %s  DNSMOS %s  RTF %s  (%d items, %d failed)", row_name, agg["wer"],
+            _maybe(agg["sim"]), _maybe(agg["dnsmos"]), _maybe(agg["rtf"]), agg["items"], agg["failed"],
+        )
+    print(f"eval report: {out_dir / 'report.html'}\neval results: {out_dir / 'results.json'}")
+    return 0
+
+
+def _maybe(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

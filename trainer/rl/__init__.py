@@ -1,0 +1,1 @@
+"""Reinforcement learning for the SpeechLM: GRPO (`grpo`) and its rewards (`rewards`)."""

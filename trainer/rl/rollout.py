@@ -1,0 +1,83 @@
+"""How completions are sampled: the token constraints that keep them decodable, and where vLLM runs.
+
+Constraints, enforced inside the samplers with stock options (no custom logits processor to ship to a
+vLLM server):
+- only audio tokens and speech-end may be generated: `suppress_tokens` (HF generate) /
+  `allowed_token_ids` (vLLM);
+- speech-end is suppressed until `min_completion_length` tokens: `min_new_tokens` (HF, via the
+  generation config's eos = speech-end) / `min_tokens` with `stop_token_ids` (vLLM). Stock TRL has no
+  `min_completion_length` (the seed passed one that no TRL release accepts); this is how we honour it.
+The upper bound is TRL's `max_completion_length`; completions cut there are masked from the loss
+(`mask_truncated_completions`) and score 0 in TruncationRewardFunc.
+
+vLLM server mode speaks TRL's `trl vllm-serve` protocol (HTTP generate + an NCCL group for the weight
+sync after every optimiser step). Host and ports come from `rlhf_training.vllm_server_*`, overridden by
+TTS_VLLM_HOST / TTS_VLLM_PORT / TTS_VLLM_GROUP_PORT (set by the controller on the trainer pods).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from trainer.config import RlhfConfig
+from trainer.errors import ConfigError
+from trainer.model.vocab import AudioVocab
+
+
+def allowed_token_ids(vocab: AudioVocab) -> list[int]:
+    return [*range(vocab.audio_offset, vocab.audio_end), vocab.speech_end_id]
+
+
+def hf_generation_kwargs(vocab: AudioVocab, model_vocab_size: int, min_new_tokens: int) -> dict:
+    """Extra `GenerationConfig` fields for local rollouts (TRL merges them into its own)."""
+    allowed = set(allowed_token_ids(vocab))
+    kwargs: dict = {"suppress_tokens": [i for i in range(model_vocab_size) if i not in allowed]}
+    if min_new_tokens:
+        kwargs["min_new_tokens"] = min_new_tokens
+    return kwargs
+
+
+def vllm_sampling_kwargs(vocab: AudioVocab, min_tokens: int) -> dict:
+    """Extra `SamplingParams` fields sent to the vLLM server with every generate request."""
+    return {
+        "allowed_token_ids": allowed_token_ids(vocab),
+        "stop_token_ids": [vocab.speech_end_id],
+        "min_tokens": min_tokens,
+    }
+
+
+@dataclass(frozen=True)
+class VllmServer:
+    host: str
+    port: int
+    group_port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def _port(value: str, name: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a port number") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"{name}={port} is outside 1..65535")
+    return port
+
+
+def vllm_server(config: RlhfConfig, environ: Mapping[str, str] = os.environ) -> VllmServer:
+    """The rollout server to use: config values, overridden by the TTS_VLLM_* environment."""
+    host = environ.get("TTS_VLLM_HOST") or config.vllm_server_host
+    port = _port(environ["TTS_VLLM_PORT"], "TTS_VLLM_PORT") if environ.get("TTS_VLLM_PORT") else config.vllm_server_port
+    group = (
+        _port(environ["TTS_VLLM_GROUP_PORT"], "TTS_VLLM_GROUP_PORT")
+        if environ.get("TTS_VLLM_GROUP_PORT")
+        else config.vllm_group_port
+    )
+    if port == group:
+        raise ConfigError(f"the vLLM HTTP port and the weight-sync group port are both {port}")
+    return VllmServer(host=host, port=port, group_port=group)

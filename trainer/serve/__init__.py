@@ -1,0 +1,1 @@
+"""Serving: export any checkpoint to a serving directory (`export`), synthesis (`synthesize`, `infer`)."""

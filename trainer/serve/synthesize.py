@@ -1,0 +1,220 @@
+"""Zero-shot voice cloning: text + a voice prompt (audio and its transcript) -> waveform.
+
+    synth = Synthesizer.load("runs/demo/export/sft")            # codec from the model's codec.json
+    wave, sample_rate = synth.synthesize("Hello there.", prompt_wave, 16000, "What the prompt says.")
+
+The prompt audio is encoded once; the text is split at sentence boundaries into chunks, and every chunk
+is generated from the same voice prompt (all chunks in one batch, KV cache on; or vLLM). Each chunk's
+codes are decoded together with the prompt codes so the decoder hears the voice it continues, and the
+prompt part is trimmed (Codec.decode(codes, prompt_codes=...)). Generation may only emit audio tokens
+and speech-end, so everything generated decodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trainer import io
+from trainer.config import SamplingConfig
+from trainer.errors import ConfigError
+from trainer.model.build import load_speechlm
+from trainer.model.prompt import PromptFormat
+from trainer.rl.rollout import allowed_token_ids
+from trainer.serve import layout
+
+log = logging.getLogger(__name__)
+
+_SENTENCE_END = re.compile(r"(?<=[.!?;。！？；])\s+|(?<=[。！？；])")
+_CLAUSE_END = re.compile(r"(?<=[,:，、：])\s*")
+
+
+def split_text(text: str, max_chars: int) -> list[str]:
+    """Chunks of at most `max_chars` characters cut at sentence ends (then clause ends, then spaces);
+    consecutive short sentences share a chunk."""
+
+    def pieces(part: str, splitters: list[re.Pattern]) -> list[str]:
+        if len(part) <= max_chars:
+            return [part]
+        if not splitters:
+            words, out, current = part.split(" "), [], ""
+            for word in words:
+                while len(word) > max_chars:  # one unbroken run longer than a chunk
+                    if current:
+                        out.append(current)
+                        current = ""
+                    out.append(word[:max_chars])
+                    word = word[max_chars:]
+                candidate = f"{current} {word}".strip()
+                if len(candidate) > max_chars:
+                    out.append(current)
+                    current = word
+                else:
+                    current = candidate
+            return [*out, current] if current else out
+        return [p for s in splitters[0].split(part) if s.strip() for p in pieces(s.strip(), splitters[1:])]
+
+    chunks: list[str] = []
+    for sentence in pieces(" ".join(text.split()), [_SENTENCE_END, _CLAUSE_END]):
+        if chunks and len(chunks[-1]) + 1 + len(sentence) <= max_chars:
+            chunks[-1] = f"{chunks[-1]} {sentence}"
+        else:
+            chunks.append(sentence)
+    return chunks
+
+
+def check_inputs(text: str, prompt_wave: np.ndarray | None, prompt_text: str | None, max_text_chars: int) -> None:
+    """ConfigError for requests that cannot be synthesised (checked before any model work)."""
+    if not text or not text.strip():
+        raise ConfigError("the text to speak is empty (--text)")
+    if len(text) > max_text_chars:
+        raise ConfigError(f"the text has {len(text)} characters; the limit is {max_text_chars} (infer.max_text_chars)")
+    if prompt_wave is not None and not (prompt_text and prompt_text.strip()):
+        raise ConfigError("a voice prompt needs its transcription (--prompt_transcription)")
+    if prompt_wave is None and prompt_text:
+        raise ConfigError("a prompt transcription was given without the prompt audio (--prompt_wav_path)")
+    if prompt_wave is not None and prompt_wave.size == 0:
+        raise ConfigError("the voice prompt audio is empty")
+
+
+@dataclass
+class Synthesis:
+    wave: np.ndarray  # float32 at `sample_rate`
+    sample_rate: int
+    chunks: list[str]
+    codes: list[np.ndarray]  # generated codes per chunk
+    truncated: list[bool]  # a chunk hit max_new_tokens without speech-end
+
+
+class Synthesizer:
+    def __init__(self, model, tokenizer, vocab, encoder, decoder, model_dir: str, use_vllm: bool = False,
+                 normalize_text: bool = True, max_chunk_chars: int = 300, max_text_chars: int = 5000):
+        self.model = model
+        self.vocab = vocab
+        self.prompt_format = PromptFormat(tokenizer, vocab, normalize_text)
+        self.encoder = encoder
+        self.decoder = decoder
+        self.model_dir = model_dir
+        self.max_chunk_chars = max_chunk_chars
+        self.max_text_chars = max_text_chars
+        self._vllm = self._start_vllm(model_dir) if use_vllm else None
+        vocab_rows = model.get_input_embeddings().weight.shape[0]
+        allowed = set(allowed_token_ids(vocab))
+        self._suppress = [i for i in range(vocab_rows) if i not in allowed]
+
+    @classmethod
+    def load(cls, model_dir: str, codec_path: str | None = None, encoder_path: str | None = None,
+             decoder_path: str | None = None, device: str | None = None, use_vllm: bool = False,
+             **kwargs) -> Synthesizer:
+        """`codec_path` sets both codec halves; `encoder_path`/`decoder_path` set one each (the seed's
+        flags); unset halves come from the serving directory's codec reference."""
+        from trainer.codec import Codec
+
+        if not model_dir or not io.exists(model_dir):
+            raise ConfigError(f"model directory not found: {model_dir}")
+        default = codec_path or layout.codec_path(model_dir)
+        encoder_url, decoder_url = encoder_path or default, decoder_path or default
+        if not encoder_url or not decoder_url:
+            raise ConfigError(
+                f"{model_dir} names no codec (codec.json): pass the codec (--audio_encoder_path and "
+                "--audio_decoder_path, or eval.codec_model_path)"
+            )
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if encoder_url == decoder_url:
+            encoder = decoder = Codec.load(encoder_url, device=device)
+        else:
+            encoder = Codec.load(encoder_url, device=device, components=("encoder",))
+            decoder = Codec.load(decoder_url, device=device, components=("decoder",))
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        model, tokenizer, vocab = load_speechlm(model_dir, dtype=dtype, device=device)
+        model.eval()
+        return cls(model, tokenizer, vocab, encoder, decoder, model_dir, use_vllm=use_vllm, **kwargs)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.decoder.output_sample_rate
+
+    # -------------------------------------------------------------------------------- synthesis
+    def synthesize(self, text: str, prompt_wave: np.ndarray | None, prompt_sample_rate: int | None,
+                   prompt_text: str | None, sampling: SamplingConfig | None = None) -> tuple[np.ndarray, int]:
+        result = self.generate(text, prompt_wave, prompt_sample_rate, prompt_text, sampling)
+        return result.wave, result.sample_rate
+
+    def generate(self, text: str, prompt_wave: np.ndarray | None, prompt_sample_rate: int | None,
+                 prompt_text: str | None, sampling: SamplingConfig | None = None) -> Synthesis:
+        sampling = sampling or SamplingConfig()
+        check_inputs(text, prompt_wave, prompt_text, self.max_text_chars)
+        prompt_codes = (
+            self.encoder.encode([prompt_wave], int(prompt_sample_rate))[0] if prompt_wave is not None
+            else np.zeros(0, dtype=np.int64)
+        )
+        chunks = split_text(text, self.max_chunk_chars)
+        prompts = [self.prompt_format.inference_prompt(c, prompt_text, prompt_codes) for c in chunks]
+        generated = self._generate_vllm(prompts, sampling) if self._vllm else self._generate_hf(prompts, sampling)
+        codes = [self.vocab.codes_from_ids(ids) for ids in generated]
+        truncated = [self.vocab.speech_end_id not in ids for ids in generated]
+        for chunk, cut in zip(chunks, truncated, strict=True):
+            if cut:
+                log.warning("chunk %r hit max_new_tokens=%d before speech-end", chunk[:40], sampling.max_new_tokens)
+        waves = self.decoder.decode(codes, prompt_codes=[prompt_codes] * len(codes) if prompt_codes.size else None)
+        wave = np.concatenate(waves) if waves else np.zeros(0, dtype=np.float32)
+        return Synthesis(wave.astype(np.float32), self.sample_rate, chunks, codes, truncated)
+
+    @torch.inference_mode()
+    def _generate_hf(self, prompts: list[np.ndarray], sampling: SamplingConfig) -> list[list[int]]:
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        pad = self.vocab.pad_token_id
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):  # left padding: every row continues at the same position
+            input_ids[row, width - len(ids) :] = torch.from_numpy(ids)
+            attention[row, width - len(ids) :] = 1
+        torch.manual_seed(sampling.seed)
+        out = self.model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=True,
+            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None,
+            repetition_penalty=sampling.repetition_penalty, max_new_tokens=sampling.max_new_tokens,
+            suppress_tokens=self._suppress, eos_token_id=self.vocab.speech_end_id, pad_token_id=pad,
+            use_cache=True,
+        )
+        return [row[width:].tolist() for row in out.cpu()]
+
+    @staticmethod
+    def _start_vllm(model_dir: str):
+        try:
+            from vllm import LLM
+        except ImportError as err:
+            raise ConfigError(
+                f"--use_vllm needs vLLM, which is not installed ({err}); install the rollout extra "
+                "(pip install 'speechlm-tts-trainer[rollout]', vllm==0.10.1.1 on CUDA) or drop --use_vllm"
+            ) from None
+        local = io.download_dir(model_dir, tempfile.mkdtemp(prefix="vllm-model-"))
+        return LLM(model=str(local), skip_tokenizer_init=True)
+
+    def _generate_vllm(self, prompts: list[np.ndarray], sampling: SamplingConfig) -> list[list[int]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
+            repetition_penalty=sampling.repetition_penalty, max_tokens=sampling.max_new_tokens,
+            seed=sampling.seed, allowed_token_ids=allowed_token_ids(self.vocab),
+            stop_token_ids=[self.vocab.speech_end_id], detokenize=False,
+        )
+        outputs = self._vllm.generate([TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts], params,
+                                      use_tqdm=False)
+        end = self.vocab.speech_end_id
+        generated = []
+        for output in outputs:
+            ids = list(output.outputs[0].token_ids)
+            # Mark a completion that stopped on speech-end even if vLLM left the stop token out.
+            if output.outputs[0].finish_reason == "stop" and (not ids or ids[-1] != end):
+                ids.append(end)
+            generated.append(ids)
+        return generated

@@ -1,0 +1,1 @@
+"""SFT of the SpeechLM: the objective, the loop, parallel strategies, checkpoints, telemetry."""

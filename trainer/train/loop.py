@@ -1,0 +1,373 @@
+"""The SFT loop: build model and data, train with accumulation/clipping/schedule, evaluate, checkpoint,
+resume, stop cleanly on SIGTERM. Strategy-specific work lives in `trainer.train.parallel`.
+
+Loss normalisation: every micro-batch's summed CE is divided by the number of labelled tokens of the
+whole GLOBAL step (all micro-batches, all ranks), times world size (DDP/FSDP average gradients over
+ranks). The step's gradient is then exactly that of the global token-mean loss, so 1 process and N
+processes with the same global batch follow the same loss curve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from trainer import distributed, io, metrics
+from trainer.config import TrainerConfig
+from trainer.data.dataset import Batch, PackedData, SamplerState
+from trainer.errors import ConfigError
+from trainer.model.attention import resolve_backend, use_packed_attention
+from trainer.model.build import build_speechlm, save_speechlm
+from trainer.model.prompt import PromptFormat
+from trainer.train import checkpoint, telemetry
+from trainer.train.lora import apply_lora, merge_lora_state_dict
+from trainer.train.objective import SpeechLMObjective
+from trainer.train.parallel import build_strategy
+from trainer.train.schedule import build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+def run_url(config: TrainerConfig) -> str:
+    return io.join(config.training.output_dir, config.training.run_name)
+
+
+def validate(config: TrainerConfig) -> None:
+    """Config errors that can be found without building anything."""
+    t, p = config.training, config.modeling.parameters
+    if t.precision == "fp16":
+        raise ConfigError("training.precision=fp16 is not supported for SFT (no loss scaling); use bf16 or fp32")
+    if not config.train_weighted_datasets:
+        raise ConfigError("train_weighted_datasets is empty: name at least one vectorized dataset")
+    for section in ("train_weighted_datasets", "val_weighted_datasets"):
+        for url in getattr(config, section):
+            if not io.exists(url):
+                raise ConfigError(f"{section}: dataset path {url!r} does not exist")
+    if t.packing and p.max_seq_len > t.pack_length:
+        log.info("max_seq_len %d > pack_length %d: samples longer than a row are skipped", p.max_seq_len, t.pack_length)
+    if t.precision == "bf16" and not torch.cuda.is_available():
+        log.warning("bf16 on CPU is slow and its numerics differ from GPU; use precision fp32 for CPU runs")
+
+
+@dataclass
+class StepStats:
+    loss: float
+    real_tokens: int
+    labelled_tokens: int
+    sum_sq_lengths: int
+    stop: bool
+
+
+def _doc_lengths_sq(batch: Batch) -> int:
+    """Sum over samples of length^2 (attention FLOPs), padding excluded."""
+    total = 0
+    for row in batch.doc_ids:
+        counts = torch.bincount(row)
+        total += int((counts[:-1].double() ** 2).sum()) if batch.real_tokens else 0
+    return total
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+class SFTTrainer:
+    def __init__(self, config: TrainerConfig):
+        self.config = config
+        t, p = config.training, config.modeling.parameters
+        self.t, self.p = t, p
+        validate(config)
+        distributed.init(t.process_group_timeout_s)
+        self.device = distributed.device()
+        self.world = distributed.world_size()
+        self.run_url = run_url(config)
+        self.resume_url = self._resume_source()
+        torch.manual_seed(t.seed)
+        self.strategy = build_strategy(t.strategy, t, self.device, config.modeling.lora.enabled)
+
+        lm, self.tokenizer, self.vocab = build_speechlm(p.model_name, p.codebook_size, p.prompt_format, seed=t.seed)
+        if t.precision == "bf16":
+            lm.config.torch_dtype = torch.bfloat16  # serving dtype; master weights stay fp32
+        if self.resume_url and not self.strategy.resume_has_model and not config.modeling.lora.enabled:
+            weights = load_file(str(checkpoint.local_copy(self.resume_url) / "model.safetensors"))
+            lm.load_state_dict(weights, strict=False)  # tied head is absent from the file
+        self.base_lm = lm
+        if config.modeling.lora.enabled:
+            lm = apply_lora(lm, config.modeling.lora)
+        if t.gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.backend = resolve_backend(p.attn_implementation, self.device)
+        use_packed_attention(self.base_lm)
+        if t.compile_model:
+            self._compile_layers()
+
+        prompt = PromptFormat(self.tokenizer, self.vocab, p.enable_text_normalization)
+        common = dict(
+            max_seq_len=p.max_seq_len, pack_length=t.pack_length, batch_size=t.batch_size, packing=t.packing,
+            seed=t.seed, rank=distributed.rank(), world_size=self.world, codebook_size=p.codebook_size,
+        )
+        self.train_data = PackedData(config.train_weighted_datasets, "train", prompt, **common)
+        self.val_data = (
+            PackedData(config.val_weighted_datasets, "val", prompt, **common) if config.val_weighted_datasets else None
+        )
+        self._report_data()
+        steps_per_epoch = self.train_data.batches_per_epoch(0) // t.gradient_accumulation_steps
+        if steps_per_epoch == 0:
+            raise ConfigError(
+                f"the training data gives {self.train_data.batches_per_epoch(0)} micro-batches per epoch, fewer "
+                f"than gradient_accumulation_steps={t.gradient_accumulation_steps}"
+            )
+        self.total_steps = 1 if t.dry_run else (t.max_steps or t.num_epochs * steps_per_epoch)
+
+        objective = SpeechLMObjective(lm, self.vocab, self.backend, p.loss_vocab, p.loss_chunk_size)
+        self.module, self.optimizer = self.strategy.setup(objective)
+        self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
+        self.flops = telemetry.FlopCounter(
+            self.base_lm, self.vocab.codebook_size + 1 if p.loss_vocab == "audio" else self.vocab.vocab_size
+        )
+        self.peak = telemetry.peak_flops(self.device)
+        self.step = 0
+        self.sampler = SamplerState()
+        if self.resume_url:
+            self._load_resume()
+        self._stop_requested = False
+        self.scalars = metrics.ScalarLog(io.join(self.run_url, "metrics.jsonl"), "sft")
+        self.wandb = self._init_wandb()
+
+    # ------------------------------------------------------------------------------------ setup
+    def _resume_source(self) -> str | None:
+        explicit = self.config.checkpointing.checkpoint_file_to_resume_from
+        if explicit:
+            if not io.is_complete(explicit):
+                raise ConfigError(f"checkpointing.checkpoint_file_to_resume_from: {explicit!r} is not a complete checkpoint")
+            return explicit
+        if self.config.checkpointing.resume == "auto" and not self.t.dry_run:
+            return checkpoint.latest_checkpoint(self.run_url)
+        return None
+
+    def _compile_layers(self) -> None:
+        # One graph for every layer and every (rows, length) shape: dynamic shapes without duck sizing.
+        torch.fx.experimental._config.use_duck_shape = False
+        for layer in self.base_lm.model.layers:
+            layer.compile(dynamic=True)
+
+    def _report_data(self) -> None:
+        for data in (self.train_data, self.val_data):
+            if data is None:
+                continue
+            data.rows(0)
+            telemetry.SKIPPED.labels(split=data.split).set(data.skipped)
+            if data.stats is not None:
+                telemetry.PACKING.labels(split=data.split).set(data.stats.efficiency)
+                log.info(
+                    "%s: %d samples in %d rows of %d tokens, packing efficiency %.1f%%, %d skipped",
+                    data.split, data.stats.samples, data.stats.rows, data.row_length,
+                    100 * data.stats.efficiency, data.skipped,
+                )
+
+    def _init_wandb(self):
+        if not self.t.use_wandb or not distributed.is_main():
+            return None
+        try:
+            import wandb
+        except ImportError:
+            log.warning("--use_wandb was given but wandb is not installed (pip install wandb): not logging to W&B")
+            return None
+        return wandb.init(name=self.t.run_name, config=self.config.model_dump(mode="json"))
+
+    def _load_resume(self) -> None:
+        local = checkpoint.local_copy(self.resume_url)
+        self.strategy.load_resume(self.module, self.optimizer, local / checkpoint.RESUME)
+        state = json.loads((local / checkpoint.RESUME / "state.json").read_text())
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.sampler = SamplerState(**state["sampler"])
+        rng = torch.load(local / checkpoint.RESUME / "rng.pt", weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if torch.cuda.is_available() and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", self.resume_url, self.step,
+                 self.sampler.epoch, self.sampler.batch)
+
+    # ------------------------------------------------------------------------------------ train
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = self.strategy.autocast_dtype
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def _train_step(self, micro: list[Batch]) -> StepStats:
+        labelled = sum(b.labelled_tokens for b in micro)
+        (global_labelled,) = _all_reduce([labelled], self.device)
+        scale = self.world / max(global_labelled, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(micro):
+            batch = batch.to(self.device)
+            with self.strategy.sync(self.module, last=i == len(micro) - 1), self._autocast():
+                ce_sum, _ = self.module(batch)
+            self.strategy.backward(self.module, ce_sum * scale)
+            loss_sum += ce_sum.detach().double()
+        self.grad_norm = self.strategy.step(self.module, self.optimizer)
+        self.scheduler.step()
+        real = sum(b.real_tokens for b in micro)
+        sum_sq = sum(_doc_lengths_sq(b) for b in micro)
+        total_loss, real, sum_sq, stop = _all_reduce(
+            [float(loss_sum), real, sum_sq, float(self._stop_requested)], self.device
+        )
+        return StepStats(total_loss / max(global_labelled, 1.0), int(real), int(global_labelled), int(sum_sq), stop > 0)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.val_data is None:
+            return None
+        self.module.eval()
+        loss_sum, count = 0.0, 0.0
+        for batch in self.val_data.eval_batches():
+            with self._autocast():
+                ce_sum, n = self.module(batch.to(self.device))
+            loss_sum += float(ce_sum)
+            count += float(n)
+        self.module.train()
+        loss_sum, count = _all_reduce([loss_sum, count], self.device)
+        return loss_sum / count if count else None
+
+    def _handle_sigterm(self, signum, frame) -> None:
+        log.warning("SIGTERM: finishing the current step, saving a checkpoint, then exiting")
+        self._stop_requested = True
+
+    def train(self) -> int:
+        signal.signal(signal.SIGTERM, self._handle_sigterm)
+        metrics.serve(self.config.metrics.port)
+        t = self.t
+        accum = t.gradient_accumulation_steps
+        batches = self.train_data.iterate(self.sampler)
+        started = time.perf_counter()
+        first_step = self.step
+        log.info("training %d steps from step %d (%s, %d process(es), attention %s)",
+                 self.total_steps, self.step, t.strategy, self.world, self.backend)
+        while self.step < self.total_steps:
+            tick = time.perf_counter()
+            micro, sampler = [], self.sampler
+            for _ in range(accum):
+                batch, sampler = next(batches)
+                micro.append(batch)
+            stats = self._train_step(micro)
+            self.step += 1
+            self.sampler = sampler
+            elapsed = time.perf_counter() - tick
+            self._record(stats, elapsed, started, first_step)
+            if self.val_data is not None and (self.step % t.eval_steps == 0 or self.step == self.total_steps):
+                self._record_eval()
+            if t.dry_run:
+                log.info("dry run: one step done, loss %.4f; configuration, data and model are valid", stats.loss)
+                return 0
+            if stats.stop:
+                self.save_checkpoint()
+                log.info("stopped by SIGTERM at step %d; checkpoint saved", self.step)
+                return 0
+            if self.step % self.config.checkpointing.save_steps == 0:
+                self.save_checkpoint()
+        self.save_final()
+        return 0
+
+    def _record(self, stats: StepStats, elapsed: float, started: float, first_step: int) -> None:
+        lr = self.scheduler.get_last_lr()[0]
+        tps = stats.real_tokens / elapsed if elapsed > 0 else 0.0
+        flops = self.flops.flops(stats.real_tokens, stats.labelled_tokens, stats.sum_sq_lengths)
+        mfu = flops / elapsed / (self.peak * self.world) if self.peak and elapsed > 0 else 0.0
+        telemetry.TRAIN_LOSS.set(stats.loss)
+        telemetry.TOKENS.inc(stats.real_tokens)
+        telemetry.STEPS.inc()
+        telemetry.LEARNING_RATE.set(lr)
+        telemetry.STEP_SECONDS.observe(elapsed)
+        telemetry.TOKENS_PER_SECOND.set(tps)
+        telemetry.MFU.set(mfu)
+        telemetry.GRAD_NORM.set(self.grad_norm)
+        self.scalars.log(self.step, loss=stats.loss, lr=lr, tokens_per_second=tps, grad_norm=self.grad_norm, mfu=mfu)
+        if self.wandb is not None:
+            self.wandb.log({"train/loss": stats.loss, "train/lr": lr, "train/tokens_per_second": tps}, step=self.step)
+        if distributed.is_main() and (self.step % self.t.logging_steps == 0 or self.step == 1):
+            per_step = (time.perf_counter() - started) / max(self.step - first_step, 1)
+            eta = per_step * (self.total_steps - self.step)
+            log.info(
+                "step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f MFU %s ETA %s",
+                self.step, self.total_steps, stats.loss, lr, self.grad_norm, tps,
+                f"{100 * mfu:.1f}%" if self.peak else "n/a", time.strftime("%H:%M:%S", time.gmtime(eta)),
+            )
+
+    def _record_eval(self) -> None:
+        loss = self.evaluate()
+        if loss is None:
+            return
+        telemetry.EVAL_LOSS.set(loss)
+        self.scalars.log(self.step, eval_loss=loss)
+        if self.wandb is not None:
+            self.wandb.log({"eval/loss": loss}, step=self.step)
+        if distributed.is_main():
+            log.info("step %d eval_loss %.4f", self.step, loss)
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def _hf_state_dict(self) -> dict[str, torch.Tensor] | None:
+        state = self.strategy.full_state_dict(self.module)  # collective
+        if state is None:
+            return None
+        if self.config.modeling.lora.enabled:
+            state = merge_lora_state_dict(state, self.config.modeling.lora)
+        if self.base_lm.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        return state
+
+    def _write_hf(self, directory: Path, state: dict[str, torch.Tensor] | None) -> None:
+        if distributed.is_main():
+            save_speechlm(self.base_lm, self.tokenizer, self.vocab, directory, state_dict=state)
+
+    def save_checkpoint(self) -> None:
+        tick = time.perf_counter()
+        state = self._hf_state_dict()
+
+        def write(directory: Path) -> None:
+            self._write_hf(directory, state)
+            resume = directory / checkpoint.RESUME
+            resume.mkdir(parents=True, exist_ok=True)
+            self.strategy.save_resume(self.module, self.optimizer, resume)
+            if distributed.is_main():
+                (resume / "state.json").write_text(json.dumps({
+                    "step": self.step, "sampler": self.sampler.to_dict(), "scheduler": self.scheduler.state_dict(),
+                    "world_size": self.world,
+                }))
+                torch.save({"cpu": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+                           resume / "rng.pt")
+
+        checkpoint.publish(checkpoint.checkpoint_url(self.run_url, self.step), write)
+        checkpoint.prune(self.run_url, self.config.checkpointing.keep_only_last_n_checkpoints)
+        telemetry.CHECKPOINT_OK.set(time.time())
+        telemetry.CHECKPOINT_SECONDS.observe(time.perf_counter() - tick)
+        log.info("checkpoint step %d saved in %.1f s", self.step, time.perf_counter() - tick)
+
+    def save_final(self) -> None:
+        state = self._hf_state_dict()
+        url = io.join(self.run_url, checkpoint.FINAL_MODEL)
+        checkpoint.publish(url, lambda directory: self._write_hf(directory, state))
+        log.info("final model: %s", url)
+
+
+def train(config: TrainerConfig) -> int:
+    try:
+        trainer = SFTTrainer(config)
+        code = trainer.train()
+        if trainer.wandb is not None:
+            trainer.wandb.finish()
+        return code
+    finally:
+        distributed.shutdown()
