@@ -15,7 +15,8 @@ bin_dir="${1:-$repo_root/.tools/bin}"
 mkdir -p "$bin_dir"
 bin_dir="$(cd "$bin_dir" && pwd)"
 checkov_venv="$(dirname "$bin_dir")/checkov-venv"
-python="${PYTHON:-python3}"
+# Any Python with pip works (the repo's .venv when present); PYTHON overrides.
+python="${PYTHON:-$( [[ -x "$repo_root/.venv/bin/python" ]] && echo "$repo_root/.venv/bin/python" || echo python3 )}"
 
 if [[ -x "$bin_dir/helm" && -x "$bin_dir/kubectl" ]] && "$bin_dir/helm" version --short | grep -q '^v3\.17\.3'; then
     echo "helm/kubectl already in $bin_dir"
@@ -43,11 +44,14 @@ PY
     echo "installed $("$bin_dir/helm" version --short) and kubectl into $bin_dir"
 fi
 
-if [[ -x "$checkov_venv/bin/checkov" ]] && [[ "$("$checkov_venv/bin/checkov" --version)" == "$CHECKOV_VERSION" ]]; then
+installed_checkov() {  # reading the metadata is instant; `checkov --version` takes seconds
+    "$checkov_venv/bin/python" -c 'import importlib.metadata as m; print(m.version("checkov"))' 2>/dev/null
+}
+if [[ -x "$checkov_venv/bin/checkov" ]] && [[ "$(installed_checkov)" == "$CHECKOV_VERSION" ]]; then
     echo "checkov $CHECKOV_VERSION already in $checkov_venv"
 else
     "$python" -m venv "$checkov_venv"
     "$checkov_venv/bin/pip" install --quiet --disable-pip-version-check "checkov==$CHECKOV_VERSION"
-    echo "installed checkov $("$checkov_venv/bin/checkov" --version) into $checkov_venv"
+    echo "installed checkov $(installed_checkov) into $checkov_venv"
 fi
 ln -sf "$checkov_venv/bin/checkov" "$bin_dir/checkov"

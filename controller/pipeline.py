@@ -6,7 +6,8 @@ import time
 from collections.abc import Callable
 
 from controller.backends.base import Backend, Phase
-from controller.plan import StageRun, build_plan
+from controller.layout import TRAINED_MODELS
+from controller.plan import StageRun, build_plan, layout_of
 from controller.spec import PipelineSpec
 from trainer import io
 
@@ -41,4 +42,20 @@ def run_pipeline(spec: PipelineSpec, backend: Backend, names: list[str],
             return 1
         say(f"<== {run.name}: succeeded in {took}")
     say(f"run {spec.name!r} succeeded in {time.time() - t0:.1f}s")
+    for line in output_summary(spec, [r.name for r in plan]):
+        say(line)
     return 0
+
+
+def output_summary(spec: PipelineSpec, names: list[str]) -> list[str]:
+    """Where to look after a run: the final models, the synthesised audio and the report."""
+    layout = layout_of(spec)
+    lines = [f"outputs of run {spec.name!r}:"]
+    for source in TRAINED_MODELS:
+        if f"export-{source}" in names:
+            lines.append(f"  {source + ' model (serving dir):':<29} {layout.export_dir(source)}")
+    if "eval" in names:
+        lines.append(f"  {'synthesised audio (WAV):':<29} {io.join(layout.eval_dir, 'audio')}/")
+        lines.append(f"  {'evaluation report:':<29} {io.join(layout.eval_dir, 'report.html')}")
+        lines.append(f"  {'scores (per item + summary):':<29} {io.join(layout.eval_dir, 'results.json')}")
+    return lines

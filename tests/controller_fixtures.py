@@ -1,21 +1,17 @@
-"""Helpers for the controller tests: a small pipeline spec with inline stage configs, and offline
-validation of rendered objects (CRD openAPIV3Schema for PyTorchJobs, kubernetes-validate for the
-built-in kinds)."""
+"""Helpers for the controller tests: a small pipeline spec with inline stage configs. Rendered objects are
+validated with `k8s_schemas.validate.object_errors` (vendored CRDs + kubernetes-validate)."""
 
 from __future__ import annotations
 
-import copy
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import kubernetes_validate
 import yaml
+from k8s_schemas.validate import object_errors
+
+__all__ = ["REPO", "object_errors", "spec_dict", "write_spec"]
 
 REPO = Path(__file__).resolve().parents[1]
-PYTORCHJOB_CRD = REPO / "tests" / "k8s" / "crds" / "kubeflow.org_pytorchjobs.yaml"
-K8S_VERSION = "1.30.0"
 
 TINY_CODEC = {"fsq_levels": [4, 4, 4, 4], "encoder_channels": 4, "encoder_dim": 64, "quantizer_dim": 64,
               "decoder_dim": 64, "decoder_layers": 2, "decoder_heads": 4}
@@ -56,39 +52,3 @@ def write_spec(tmp: Path, data: dict[str, Any], name: str = "pipeline.yaml") -> 
     path = tmp / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-def _close(node: Any) -> None:
-    """Strict mode: unknown fields are errors (the API server prunes them or, strict, rejects them)."""
-    if isinstance(node, dict):
-        if node.get("x-kubernetes-int-or-string") and "anyOf" not in node and "type" not in node:
-            node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-        if "properties" in node and "additionalProperties" not in node and not node.get(
-                "x-kubernetes-preserve-unknown-fields"):
-            node["additionalProperties"] = False
-        for value in node.values():
-            _close(value)
-    elif isinstance(node, list):
-        for value in node:
-            _close(value)
-
-
-@cache
-def pytorchjob_schema() -> dict[str, Any]:
-    crd = next(d for d in yaml.safe_load_all(PYTORCHJOB_CRD.read_text()) if d)
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
-    _close(schema)
-    return schema
-
-
-def object_errors(obj: dict[str, Any]) -> list[str]:
-    """Schema errors of one rendered object; [] when it validates."""
-    if obj["kind"] == "PyTorchJob":
-        validator = jsonschema.Draft4Validator(pytorchjob_schema())
-        return sorted(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj))
-    try:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-    except kubernetes_validate.ValidationError as err:
-        return [f"{'.'.join(map(str, err.path))}: {err.message}"]
-    return []

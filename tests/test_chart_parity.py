@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from k8s_schemas.validate import helm_template
+from k8s_schemas.validate import REPO, helm_template
 
 from controller.render import render_dicts
 from controller.spec import PipelineSpec, StageSpec, load_spec
@@ -125,15 +125,18 @@ def _configs(obj: dict[str, Any]) -> dict[str, Any]:
     return {key: load_config(data=json.loads(text)).model_dump() for key, text in obj["data"].items()}
 
 
-@pytest.fixture(scope="module")
-def both(tmp_path_factory):
+@pytest.fixture(scope="module", params=["inline-spec", "example-pipeline"])
+def both(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parity")
-    spec_path = tmp / "pipeline.yaml"
-    spec_path.write_text(yaml.safe_dump(SPEC))
+    if request.param == "example-pipeline":
+        spec_path = REPO / "example" / "pipeline.yaml"
+    else:
+        spec_path = tmp / "pipeline.yaml"
+        spec_path.write_text(yaml.safe_dump(SPEC))
     spec = load_spec(spec_path)
     values_path = tmp / "values.yaml"
     values_path.write_text(yaml.safe_dump(values_for(spec)))
-    _, chart = helm_template([values_path], release="parity-release", namespace=spec.cluster.namespace)
+    _, chart = helm_template([values_path], release=f"{spec.name}-release", namespace=spec.cluster.namespace)
     return render_dicts(spec), chart
 
 

@@ -46,11 +46,11 @@ def test_shapes_and_token_rate_for_every_decoder_rate(sample_rate: int) -> None:
     seconds = [1.0, 0.37, 2.013]
     for input_rate in (16000, 22050, 44100):
         codes = codec.encode(_waves(rng, seconds, input_rate), input_rate)
-        for s, c in zip(seconds, codes):
+        for s, c in zip(seconds, codes, strict=False):
             assert c.ndim == 1 and c.dtype == np.int64
             assert abs(len(c) - math.ceil(s * 50)) <= 1
     audio = codec.decode(codes)
-    for c, a in zip(codes, audio):
+    for c, a in zip(codes, audio, strict=False):
         assert a.dtype == np.float32 and np.isfinite(a).all()
         assert len(a) == len(c) * sample_rate // 50
 
@@ -65,7 +65,7 @@ def test_codes_are_in_range_and_vary(codec: Codec) -> None:
 def test_batched_encode_equals_each_item_alone(codec: Codec) -> None:
     waves = _waves(np.random.default_rng(2), [0.3, 1.7, 0.95, 1.0, 0.02, 1.33], 16000)
     batched = codec.encode(waves, 16000, batch_size=6)
-    for wave, codes in zip(waves, batched):
+    for wave, codes in zip(waves, batched, strict=False):
         alone = codec.encode([wave], 16000)[0]
         np.testing.assert_array_equal(codes, alone)
     assert len({len(c) for c in batched}) > 1  # lengths really differed inside the batch
@@ -75,7 +75,7 @@ def test_batched_decode_matches_single_and_prompt_decode_returns_the_continuatio
     rng = np.random.default_rng(3)
     codes = [rng.integers(0, 256, n) for n in (7, 30, 18)]
     batched = codec.decode(codes)
-    for c, audio in zip(codes, batched):
+    for c, audio in zip(codes, batched, strict=False):
         np.testing.assert_allclose(audio, codec.decode([c])[0], atol=1e-4)
     prompt = rng.integers(0, 256, 12)
     continued = codec.decode([codes[0]], prompt_codes=[prompt])[0]
@@ -96,11 +96,11 @@ def test_save_load_round_trip_and_separate_components(codec: Codec, tmp_path) ->
     assert (tmp_path / "codec" / "_COMPLETE").exists()
     for path in (tmp_path / "codec", tmp_path / "codec" / "model.pt"):
         loaded = Codec.load(str(path))
-        for a, b in zip(loaded.encode(waves, 16000), codes):
+        for a, b in zip(loaded.encode(waves, 16000), codes, strict=False):
             np.testing.assert_array_equal(a, b)
     decoder = Codec.load(str(tmp_path / "codec"), components=("decoder",))
     assert not hasattr(decoder, "acoustic_encoder")
-    for a, b in zip(decoder.decode(codes), audio):
+    for a, b in zip(decoder.decode(codes), audio, strict=False):
         np.testing.assert_allclose(a, b, atol=1e-6)
     with pytest.raises(RuntimeError, match="without its encoder"):
         decoder.encode(waves, 16000)
@@ -123,7 +123,10 @@ def test_loading_garbage_fails_clearly(tmp_path) -> None:
         (["codec.model.sample_rate=48000"], "codec.model: .*prod\\(upsample_factors\\) must equal token_rate"),
         (["codec.model.encoder_strides=[2,2,4,4,4]"], "codec.model: .*prod\\(encoder_strides\\)"),
         (["codec.model.fsq_levels=[4,1]"], "codec.model: fsq_levels"),
-        (["codec.model.decoder_dim=48", "codec.model.decoder_heads=4"], "codec.model: decoder_dim must be divisible by 32"),
+        (
+            ["codec.model.decoder_dim=48", "codec.model.decoder_heads=4"],
+            "codec.model: decoder_dim must be divisible by 32",
+        ),
         (["codec.model.sample_rate=22050"], "codec.model.sample_rate"),
         (["codec.train.batch_size=0"], "codec.train.batch_size"),
         (["codec.model.fsq_level=[4]"], "codec.model.fsq_level: extra inputs"),

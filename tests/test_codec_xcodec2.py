@@ -90,6 +90,7 @@ def test_xcodec2_checkpoint_loads_strictly_and_missing_keys_fail(tmp_path) -> No
     del full
 
     broken = tmp_path / "broken.ckpt"
-    write_xcodec2_checkpoint(source, broken, drop="generator.backbone.transformers.3.att.c_proj.weight", decoder_only=True)
+    dropped = "generator.backbone.transformers.3.att.c_proj.weight"
+    write_xcodec2_checkpoint(source, broken, drop=dropped, decoder_only=True)
     with pytest.raises(ConfigError, match=r"missing keys \(1\):\n\s+backbone\.transformers\.3\.att\.c_proj\.weight"):
         Codec.load(str(broken), components=("decoder",))

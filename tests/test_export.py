@@ -97,8 +97,7 @@ def test_export_wrapped_state_file_and_fsdp_dcp(artefacts, tmp_path):
     _assert_serving_dir(out)
 
 
-def test_export_bad_inputs_are_config_errors(artefacts, tmp_path, capsys):
-    _, _, step = artefacts
+def test_export_bad_inputs_are_config_errors(tmp_path, capsys):
     assert main(["export", "--checkpoint_path", str(tmp_path / "nope"), "--output_path", str(tmp_path / "o")]) == 2
     weights_only = tmp_path / "w.pt"
     torch.save({"x": torch.zeros(1)}, weights_only)

@@ -51,6 +51,7 @@ def _settings(root, model, data, **extra) -> list[str]:
         "training.output_dir": str(root / "out"),
         "training.run_name": "rl",
         "checkpointing.save_steps": 3,
+        "rlhf_training.save_completions_steps": 3,
         "metrics.port": 0,
         **extra,
     }
@@ -146,11 +147,14 @@ def test_config_errors_before_any_work(artefacts, capsys):
     assert "divisible by num_generations" in capsys.readouterr().err
     assert main(["rlhf", *_overrides(root, model, data, **{"rlhf_training.base_model_dir": str(root / "x")})]) == 2
     assert main(["rlhf", *_overrides(root, model, data, **{"rlhf_training.reward_funcs": ["Nope"]})]) == 2
+    if not torch.cuda.is_available():
+        assert main(["rlhf", *_overrides(root, model, data, **{"rlhf_training.use_vllm": True})]) == 2
+        assert "use_vllm needs a CUDA trainer" in capsys.readouterr().err
 
 
 def test_reward_adapter_scores_each_batch_once():
     class FakeScorer:
-        names = ["A", "B"]
+        names = ("A", "B")
         calls = 0
 
         def score(self, codes, prompt_codes, targets, refs, languages, reference_keys, truncated):
@@ -197,6 +201,9 @@ def test_three_grpo_steps_end_to_end(artefacts):
             assert 0.0 <= row[f"rewards/{name}/mean"] <= 1.0
         assert 3 <= row["completions/mean_length"] <= 15
         assert row["timing/rollout_seconds"] > 0
+    saved = [json.loads(line) for line in (run / "completions" / "step_3" / "completions.jsonl").open()]
+    assert len(saved) == 4 and all(0 <= r["reward/WERRewardFunc"] <= 1 for r in saved)
+    assert all((run / "completions" / "step_3" / f"{r['index']:03d}.wav").exists() for r in saved if r["seconds"])
     guard = [r for r in rows if "guard/wer" in r]
     assert guard and guard[-1]["step"] == 3
     assert 0 <= guard[-1]["guard/sim"] <= 1 and guard[-1]["guard/dnsmos"] >= 1

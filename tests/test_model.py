@@ -73,7 +73,7 @@ def test_local_text_llm_is_extended_with_mean_cov_rows(tmp_path):
     head = model.get_output_embeddings().weight.detach()
     assert not torch.equal(head[old_rows:], new)  # untied head: rows drawn from the head's own statistics
     save_speechlm(model, tokenizer, vocab, tmp_path / "ext")
-    again, _, vocab2 = build_speechlm(str(tmp_path / "ext"), 512)
+    _again, _, vocab2 = build_speechlm(str(tmp_path / "ext"), 512)
     assert vocab2 == vocab  # an existing SpeechLM dir is loaded as is
     with pytest.raises(ConfigError, match="built for 512 codes"):
         build_speechlm(str(tmp_path / "ext"), 1024)
@@ -94,7 +94,7 @@ def test_unknown_model_name_is_a_config_error():
 
 
 def test_codes_from_ids_roundtrip():
-    _, tokenizer, vocab = build_speechlm("tiny", 256)
+    _, _tokenizer, vocab = build_speechlm("tiny", 256)
     codes = np.array([1, 2, 250])
     ids = [*vocab.code_ids(codes).tolist(), vocab.speech_end_id, vocab.audio_offset]
     assert vocab.codes_from_ids(ids).tolist() == [1, 2, 250]

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.cli import main
 from trainer.config import LoraConfig
-from trainer.data.dataset import PackedData, SamplerState
+from trainer.data.dataset import PackedData
 from trainer.metrics import read_scalars
 from trainer.model.attention import use_packed_attention
 from trainer.model.build import build_speechlm
@@ -147,12 +147,18 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
     raise AssertionError(f"step {step} not reached")
 
 
+@pytest.fixture(scope="module")
+def long_data_dir(tmp_path_factory):
+    return write_vectorized(tmp_path_factory.mktemp("vec_long"), n_train=120, min_codes=100, max_codes=400)
+
+
 def _slow_config(data_dir: Path, out: Path, **training) -> dict:
     # Bigger rows so a step takes long enough (~0.1-0.3 s) to be interrupted between checkpoints.
-    return sft_config(data_dir, out, batch_size=4, pack_length=2048, **training)
+    return sft_config(data_dir, out, batch_size=2, pack_length=2048, **training)
 
 
-def test_sigkill_then_resume_gives_identical_losses(data_dir, tmp_path):
+def test_sigkill_then_resume_gives_identical_losses(long_data_dir, tmp_path):
+    data_dir = long_data_dir
     straight = tmp_path / "straight"
     assert main(["sft", "--config", str(_write_config(tmp_path / "a.json", _slow_config(data_dir, straight)))]) == 0
     killed = tmp_path / "killed"
@@ -170,7 +176,8 @@ def test_sigkill_then_resume_gives_identical_losses(data_dir, tmp_path):
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=0), step
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_zero(data_dir, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_zero(long_data_dir, tmp_path):
+    data_dir = long_data_dir
     config = _slow_config(data_dir, tmp_path, max_steps=200)
     config["checkpointing"]["save_steps"] = 1000
     proc = _start(_write_config(tmp_path / "c.json", config))

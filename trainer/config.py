@@ -232,7 +232,7 @@ class CodecModelConfig(Section):
             raise ValueError("decoder_dim must be divisible by 32 (the decoder's GroupNorm groups)")
         if any(level < 2 for level in self.fsq_levels) or not self.fsq_levels:
             raise ValueError("fsq_levels must be a non-empty list of integers >= 2")
-        if any(k < f for k, f in zip(self.upsample_kernel_sizes, self.upsample_factors)):
+        if any(k < f for k, f in zip(self.upsample_kernel_sizes, self.upsample_factors, strict=False)):
             raise ValueError("each upsample kernel size must be >= its upsample factor")
         return self
 

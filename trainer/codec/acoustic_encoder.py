@@ -47,10 +47,7 @@ def kaiser_sinc_filter(cutoff: float, half_width: float, kernel_size: int) -> to
     else:
         beta = 0.0
     window = torch.kaiser_window(kernel_size, beta=beta, periodic=False)
-    if kernel_size % 2 == 0:
-        time = torch.arange(-half, half) + 0.5
-    else:
-        time = torch.arange(kernel_size) - half
+    time = torch.arange(-half, half) + 0.5 if kernel_size % 2 == 0 else torch.arange(kernel_size) - half
     taps = 2 * cutoff * window * torch.sinc(2 * cutoff * time)
     return (taps / taps.sum()).view(1, 1, kernel_size)
 

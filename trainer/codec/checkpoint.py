@@ -64,7 +64,8 @@ def load_strict(model: Codec, state: dict[str, torch.Tensor], source: str) -> No
     )
     if missing or unexpected or mis_shaped:
         parts = [f"{source} does not match the codec ({model.config.codebook_size} codes)"]
-        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mis_shaped)):
+        sections = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mis_shaped))
+        for title, keys in sections:
             if keys:
                 shown = "\n    ".join(keys[:50]) + (f"\n    ... and {len(keys) - 50} more" if len(keys) > 50 else "")
                 parts.append(f"  {title} ({len(keys)}):\n    {shown}")
@@ -89,7 +90,8 @@ def read_codec_state(
     obj = _torch_load(model_url)
     if xcodec2.is_xcodec2_checkpoint(obj):
         config = xcodec2.xcodec2_config(semantic_model_path)
-        return config, xcodec2.to_codec_state_dict(obj["state_dict"]), ["encoder", "decoder"], f"X-codec2 checkpoint {url}"
+        state = xcodec2.to_codec_state_dict(obj["state_dict"])
+        return config, state, ["encoder", "decoder"], f"X-codec2 checkpoint {url}"
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         if not io.exists(config_url):
             raise ConfigError(f"{url}: {CONFIG_FILE} is missing beside {MODEL_FILE}")

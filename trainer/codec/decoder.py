@@ -169,7 +169,7 @@ class Upsampler(nn.Module):
     def __init__(self, dim: int, factors: list[int], kernel_sizes: list[int]):
         super().__init__()
         kernels = kernel_sizes or [2 * f for f in factors]
-        self.stages = nn.ModuleList([UpsampleStage(dim, f, k) for f, k in zip(factors, kernels)])
+        self.stages = nn.ModuleList([UpsampleStage(dim, f, k) for f, k in zip(factors, kernels, strict=False)])
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None):
         """x (B, T, dim) -> (B, T * prod(factors), dim) and the lengths at that rate."""

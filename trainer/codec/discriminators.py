@@ -12,7 +12,9 @@ from torch.nn.utils.parametrizations import weight_norm
 
 
 def _channels(base: int, count: int, cap: int = 512) -> list[int]:
-    return [min(base * 4**i, cap) for i in range(count)]
+    # Doubling (not HiFi-GAN's x4) keeps a small `base` cheap enough for CPU training; raise `base`
+    # (codec.train.disc_channels, e.g. 64) for full-size GPU runs.
+    return [min(base * 2**i, cap) for i in range(count)]
 
 
 class PeriodDiscriminator(nn.Module):
@@ -50,12 +52,13 @@ class STFTDiscriminator(nn.Module):
         super().__init__()
         self.n_fft = n_fft
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
-        widths = _channels(base_channels, 3, cap=256)
-        layers, in_ch = [weight_norm(nn.Conv2d(1, widths[0], (3, 9), padding=(1, 4)))], widths[0]
-        for width in widths[1:]:
-            layers.append(weight_norm(nn.Conv2d(in_ch, width, (3, 9), stride=(1, 2), padding=(1, 4))))
-            in_ch = width
-        layers.append(weight_norm(nn.Conv2d(in_ch, in_ch, (3, 3), padding=(1, 1))))
+        width = base_channels
+        # Every layer halves the frequency axis: the small FFT sizes have many frames, so the cost
+        # per layer must shrink quickly.
+        layers = [weight_norm(nn.Conv2d(1, width, (3, 9), stride=(1, 2), padding=(1, 4)))]
+        layers += [weight_norm(nn.Conv2d(width, width, (3, 9), stride=(1, 2), padding=(1, 4))) for _ in range(2)]
+        layers.append(weight_norm(nn.Conv2d(width, width, (3, 3), padding=(1, 1))))
+        in_ch = width
         self.convs = nn.ModuleList(layers)
         self.logits = weight_norm(nn.Conv2d(in_ch, 1, (3, 3), padding=(1, 1)))
 

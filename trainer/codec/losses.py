@@ -43,7 +43,7 @@ def rms_loss(generated: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def discriminator_loss(real: list[list[torch.Tensor]], fake: list[list[torch.Tensor]]) -> torch.Tensor:
     return sum(
-        (1 - r[-1].float()).pow(2).mean() + f[-1].float().pow(2).mean() for r, f in zip(real, fake)
+        (1 - r[-1].float()).pow(2).mean() + f[-1].float().pow(2).mean() for r, f in zip(real, fake, strict=False)
     )
 
 
@@ -53,7 +53,7 @@ def adversarial_loss(fake: list[list[torch.Tensor]]) -> torch.Tensor:
 
 def feature_matching_loss(real: list[list[torch.Tensor]], fake: list[list[torch.Tensor]]) -> torch.Tensor:
     total = 0.0
-    for r_maps, f_maps in zip(real, fake):
-        for r, f in zip(r_maps[:-1], f_maps[:-1]):
+    for r_maps, f_maps in zip(real, fake, strict=False):
+        for r, f in zip(r_maps[:-1], f_maps[:-1], strict=False):
             total = total + (r.detach().float() - f.float()).abs().mean()
     return total

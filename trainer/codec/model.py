@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -169,7 +168,7 @@ class Codec(nn.Module):
         if len(rates) != len(waves):
             raise ValueError(f"{len(waves)} waveforms but {len(rates)} sample rates")
         prepared = []
-        for wave, rate in zip(waves, rates):
+        for wave, rate in zip(waves, rates, strict=False):
             wave = np.asarray(wave, dtype=np.float32)
             if wave.ndim != 1 or wave.size == 0:
                 raise ValueError(f"each waveform must be a non-empty 1-D array, got shape {wave.shape}")

@@ -82,7 +82,7 @@ class SemanticFeatures(nn.Module):
         longest = max(frames)
         batch = torch.zeros(len(waves), longest, feats[0].shape[-1])
         mask = torch.zeros(len(waves), longest, dtype=torch.long)
-        for i, (feat, n) in enumerate(zip(feats, frames)):
+        for i, (feat, n) in enumerate(zip(feats, frames, strict=False)):
             n_used = min(n, feat.shape[0])
             batch[i, :n_used] = feat[:n_used]
             mask[i, :n_used] = 1

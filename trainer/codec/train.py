@@ -9,6 +9,7 @@ goes to `<output_dir>/final/` (loadable with `Codec.load`).
 
 from __future__ import annotations
 
+import io as _stdio
 import json
 import logging
 import random
@@ -105,7 +106,9 @@ class Clips:
         y = np.pad(y, (0, self.frames * self.out_hop - len(y)))
         return x, y
 
-    def batch(self, size: int, rng: random.Random | None, paths: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, size: int, rng: random.Random | None, paths: list[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys, tries = [], [], 0
         candidates = iter(paths) if paths is not None else None
         while len(xs) < size:
@@ -195,7 +198,12 @@ def _save_checkpoint(train: CodecTrainConfig, step: int, codec: Codec, disc: nn.
     with io.staged_dir(url) as tmp:
         codec.save(str(Path(tmp) / "codec"))
         torch.save(
-            {"step": step, "discriminators": disc.state_dict(), "g_opt": g_opt.state_dict(), "d_opt": d_opt.state_dict()},
+            {
+                "step": step,
+                "discriminators": disc.state_dict(),
+                "g_opt": g_opt.state_dict(),
+                "d_opt": d_opt.state_dict(),
+            },
             Path(tmp) / "train_state.pt",
         )
     for _, old in _checkpoint_dirs(train.output_dir)[: -train.keep_checkpoints]:
@@ -210,9 +218,8 @@ def _resume(train: CodecTrainConfig, codec: Codec, disc: nn.Module, g_opt, d_opt
     step, url = checkpoints[-1]
     _, state, _, _ = read_codec_state(io.join(url, "codec"))
     codec.load_state_dict(state, strict=False)
-    import io as _stdio
-
-    extra = torch.load(_stdio.BytesIO(io.read_bytes(io.join(url, "train_state.pt"))), map_location="cpu", weights_only=True)
+    raw = _stdio.BytesIO(io.read_bytes(io.join(url, "train_state.pt")))
+    extra = torch.load(raw, map_location="cpu", weights_only=True)
     disc.load_state_dict(extra["discriminators"])
     g_opt.load_state_dict(extra["g_opt"])
     d_opt.load_state_dict(extra["d_opt"])
@@ -307,14 +314,20 @@ def run(config: TrainerConfig) -> int:
         seconds_done += clip_seconds
         AUDIO_SECONDS.inc(clip_seconds)
         STEP.set(step)
-        values = {"gen_loss": g_loss, "mel_loss": mel, "rms_loss": rms, "adv_loss": adv, "fm_loss": fm, "disc_loss": d_loss}
+        losses = {
+            "gen_loss": g_loss, "mel_loss": mel, "rms_loss": rms, "adv_loss": adv, "fm_loss": fm, "disc_loss": d_loss
+        }
+        values = {name: float(value.detach()) for name, value in losses.items()}
         for name, value in values.items():
-            LOSS.labels(loss=name).set(float(value))
+            LOSS.labels(loss=name).set(value)
         if step % train.log_steps == 0 or step == train.max_steps:
             rate = seconds_done / max(time.time() - started, 1e-9)
             THROUGHPUT.set(rate)
-            scalars.log(step, audio_seconds_per_second=rate * world, **{k: float(v) for k, v in values.items()})
-            log.info("step %d mel %.4f gen %.4f disc %.4f (%.1f audio-s/s)", step, float(mel), float(g_loss), float(d_loss), rate)
+            scalars.log(step, audio_seconds_per_second=rate * world, **values)
+            log.info(
+                "step %d mel %.4f gen %.4f disc %.4f (%.1f audio-s/s)",
+                step, values["mel_loss"], values["gen_loss"], values["disc_loss"], rate,
+            )
             metrics.push(config.metrics.pushgateway_url, "codec-train")
         if step % train.save_steps == 0 and step < train.max_steps:
             if distributed.is_main():

@@ -123,7 +123,8 @@ class Batch:
         return int((self.targets != IGNORE_INDEX).sum())
 
     def to(self, device: torch.device) -> Batch:
-        move = {k: getattr(self, k).to(device, non_blocking=True) for k in ("input_ids", "position_ids", "doc_ids", "targets")}
+        names = ("input_ids", "position_ids", "doc_ids", "targets")
+        move = {k: getattr(self, k).to(device, non_blocking=True) for k in names}
         return Batch(**move, real_tokens=self.real_tokens, num_samples=self.num_samples)
 
 

@@ -16,7 +16,7 @@ def epoch_picks(sizes: list[int], weights: list[float], seed: int, epoch: int) -
     for d, (size, weight) in enumerate(zip(sizes, weights, strict=True)):
         whole, frac = divmod(weight, 1.0)
         samples = [np.arange(size)] * int(whole)
-        extra = int(round(frac * size))
+        extra = round(frac * size)
         if extra:
             samples.append(np.sort(rng.choice(size, size=extra, replace=False)))
         if samples:

@@ -22,6 +22,11 @@ from trainer.metrics import read_scalars
 SCORES = (("wer", "WER / CER (lower is better)"), ("sim", "speaker similarity"), ("dnsmos", "DNSMOS OVRL"))
 
 
+def _is_reward(key: str) -> bool:
+    """Reward values (per function and total), not their timings or spreads."""
+    return "reward" in key and not any(part in key for part in ("timing", "seconds", "std", "frac_"))
+
+
 def plot_curves(metrics_urls: list[str], out: Path) -> bool:
     """Loss and reward curves of the runs that produced the model. False when there is nothing to plot."""
     series: dict[str, dict[str, list[tuple[int, float]]]] = {"loss": {}, "reward": {}}
@@ -31,7 +36,7 @@ def plot_curves(metrics_urls: list[str], out: Path) -> bool:
             for key, value in row.items():
                 if key in ("step", "time", "stage") or not isinstance(value, (int, float)):
                     continue
-                kind = "loss" if "loss" in key else "reward" if "reward" in key else None
+                kind = "loss" if "loss" in key else "reward" if _is_reward(key) else None
                 if kind:
                     series[kind].setdefault(f"{stage}/{key}", []).append((int(row["step"]), float(value)))
     panels = [(kind, curves) for kind, curves in series.items() if curves]
@@ -57,9 +62,14 @@ def plot_spectrograms(waves: list[tuple[str, np.ndarray, int]], out: Path) -> No
     fig, axes = plt.subplots(len(waves), 1, figsize=(10, 2.6 * len(waves)), squeeze=False)
     for ax, (title, wave, sr) in zip(axes[:, 0], waves, strict=True):
         n_fft = 1024 if sr > 16000 else 512
-        if wave.size < n_fft:
-            wave = np.pad(wave, (0, n_fft - wave.size))
-        ax.specgram(wave, NFFT=n_fft, Fs=sr, noverlap=n_fft * 3 // 4, cmap="magma", scale="dB")
+        hop = n_fft // 4
+        wave = np.pad(wave, (0, max(0, n_fft - wave.size)))
+        frames = np.lib.stride_tricks.sliding_window_view(wave, n_fft)[::hop] * np.hanning(n_fft)
+        power = np.abs(np.fft.rfft(frames, axis=-1)) ** 2
+        # Floor at -100 dB: digital silence would otherwise be log(0).
+        db = 10 * np.log10(np.maximum(power, 1e-10))
+        ax.imshow(db.T, origin="lower", aspect="auto", cmap="magma", vmin=db.max() - 80,
+                  extent=(0, wave.size / sr, 0, sr / 2))
         ax.set_title(title)
         ax.set_ylabel("Hz")
     axes[-1, 0].set_xlabel("seconds")

@@ -49,6 +49,7 @@ from trainer.rl.telemetry import (
     ROLLOUT_SECONDS,
     WEIGHT_SYNC_SECONDS,
     GuardRails,
+    SaveCompletions,
     ScalarLogCallback,
     record_rewards,
 )
@@ -101,6 +102,14 @@ def validate(config: TrainerConfig) -> None:
     for url in [*config.train_weighted_datasets, *config.val_weighted_datasets]:
         if not io.exists(url):
             raise ConfigError(f"dataset path {url!r} does not exist")
+    if rl.use_vllm:
+        from trl.import_utils import is_vllm_available
+
+        if not torch.cuda.is_available() or not is_vllm_available():
+            raise ConfigError(
+                "rlhf_training.use_vllm needs a CUDA trainer with vllm installed (the weight sync to the "
+                "rollout server is an NCCL broadcast); set use_vllm=false for local rollouts"
+            )
     if config.training.precision == "fp16":
         raise ConfigError("training.precision=fp16 is not supported for GRPO; use bf16 or fp32")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -205,6 +214,9 @@ class SpeechGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["timing/rollout_seconds"].append(rollout_seconds)
         self._metrics[mode]["timing/reward_seconds"].append(scoring)
+        if self.rewards.last_result is not None:  # where the scoring time goes: decode, each function
+            for part, seconds in self.rewards.last_result.seconds.items():
+                self._metrics[mode][f"timing/reward/{part}_seconds"].append(seconds)
         return output
 
     def _move_model_to_vllm(self):
@@ -286,7 +298,13 @@ def run(config: TrainerConfig) -> int:
     codec = Codec.load(codec_url, device=device, components=("decoder",))
     models = ScorerModels(rl.asr_backend, rl.asr_model_path, rl.speaker_backend, rl.speaker_model_path, device)
     funcs = build_reward_funcs(rl.reward_funcs, models)
-    rewards = TrlRewards(RewardScorer(codec, funcs, rl.reward_weights), vocab, on_scored=record_rewards)
+    completions = SaveCompletions(run, rl.save_completions_steps)
+
+    def on_scored(result) -> None:
+        record_rewards(result)
+        completions.remember(result)
+
+    rewards = TrlRewards(RewardScorer(codec, funcs, rl.reward_weights), vocab, on_scored=on_scored)
     guard_scorer = RewardScorer(codec, GuardRails.scorer_functions(funcs, lambda name: REWARD_FUNCS[name](models)))
 
     # TRL stops sampling and masks the loss at the tokenizer's eos: for a SpeechLM that is speech-end.
@@ -311,6 +329,7 @@ def run(config: TrainerConfig) -> int:
         GuardRails(guard_prompts, prompt_format, guard_scorer, guard_generation, rl.guard_rail_steps, scalars,
                    t.seed),
         PublishCheckpoints(run, vocab, codec_url, config.checkpointing.keep_only_last_n_checkpoints),
+        completions,
     ]
     peft_config = None
     if config.modeling.lora.enabled:

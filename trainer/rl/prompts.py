@@ -72,14 +72,17 @@ def build_prompts(
     if not datasets:
         raise ConfigError(f"{split}_weighted_datasets is empty: GRPO needs vectorized data for its prompts")
     pools: list[list[RlPrompt]] = []
-    skipped = {"language": 0, "empty": 0, "too_long": 0}
+    skipped = {"single_sample_shard": 0, "language": 0, "empty": 0, "too_long": 0}
     for url in datasets:
         pool = []
         for group in _read_shards(url, split):
+            if len(group) < 2:  # no other sample to take the text from
+                skipped["single_sample_shard"] += len(group)
+                continue
             for i, reference in enumerate(group):
                 target = group[(i + 1) % len(group)]
-                if len(group) < 2 or not language_allowed(reference.language, allowed_languages):
-                    skipped["language" if len(group) >= 2 else "empty"] += 1
+                if not language_allowed(reference.language, allowed_languages):
+                    skipped["language"] += 1
                     continue
                 if not len(reference.codes) or not normalize_text(target.text, target.language):
                     skipped["empty"] += 1

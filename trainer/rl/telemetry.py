@@ -7,6 +7,7 @@ show SIM and prosody can regress while the WER reward improves; these curves mak
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -37,6 +38,7 @@ STEPS = Counter("speechlm_rl_steps_total", "GRPO optimiser steps done")
 
 
 def record_rewards(result: ScoreResult) -> None:
+    """Prometheus gauges of the last scored batch."""
     for name, values in result.rewards.items():
         REWARD.labels(reward_fn=name).set(float(np.mean(values)))
     REWARD.labels(reward_fn="total").set(float(np.mean(result.total)))
@@ -83,7 +85,8 @@ class GuardRails(TrainerCallback):
         model.eval()
         device = next(model.parameters()).device
         completions = []
-        with torch.random.fork_rng(devices=[]):  # the same draws every time; training RNG untouched
+        # The same draws every time, and the training RNG streams (CPU and GPU) left untouched.
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
             torch.manual_seed(self.seed)
             for p in self.prompts:
                 ids = self.prompt_format.tokenizer(p.prompt, add_special_tokens=False, return_tensors="pt")
@@ -128,3 +131,37 @@ class GuardRails(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._run(state, model)
+
+
+class SaveCompletions(TrainerCallback):
+    """Every `every` steps, keep the step's completions for listening: WAVs (16 kHz, as scored) and a
+    JSONL of texts, rewards and raw metrics under `<run>/completions/step_<N>/` (the seed's
+    `save_completions_steps`)."""
+
+    def __init__(self, run_url: str, every: int):
+        self.run_url = run_url
+        self.every = every
+        self.last: ScoreResult | None = None
+
+    def remember(self, result: ScoreResult) -> None:
+        self.last = result
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.last is None or state.global_step % self.every or not state.is_world_process_zero:
+            return
+        from trainer import io
+        from trainer.data.audio import write_wav
+
+        batch, directory = self.last.batch, io.join(self.run_url, "completions", f"step_{state.global_step}")
+        rows = []
+        for i, wave in enumerate(batch.waves):
+            if wave.size:
+                write_wav(io.join(directory, f"{i:03d}.wav"), wave, batch.sample_rate)
+            rows.append({
+                "index": i, "target_text": batch.target_texts[i], "reference_key": batch.reference_keys[i],
+                "truncated": batch.truncated[i], "seconds": wave.size / batch.sample_rate,
+                "total": float(self.last.total[i]),
+                **{f"reward/{k}": float(v[i]) for k, v in self.last.rewards.items()},
+                **{f"measure/{k}": float(v[i]) for k, v in self.last.measures.items()},
+            })
+        io.write_text_atomic(io.join(directory, "completions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))

@@ -52,6 +52,10 @@ class TrlRewards:
                 self.on_scored(self._result)
         return self._result
 
+    @property
+    def last_result(self) -> ScoreResult | None:
+        return self._result
+
     def functions(self) -> list[RewardCallable]:
         """One TRL reward function per scorer function, named like it (TRL logs rewards/<name>/mean)."""
 

@@ -151,7 +151,9 @@ class SFTTrainer:
         explicit = self.config.checkpointing.checkpoint_file_to_resume_from
         if explicit:
             if not io.is_complete(explicit):
-                raise ConfigError(f"checkpointing.checkpoint_file_to_resume_from: {explicit!r} is not a complete checkpoint")
+                raise ConfigError(
+                    f"checkpointing.checkpoint_file_to_resume_from: {explicit!r} is not a complete checkpoint"
+                )
             return explicit
         if self.config.checkpointing.resume == "auto" and not self.t.dry_run:
             return checkpoint.latest_checkpoint(self.run_url)
@@ -353,13 +355,15 @@ class SFTTrainer:
         checkpoint.prune(self.run_url, self.config.checkpointing.keep_only_last_n_checkpoints)
         telemetry.CHECKPOINT_OK.set(time.time())
         telemetry.CHECKPOINT_SECONDS.observe(time.perf_counter() - tick)
-        log.info("checkpoint step %d saved in %.1f s", self.step, time.perf_counter() - tick)
+        if distributed.is_main():
+            log.info("checkpoint step %d saved in %.1f s", self.step, time.perf_counter() - tick)
 
     def save_final(self) -> None:
         state = self._hf_state_dict()
         url = io.join(self.run_url, checkpoint.FINAL_MODEL)
         checkpoint.publish(url, lambda directory: self._write_hf(directory, state))
-        log.info("final model: %s", url)
+        if distributed.is_main():
+            log.info("final model: %s", url)
 
 
 def train(config: TrainerConfig) -> int:

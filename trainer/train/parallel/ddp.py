@@ -62,7 +62,8 @@ class DDPStrategy:
         torch.save(optimizer.state_dict(), directory / "optimizer.pt")
         if self.lora:  # the HF dir holds merged weights; the adapter itself is resumed from here
             lm = self.unwrap(module).lm
-            torch.save({n: p.detach().cpu() for n, p in lm.named_parameters() if p.requires_grad}, directory / "adapter.pt")
+            adapter = {n: p.detach().cpu() for n, p in lm.named_parameters() if p.requires_grad}
+            torch.save(adapter, directory / "adapter.pt")
 
     def load_resume(self, module: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True))
