@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	# resemblyzer's own dependency `webrtcvad` does not build on current setuptools; the
 	# webrtcvad-wheels package (a core dependency) provides the same module.
 	$(PIP) install -q --no-deps resemblyzer==0.1.4
-	bash .ci/install-k8s-tools.sh .tools
+	bash .ci/install-k8s-tools.sh
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the project (editable, dev extras, CPU torch) + helm/kubectl

@@ -38,7 +38,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from trainer import io, metrics
 from trainer.config import TrainerConfig
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, StageError
 from trainer.model.build import load_speechlm, save_speechlm
 from trainer.model.prompt import PromptFormat
 from trainer.model.vocab import AudioVocab
@@ -271,7 +271,7 @@ def _guard_prompts(config: TrainerConfig, prompt_format: PromptFormat):
     if config.val_weighted_datasets:
         try:
             return build_prompts(config.val_weighted_datasets, "val", **kwargs)
-        except ConfigError as err:
+        except (ConfigError, StageError) as err:  # no or too small a val split: guard on train prompts
             log.warning("guard rails use the train split: %s", err)
     return build_prompts(config.train_weighted_datasets, "train", **kwargs)
 

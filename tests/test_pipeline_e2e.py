@@ -1,0 +1,88 @@
+"""The main job, shortened: `ttsctl run` of the example pipeline (every stage, real configs, a few
+steps each) on the local backend, then a check of every stage's outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+from controller.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SHORTEN = {
+    "codec": ["codec.train.max_steps=4", "codec.train.log_steps=2"],
+    "vectorize": [],
+    "sft": ["training.max_steps=4", "training.eval_steps=2", "training.logging_steps=1",
+            "checkpointing.save_steps=2"],
+    "rlhf": ["rlhf_training.max_steps=1", "rlhf_training.guard_rail_steps=1"],
+    "eval": ["eval.max_items=2", "eval.sampling.max_new_tokens=50"],
+}
+
+
+def shortened_spec(tmp_path: Path) -> Path:
+    spec = yaml.safe_load((REPO / "example" / "pipeline.yaml").read_text())
+    records = [json.loads(line) for line in (REPO / "example/configs/samples.jsonl").read_text().splitlines()]
+    manifest = tmp_path / "manifest.jsonl"
+    with manifest.open("w") as fh:
+        for record in records[:16]:
+            record["wav_path"] = str((REPO / "example/configs" / record["wav_path"]).resolve())
+            fh.write(json.dumps(record) + "\n")
+    spec["storage"] = {"data": str(tmp_path / "data"), "checkpoints": str(tmp_path / "ckpt"),
+                       "outputs": str(tmp_path / "out")}
+    for name, stage in spec["stages"].items():
+        if isinstance(stage.get("config"), str):
+            stage["config"] = str(REPO / "example" / stage["config"])
+        stage["overrides"] = [*SHORTEN.get(name, []), "metrics.port=0"]
+    spec["stages"]["vectorize"]["overrides"].append(f"vectorize.dataset_path={manifest}")
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.mark.timeout(1200)
+def test_shortened_example_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("TTSCTL_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(REPO)  # the example configs' relative paths (eval list) resolve from the repo root
+    assert main(["run", str(shortened_spec(tmp_path)), "--backend", "local"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("codec", "vectorize", "merge", "sft", "export-sft", "rlhf", "export-rlhf", "eval"):
+        assert f"<== {stage}: succeeded" in out
+    assert f"evaluation report:            {tmp_path}/out/eval/report.html" in out
+
+    from trainer.codec import Codec
+
+    codec = Codec.load(str(tmp_path / "ckpt" / "codec" / "final"))
+    vectorized = tmp_path / "data" / "vectorized"
+    summary = json.loads((vectorized / "vectorize_summary.json").read_text())
+    assert summary["accepted"]["total"] == 16
+    codes, index = np.load(vectorized / "train_codes.npy"), np.load(vectorized / "train_codes_index.npy")
+    assert index[-1] == len(codes) > 0 and codes.max() < codec.codebook_size
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sft_metrics = [json.loads(line) for line in (tmp_path / "ckpt/sft/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in sft_metrics if "loss" in r] == [1, 2, 3, 4]
+    for source in ("sft", "rlhf"):
+        serving = tmp_path / "out" / "export" / source
+        model = AutoModelForCausalLM.from_pretrained(serving)
+        AutoTokenizer.from_pretrained(serving)
+        assert json.loads((serving / "speechlm.json").read_text())["codebook_size"] == codec.codebook_size
+        assert model.get_input_embeddings().weight.shape[0] > codec.codebook_size
+        assert (tmp_path / "ckpt" / source / "final_model" / "config.json").is_file()
+
+    eval_dir = tmp_path / "out" / "eval"
+    results = json.loads((eval_dir / "results.json").read_text())
+    for row in ("model", "ground_truth"):
+        assert {"wer", "sim", "dnsmos", "rtf"} <= set(results["aggregate"][row])
+    assert results["aggregate"]["model"]["items"] == 2
+    for item in results["items"]:
+        info = sf.info(str(eval_dir / item["model"]["wav"]))
+        assert info.samplerate == codec.output_sample_rate and info.duration >= 0.5
+    html = (eval_dir / "report.html").read_text()
+    for plot in ("curves.png", "spectrogram.png", "histograms.png"):
+        assert (eval_dir / plot).is_file() and f'src="{plot}"' in html
