@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,25 +12,16 @@ import torch
 
 from trainer.codec import Codec, tiny_codec_config
 from trainer.config import load_config
+from trainer.data.audio import read_audio
 from trainer.errors import ConfigError
 
-
-def _spread_codes(codec: Codec) -> Codec:
-    """Random init maps every frame to one code; rescale project_in to unit-variance inputs so codes vary."""
-    wave = torch.from_numpy(_waves(np.random.default_rng(9), [1.0], 16000)[0])[None]
-    with torch.no_grad():
-        hidden = codec.fc_prior(codec.acoustic_encoder(wave.unsqueeze(1)))
-        dim = hidden.shape[-1]
-        centred = hidden - hidden.mean(dim=(0, 1))
-        codec.quantizer.project_in.weight.normal_(0.0, 1.0 / (centred.std().item() * math.sqrt(dim)))
-        codec.quantizer.project_in.bias.copy_(-codec.quantizer.project_in.weight @ hidden.mean(dim=(0, 1)))
-    return codec
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def codec() -> Codec:
     torch.manual_seed(0)
-    return _spread_codes(Codec.from_config(tiny_codec_config()))
+    return Codec.from_config(tiny_codec_config())
 
 
 def _waves(rng: np.random.Generator, seconds: list[float], rate: int) -> list[np.ndarray]:
@@ -60,6 +53,20 @@ def test_codes_are_in_range_and_vary(codec: Codec) -> None:
     joined = np.concatenate(codes)
     assert joined.min() >= 0 and joined.max() < codec.codebook_size == 256
     assert len(np.unique(joined)) > 5
+
+
+def test_random_init_codec_spreads_real_speech_over_many_codes() -> None:
+    """At init the encoder must pass speech through at O(1) scale; a vanishing encoder maps every
+    frame to one code and everything trained on those codes learns a constant."""
+    manifest = REPO / "example" / "configs" / "samples.jsonl"
+    if not manifest.exists():
+        pytest.skip("example dataset not generated")
+    records = [json.loads(line) for line in manifest.read_text().splitlines()[:4]]
+    waves = [read_audio(str(manifest.parent / r["wav_path"])).samples for r in records]
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        codes = np.concatenate(Codec.from_config(tiny_codec_config()).encode(waves, 16000))
+        assert len(np.unique(codes)) >= 20, np.unique(codes)
 
 
 def test_batched_encode_equals_each_item_alone(codec: Codec) -> None:

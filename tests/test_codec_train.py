@@ -42,7 +42,7 @@ def _train(manifest: Path, out: Path, steps: int, *extra: str) -> int:
     sets = [
         *TINY, f"codec.train.dataset_path={manifest}", f"codec.train.output_dir={out}",
         f"codec.train.max_steps={steps}", "codec.train.batch_size=4", "codec.train.segment_seconds=0.4",
-        "codec.train.precision=fp32", "codec.train.learning_rate=2e-3", "codec.train.log_steps=5",
+        "codec.train.precision=fp32", "codec.train.learning_rate=5e-4", "codec.train.log_steps=5",
         "codec.train.mpd_periods=[2,3]", "codec.train.stft_disc_fft_sizes=[206,542]",
         "codec.train.disc_channels=8", "codec.train.eval_clips=3", *extra,
     ]
@@ -59,6 +59,11 @@ def test_codec_train_lowers_reconstruction_loss_and_resumes(manifest: Path, tmp_
     assert gan_rows and gan_rows[-1]["step"] == 40  # the GAN phase ran after disc_start_step
     assert rows[-1]["unreadable_files"] == 2
     assert (out / "checkpoints" / "step_20" / "_COMPLETE").exists()
+    # Codebook telemetry at every log step; training must not collapse the codes (3 clips x 20 frames:
+    # ~24 codes, perplexity ~8 here; at lr 2e-3 this tiny codec collapses to 2 codes, perplexity ~1).
+    usage = [r for r in rows if "codebook_usage" in r]
+    assert [r["step"] for r in usage] == [0, 5, 10, 15, 20, 25, 30, 35, 40]
+    assert usage[-1]["codebook_usage"] * 256 >= 15 and usage[-1]["codebook_perplexity"] >= 5, usage[-1]
 
     codec = Codec.load(str(out / "final"))
     wave = np.sin(np.arange(8000) / 16000 * 2 * np.pi * 200).astype(np.float32)

@@ -252,6 +252,8 @@ class CodecTrainConfig(Section):
     lambda_adv: float = Field(1.0, ge=0)
     lambda_feat: float = Field(1.0, ge=0)
     lambda_rms: float = Field(1.0, ge=0)
+    # Penalty on FSQ inputs beyond |z| = 2, where tanh saturates and codes freeze (quantizer.FSQ).
+    lambda_fsq_saturation: float = Field(1.0, ge=0)
     mpd_periods: list[int] = [2, 3, 5, 7, 11]
     stft_disc_fft_sizes: list[int] = [78, 126, 206, 334, 542, 876, 1418, 2296]
     # Train only the decoder from a frozen encoder (super-resolution decoder case).

@@ -130,10 +130,28 @@ class Activation1d(nn.Module):
         return zero_beyond(x, lengths)
 
 
-def wn_conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, dilation: int = 1, padding: int = 0):
+# Init gains (weights ~ N(0, gain^2 / fan_in), zero bias). X-codec2 calls trunc_normal_(std=0.02) on its
+# convs, but after the old-style weight_norm had replaced `weight` by a recomputed tensor, so that
+# call never reached the weights (they kept PyTorch's default, gain ~0.58). Either N(0, 0.02^2) or
+# the default shrinks the signal at every one of the trunk's 7 convs: at init the encoder output on
+# real speech was ~1e-6 (0.006 with the default), FSQ saw a constant and every frame got one code.
+# SnakeBeta is ~identity near 0, so trunk convs preserve variance (gain 1); the input conv lifts
+# speech at typical loudness (RMS ~0.1) towards unit scale; each residual branch adds a fraction of
+# its input's variance, so 15 residual units grow the signal ~(1 + 0.3^2)^15 ~ 3.6x, not 2^15x.
+# Measured on example speech: output time-std ~1.9 (tiny) and ~0.7 (full-size, anti-aliased).
+TRUNK_GAIN = 1.0
+INPUT_GAIN = 3.0
+RESIDUAL_GAIN = 0.3
+
+
+def wn_conv(
+    in_ch: int, out_ch: int, kernel: int, stride: int = 1, dilation: int = 1, padding: int = 0,
+    gain: float = TRUNK_GAIN,
+):
     conv = nn.Conv1d(in_ch, out_ch, kernel, stride=stride, dilation=dilation, padding=padding)
-    nn.init.trunc_normal_(conv.weight, std=0.02)
+    nn.init.normal_(conv.weight, std=gain / math.sqrt(in_ch * kernel))
     nn.init.zeros_(conv.bias)
+    # weight_norm starts its magnitude at ||weight||, so the effective weight is the one drawn above.
     return weight_norm(conv)
 
 
@@ -157,7 +175,7 @@ class ResidualUnit(nn.Module):
             Activation1d(dim, antialias),
             wn_conv(dim, dim, 7, dilation=dilation, padding=3 * dilation),
             Activation1d(dim, antialias),
-            wn_conv(dim, dim, 1),
+            wn_conv(dim, dim, 1, gain=RESIDUAL_GAIN),
         )
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -183,7 +201,7 @@ class AcousticEncoder(nn.Module):
     def __init__(self, channels: int, strides: list[int], output_dim: int, antialias: bool = True):
         super().__init__()
         dim = channels
-        blocks: list[nn.Module] = [wn_conv(1, dim, 7, padding=3)]
+        blocks: list[nn.Module] = [wn_conv(1, dim, 7, padding=3, gain=INPUT_GAIN)]
         for stride in strides:
             dim *= 2
             blocks.append(EncoderBlock(dim, stride, antialias))

@@ -64,6 +64,9 @@ class Codec(nn.Module):
                 self.semantic_adapter = SemanticAdapter(config.semantic_dim)
                 prior_in += config.semantic_dim
             self.fc_prior = nn.Linear(prior_in, config.quantizer_dim)
+            # Unit gain, so the encoder's O(1) features reach FSQ at O(1) (see quantizer.FSQ).
+            nn.init.normal_(self.fc_prior.weight, std=prior_in**-0.5)
+            nn.init.zeros_(self.fc_prior.bias)
         if "decoder" in self.components:
             self.fc_post_a = nn.Linear(config.quantizer_dim, config.decoder_dim)
             self.backbone = VocosBackbone(config.decoder_dim, config.decoder_layers, config.decoder_heads)
@@ -121,6 +124,13 @@ class Codec(nn.Module):
         `lengths` (valid samples per item, hop multiples) keeps padding from reaching other frames;
         `semantic` is the Wav2Vec2-BERT hidden state (B, semantic_dim, T) when the branch is on.
         """
+        latent, dtype = self.encode_latent(wav, lengths, semantic)
+        return self.quantizer.quantize_latent(latent, dtype)
+
+    def encode_latent(
+        self, wav: torch.Tensor, lengths: torch.Tensor | None = None, semantic: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.dtype]:
+        """The FSQ input z = project_in(fc_prior(features)) (B, T, len(fsq_levels)) and the features' dtype."""
         self._require("encoder")
         hidden = self.acoustic_encoder(wav.unsqueeze(1), lengths)
         if self.uses_semantic:
@@ -129,7 +139,8 @@ class Codec(nn.Module):
             frames = None if lengths is None else lengths // self.hop
             adapted = self.semantic_adapter(semantic[..., : hidden.shape[1]], frames).transpose(1, 2)
             hidden = torch.cat([adapted, hidden], dim=-1)
-        return self.quantizer(self.fc_prior(hidden))
+        prior = self.fc_prior(hidden)
+        return self.quantizer.project_in(prior), prior.dtype
 
     def decode_tensor(self, codes: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """codes (B, T) -> audio (B, T * samples_per_token) at the output rate."""

@@ -53,6 +53,8 @@ LOSS = Gauge("speechlm_codec_loss", "Latest codec training loss", ["loss"])
 STEP = Gauge("speechlm_codec_step", "Optimiser steps done")
 AUDIO_SECONDS = Counter("speechlm_codec_audio_seconds_total", "Seconds of audio trained on (this rank)")
 THROUGHPUT = Gauge("speechlm_codec_audio_seconds_per_second", "Training throughput (this rank)")
+CODEBOOK_USAGE = Gauge("speechlm_codec_codebook_usage", "Fraction of the codebook the eval clips use")
+CODEBOOK_PERPLEXITY = Gauge("speechlm_codec_codebook_perplexity", "Perplexity of the eval clips' code histogram")
 UNREADABLE = Counter("speechlm_codec_unreadable_files_total", "Training files skipped as unreadable", ["reason"])
 
 
@@ -132,6 +134,17 @@ class Clips:
         return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 
 
+def codebook_usage(codes: torch.Tensor, codebook_size: int) -> dict[str, float]:
+    """Fraction of codes used and the perplexity of their histogram: both fall towards 1 / size and 1
+    when the encoder collapses onto a few codes."""
+    counts = torch.bincount(codes.flatten().cpu(), minlength=codebook_size).float()
+    probs = counts[counts > 0] / counts.sum()
+    return {
+        "codebook_usage": float((counts > 0).sum()) / codebook_size,
+        "codebook_perplexity": float(torch.exp(-(probs * probs.log()).sum())),
+    }
+
+
 def _build_codec(config: TrainerConfig) -> Codec:
     train = config.codec.train
     codec = Codec(config.codec.model)
@@ -175,13 +188,15 @@ class Generator(nn.Module):
         self.codec = codec
         self.decoder_only = decoder_only
 
-    def forward(self, wav16: torch.Tensor, semantic: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, wav16: torch.Tensor, semantic: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (decoded audio, the FSQ saturation penalty: zero when the encoder is frozen)."""
         if self.decoder_only:
             with torch.no_grad():
                 _, codes = self.codec.encode_tensor(wav16, semantic=semantic)
-            return self.codec.decode_tensor(codes)
-        quantized, _ = self.codec.encode_tensor(wav16, semantic=semantic)
-        return self.codec.decode_quantized(quantized)
+            return self.codec.decode_tensor(codes), torch.zeros((), device=wav16.device)
+        latent, dtype = self.codec.encode_latent(wav16, semantic=semantic)
+        quantized, _ = self.codec.quantizer.quantize_latent(latent, dtype)
+        return self.codec.decode_quantized(quantized), self.codec.quantizer.saturation_loss(latent)
 
 
 def _checkpoint_dirs(output_dir: str) -> list[tuple[int, str]]:
@@ -262,20 +277,32 @@ def run(config: TrainerConfig) -> int:
     def evaluate() -> float:
         codec.eval()
         with torch.no_grad(), autocast:
-            wav = Generator(codec, train.decoder_only)(eval_x.to(device), codec.semantic_features(list(eval_x.numpy())))
+            semantic = codec.semantic_features(list(eval_x.numpy()))
+            wav, _ = Generator(codec, train.decoder_only)(eval_x.to(device), semantic)
             value = float(mel_loss(wav.float(), eval_y.to(device)))
         codec.train()
         return value
 
+    def eval_codebook() -> dict[str, float]:
+        codec.eval()
+        with torch.no_grad(), autocast:
+            _, codes = codec.encode_tensor(eval_x.to(device), semantic=codec.semantic_features(list(eval_x.numpy())))
+        codec.train()
+        usage = codebook_usage(codes, codec.codebook_size)
+        CODEBOOK_USAGE.set(usage["codebook_usage"])
+        CODEBOOK_PERPLEXITY.set(usage["codebook_perplexity"])
+        return usage
+
     if step == 0:
-        scalars.log(0, eval_mel_loss=evaluate())
+        scalars.log(0, eval_mel_loss=evaluate(), **eval_codebook())
     started, seconds_done = time.time(), 0.0
     while step < train.max_steps:
         x, y = clips.batch(train.batch_size, rng)
         x, y = x.to(device), y.to(device)
         semantic = codec.semantic_features(list(x.cpu().numpy()))
         with autocast:
-            fake = generator(x, semantic).float()
+            fake, saturation = generator(x, semantic)
+        fake = fake.float()
         gan_on = step >= train.disc_start_step
         d_loss = torch.zeros((), device=device)
         if gan_on:
@@ -292,7 +319,7 @@ def run(config: TrainerConfig) -> int:
         g_opt.zero_grad(set_to_none=True)
         mel = mel_loss(fake, y)
         rms = rms_loss(fake, y)
-        g_loss = train.lambda_mel * mel + train.lambda_rms * rms
+        g_loss = train.lambda_mel * mel + train.lambda_rms * rms + train.lambda_fsq_saturation * saturation
         adv = fm = torch.zeros((), device=device)
         if gan_on:
             # The unwrapped discriminators: their gradients here are discarded, so no DDP sync.
@@ -315,7 +342,8 @@ def run(config: TrainerConfig) -> int:
         AUDIO_SECONDS.inc(clip_seconds)
         STEP.set(step)
         losses = {
-            "gen_loss": g_loss, "mel_loss": mel, "rms_loss": rms, "adv_loss": adv, "fm_loss": fm, "disc_loss": d_loss
+            "gen_loss": g_loss, "mel_loss": mel, "rms_loss": rms, "adv_loss": adv, "fm_loss": fm, "disc_loss": d_loss,
+            "fsq_saturation_loss": saturation,
         }
         values = {name: float(value.detach()) for name, value in losses.items()}
         for name, value in values.items():
@@ -323,10 +351,12 @@ def run(config: TrainerConfig) -> int:
         if step % train.log_steps == 0 or step == train.max_steps:
             rate = seconds_done / max(time.time() - started, 1e-9)
             THROUGHPUT.set(rate)
-            scalars.log(step, audio_seconds_per_second=rate * world, **values)
+            usage = eval_codebook()
+            scalars.log(step, audio_seconds_per_second=rate * world, **values, **usage)
             log.info(
-                "step %d mel %.4f gen %.4f disc %.4f (%.1f audio-s/s)",
-                step, values["mel_loss"], values["gen_loss"], values["disc_loss"], rate,
+                "step %d mel %.4f gen %.4f disc %.4f codebook usage %.2f perplexity %.1f (%.1f audio-s/s)",
+                step, values["mel_loss"], values["gen_loss"], values["disc_loss"], usage["codebook_usage"],
+                usage["codebook_perplexity"], rate,
             )
             metrics.push(config.metrics.pushgateway_url, "codec-train")
         if step % train.save_steps == 0 and step < train.max_steps:
