@@ -64,6 +64,21 @@ def test_synthesizer_api_decodes_only_generated_codes(served):
     assert rate == 24000 and np.array_equal(again, result.wave)  # same seed, same audio
 
 
+def test_speech_end_is_held_back_until_the_text_can_have_been_spoken(served):
+    model, record = served
+    synth = Synthesizer.load(str(model))
+    prompt = read_audio(example_wav(record))
+    text = "A warm cup of tea is waiting on the table."  # 42 characters: >= 4.2 s at 10 chars/s
+
+    def lengths(cps: float) -> list[int]:
+        return [len(synth.generate(text, prompt.samples, prompt.sample_rate, record["transcript"],
+                                   SamplingConfig(max_new_tokens=400, max_chars_per_second=cps, seed=seed)).codes[0])
+                for seed in range(5)]
+
+    assert min(lengths(1000.0)) < 210  # unconstrained, the random model stops early on some seed
+    assert min(lengths(10.0)) >= 210
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -320,6 +320,9 @@ class SamplingConfig(Section):
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.1, gt=0)
     max_new_tokens: int = Field(1500, gt=0)
+    # Speech-end is suppressed until a chunk holds at least len(text) / max_chars_per_second seconds
+    # of audio: a premature stop (an empty or clipped sentence) is the commonest SpeechLM failure.
+    max_chars_per_second: float = Field(25.0, gt=0)
     seed: int = 42
 
 

@@ -155,7 +155,10 @@ class Synthesizer:
         )
         chunks = split_text(text, self.max_chunk_chars)
         prompts = [self.prompt_format.inference_prompt(c, prompt_text, prompt_codes) for c in chunks]
-        generated = self._generate_vllm(prompts, sampling) if self._vllm else self._generate_hf(prompts, sampling)
+        # One bound per batch: the shortest chunk's, so no chunk is forced past its own text.
+        min_tokens = min(self.min_new_tokens(c, sampling) for c in chunks)
+        generated = (self._generate_vllm(prompts, sampling, min_tokens) if self._vllm
+                     else self._generate_hf(prompts, sampling, min_tokens))
         codes = [self.vocab.codes_from_ids(ids) for ids in generated]
         truncated = [self.vocab.speech_end_id not in ids for ids in generated]
         for chunk, cut in zip(chunks, truncated, strict=True):
@@ -165,8 +168,12 @@ class Synthesizer:
         wave = np.concatenate(waves) if waves else np.zeros(0, dtype=np.float32)
         return Synthesis(wave.astype(np.float32), self.sample_rate, chunks, codes, truncated)
 
+    def min_new_tokens(self, text: str, sampling: SamplingConfig) -> int:
+        seconds = len(text) / sampling.max_chars_per_second
+        return min(sampling.max_new_tokens - 1, round(seconds * self.decoder.token_rate))
+
     @torch.inference_mode()
-    def _generate_hf(self, prompts: list[np.ndarray], sampling: SamplingConfig) -> list[list[int]]:
+    def _generate_hf(self, prompts: list[np.ndarray], sampling: SamplingConfig, min_tokens: int) -> list[list[int]]:
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         pad = self.vocab.pad_token_id
@@ -180,7 +187,8 @@ class Synthesizer:
             input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=True,
             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None,
             repetition_penalty=sampling.repetition_penalty, max_new_tokens=sampling.max_new_tokens,
-            suppress_tokens=self._suppress, eos_token_id=self.vocab.speech_end_id, pad_token_id=pad,
+            min_new_tokens=min_tokens, suppress_tokens=self._suppress, eos_token_id=self.vocab.speech_end_id,
+            pad_token_id=pad,
             use_cache=True,
         )
         return [row[width:].tolist() for row in out.cpu()]
@@ -197,14 +205,15 @@ class Synthesizer:
         local = io.download_dir(model_dir, tempfile.mkdtemp(prefix="vllm-model-"))
         return LLM(model=str(local), skip_tokenizer_init=True)
 
-    def _generate_vllm(self, prompts: list[np.ndarray], sampling: SamplingConfig) -> list[list[int]]:
+    def _generate_vllm(self, prompts: list[np.ndarray], sampling: SamplingConfig, min_tokens: int
+                       ) -> list[list[int]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(
             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
             repetition_penalty=sampling.repetition_penalty, max_tokens=sampling.max_new_tokens,
-            seed=sampling.seed, allowed_token_ids=allowed_token_ids(self.vocab),
+            min_tokens=min_tokens, seed=sampling.seed, allowed_token_ids=allowed_token_ids(self.vocab),
             stop_token_ids=[self.vocab.speech_end_id], detokenize=False,
         )
         outputs = self._vllm.generate([TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts], params,
