@@ -6,7 +6,8 @@ clip at a time (speaker similarity embeds the reference for every sample; DNSMOS
 per-clip path with its P.808 head, as torchmetrics' DNSMOS does). Ours: one batched decode shared by all
 functions, batched scorers, reference audio/embeddings cached per prompt.
 
-    .venv/bin/python bench/rewards.py            # CPU, tiny codec, < 2 minutes
+    .venv/bin/python bench/rewards.py                      # CPU, tiny codec, < 2 minutes
+    .venv/bin/python bench/rewards.py --codec_preset full  # X-codec2-size decoder (random weights)
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.codec import Codec, tiny_codec_config
+from trainer.codec import Codec
+from trainer.codec.presets import PRESETS
 from trainer.data.audio import read_audio, resample
 from trainer.rl.rewards import RewardScorer, ScorerModels, build_reward_funcs
 from trainer.rl.rewards.asr import error_rate, wer_reward
@@ -81,10 +83,13 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=1.5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for both sides")
+    parser.add_argument("--codec_preset", choices=sorted(PRESETS), default="tiny",
+                        help="decode cost grows with the codec: 'full' is the X-codec2 decoder size")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    codec = Codec.from_config(tiny_codec_config())
+    torch.manual_seed(0)
+    codec = Codec.from_config(PRESETS[args.codec_preset]())
     items = load_completions(codec, args.prompts, args.generations, args.seconds)
     funcs = build_reward_funcs(["WERRewardFunc", "SIMRewardFunc", "DNSMOSRewardFunc"], ScorerModels())
 

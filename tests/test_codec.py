@@ -170,3 +170,17 @@ def test_semantic_branch_from_a_local_wav2vec2_bert_dir(tmp_path) -> None:
         Codec.from_config(config.model_copy(update={"semantic": str(tmp_path / "missing")})).encode(waves, 16000)
     with pytest.raises(ConfigError, match="hidden_size"):
         Codec.from_config(config.model_copy(update={"semantic_dim": 64})).encode(waves, 16000)
+
+
+def test_length_buckets_bound_padding_and_keep_every_item():
+    from trainer.codec.model import MAX_PADDING_FRACTION, length_buckets
+
+    rng = np.random.default_rng(0)
+    lengths = [int(x) for x in rng.integers(320, 320 * 750, 200)]
+    buckets = length_buckets(lengths, batch_size=16)
+    assert sorted(i for b in buckets for i in b) == list(range(200))
+    for bucket in buckets:
+        real = sum(lengths[i] for i in bucket)
+        assert len(bucket) <= 16
+        assert len(bucket) == 1 or max(lengths[i] for i in bucket) * len(bucket) <= (1 + MAX_PADDING_FRACTION) * real
+    assert len(buckets) < 200  # it still batches

@@ -36,6 +36,33 @@ COMPONENTS = ("encoder", "decoder")
 SEMANTIC_MODEL_PREFIX = "semantic_model."
 
 
+# Padding a batch may add to its real samples: beyond this, split the bucket (padded frames are
+# computed and masked, so on CPU they cost as much as real ones).
+MAX_PADDING_FRACTION = 0.1
+
+
+def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped by similar length: sorted, at most `batch_size` per bucket, and a bucket is closed
+    early when its padding would exceed MAX_PADDING_FRACTION of its real samples."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in order:
+        longest = lengths[i]  # sorted: the newcomer is the longest of the bucket
+        if current and (
+            len(current) == batch_size
+            or longest * (len(current) + 1) > (1 + MAX_PADDING_FRACTION) * (real + lengths[i])
+        ):
+            buckets.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += lengths[i]
+    if current:
+        buckets.append(current)
+    return buckets
+
+
 class Codec(nn.Module):
     def __init__(self, config: CodecModelConfig, components: Sequence[str] = COMPONENTS):
         super().__init__()
@@ -187,9 +214,7 @@ class Codec(nn.Module):
             padded = math.ceil(len(wave) / self.hop) * self.hop
             prepared.append(np.pad(wave, (0, padded - len(wave))))
         results: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(prepared)
-        order = sorted(range(len(prepared)), key=lambda i: len(prepared[i]))
-        for start in range(0, len(order), batch_size):
-            ids = order[start : start + batch_size]
+        for ids in length_buckets([len(w) for w in prepared], batch_size):
             items = [prepared[i] for i in ids]
             lengths = torch.tensor([len(w) for w in items])
             batch = torch.zeros(len(items), int(lengths.max()))
