@@ -17,6 +17,16 @@ def _channels(base: int, count: int, cap: int = 512) -> list[int]:
     return [min(base * 2**i, cap) for i in range(count)]
 
 
+def conv_features(convs: nn.ModuleList, logits: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Leaky-ReLU conv stack: every hidden feature map, then the logits map."""
+    features = []
+    for conv in convs:
+        x = nn.functional.leaky_relu(conv(x), 0.1)
+        features.append(x)
+    features.append(logits(x))
+    return features
+
+
 class PeriodDiscriminator(nn.Module):
     """Folds the waveform into (T / period, period) and convolves along time only."""
 
@@ -37,12 +47,7 @@ class PeriodDiscriminator(nn.Module):
         if steps % self.period:
             audio = nn.functional.pad(audio, (0, self.period - steps % self.period), mode="reflect")
         x = audio.view(batch, 1, -1, self.period)
-        features = []
-        for conv in self.convs:
-            x = nn.functional.leaky_relu(conv(x), 0.1)
-            features.append(x)
-        features.append(self.logits(x))
-        return features
+        return conv_features(self.convs, self.logits, x)
 
 
 class STFTDiscriminator(nn.Module):
@@ -67,12 +72,7 @@ class STFTDiscriminator(nn.Module):
             audio.float(), self.n_fft, self.n_fft // 2, window=self.window, return_complex=True
         ).abs()
         x = torch.log(spec.clamp(min=1e-5)).transpose(1, 2).unsqueeze(1).to(audio.dtype)
-        features = []
-        for conv in self.convs:
-            x = nn.functional.leaky_relu(conv(x), 0.1)
-            features.append(x)
-        features.append(self.logits(x))
-        return features
+        return conv_features(self.convs, self.logits, x)
 
 
 class Discriminators(nn.Module):
