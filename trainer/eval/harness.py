@@ -76,13 +76,23 @@ class Scorers:
         self.speaker = load_speaker_encoder(cfg.speaker_backend, cfg.speaker_model_path)
         self.dnsmos = DNSMOS() if cfg.use_dnsmos else None
 
+    def embed(self, clips: list[tuple[np.ndarray, int]]) -> np.ndarray:
+        """Speaker embeddings, one row per clip, batched per sample rate."""
+        rows: list[np.ndarray | None] = [None] * len(clips)
+        for sr in sorted({sr for _, sr in clips}):
+            idx = [i for i, (_, s) in enumerate(clips) if s == sr]
+            for i, emb in zip(idx, self.speaker.embed([clips[i][0] for i in idx], sr), strict=True):
+                rows[i] = emb
+        return np.stack(rows)
+
     def score(
         self,
         clips: list[tuple[np.ndarray, int]],
-        prompts: list[tuple[np.ndarray, int]],
+        prompt_embeddings: np.ndarray,
         texts: list[str],
         languages: list[str],
     ) -> list[dict[str, Any]]:
+        """WER/CER, DNSMOS and speaker similarity to the prompt (its embedding row) of each clip."""
         from trainer.rl.rewards.asr import error_rate
         from trainer.rl.rewards.speaker import cosine_similarity
 
@@ -100,8 +110,7 @@ class Scorers:
                     ovrl = s.get("ovrl")
                     rows[i]["dnsmos"] = None if ovrl is None or np.isnan(ovrl) else float(ovrl)
             emb = self.speaker.embed(waves, sr)
-            prompt_emb = np.concatenate([self.speaker.embed([prompts[i][0]], prompts[i][1]) for i in idx])
-            for i, cos in zip(idx, cosine_similarity(emb, prompt_emb), strict=True):
+            for i, cos in zip(idx, cosine_similarity(emb, prompt_embeddings[idx]), strict=True):
                 rows[i]["sim"] = None if not clips[i][0].size else float(cos)
         return rows
 
@@ -168,8 +177,10 @@ def run(config: TrainerConfig) -> int:
     scorers = Scorers(cfg)
     texts = [it["target_text"] for it in items]
     languages = [it["language"] for it in items]
-    prompt_clips = [(p.samples, p.sample_rate) for p in prompts]
-    for row, scores in zip(model_rows, scorers.score(model_clips, prompt_clips, texts, languages), strict=True):
+    # Each prompt is embedded once; the model row and the ground-truth row both compare against it.
+    prompt_embeddings = scorers.embed([(p.samples, p.sample_rate) for p in prompts])
+    model_scores = scorers.score(model_clips, prompt_embeddings, texts, languages)
+    for row, scores in zip(model_rows, model_scores, strict=True):
         row.update({k: v for k, v in scores.items() if k not in row})
     results: dict[str, Any] = {
         "model_path": cfg.model_path,
@@ -185,7 +196,7 @@ def run(config: TrainerConfig) -> int:
         gt_audio = [read_audio(items[i]["target_wav"]) for i in gt_idx]
         gt_scores = scorers.score(
             [(a.samples, a.sample_rate) for a in gt_audio],
-            [prompt_clips[i] for i in gt_idx],
+            prompt_embeddings[gt_idx],
             [texts[i] for i in gt_idx],
             [languages[i] for i in gt_idx],
         )
