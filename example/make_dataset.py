@@ -1,4 +1,5 @@
-"""Regenerate the example speech dataset: `python example/make_dataset.py`.
+"""Regenerate the example speech dataset: `python example/make_dataset.py`; or write a larger
+training corpus at run time: `python example/make_dataset.py corpus --out DIR [--n 3000 --seed 0]`.
 
 Real synthetic speech from Debian's `flite` (four distinct voices: rms, kal16, awb, slt; pocketsphinx
 understands them, so WER and speaker-similarity rewards carry signal) and `espeak-ng` (more voices
@@ -10,10 +11,13 @@ Needs: apt-get install -y flite espeak-ng sox libsox-fmt-all
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import random
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import soundfile as sf
@@ -112,7 +116,7 @@ def synthesize(text: str, voice: str, out: Path, stretch: float, tmp: Path, pad:
     )
 
 
-def main() -> None:
+def write_example() -> None:
     rng = random.Random(777)
     voices = [f"flite:{v}" for v in FLITE_VOICES] + [f"espeak:{v}@{r}" for v, r in ESPEAK_VOICES]
     wav_dir = ROOT / "wavs"
@@ -173,6 +177,162 @@ def main() -> None:
     (ROOT / "configs" / "eval_list.jsonl").write_text("".join(json.dumps(e) + "\n" for e in eval_items))
     total = sum(r["duration"] for r in records)
     print(f"wrote {len(records)} utterances, {total / 60:.1f} min of speech, to {wav_dir}")
+
+
+# The corpus grammar: a fixed vocabulary of common words that pocketsphinx knows, so held-out
+# sentences can be judged by ASR while every test word has been heard in training.
+WORDS = {
+    "adj": ["old", "young", "small", "big", "quiet", "bright", "dark", "warm", "cold", "green", "red",
+            "blue", "happy", "tired", "busy", "empty", "heavy", "light", "clean", "strong", "gentle", "brown"],
+    "noun": ["man", "woman", "child", "dog", "cat", "bird", "horse", "teacher", "doctor", "farmer", "driver",
+             "baker", "sailor", "girl", "boy", "student", "painter", "king", "friend", "neighbour"],
+    "thing": ["book", "letter", "box", "cup", "table", "chair", "door", "window", "car", "boat", "ball",
+              "bag", "hat", "coat", "key", "lamp", "bottle", "picture", "basket", "clock"],
+    "place": ["the garden", "the kitchen", "the river", "the station", "the market", "the school", "the park",
+              "the city", "the village", "the house", "the road", "the hill", "the forest", "the beach"],
+    "verb_t": ["found", "carried", "opened", "closed", "painted", "cleaned", "washed", "dropped", "took",
+               "moved", "bought", "sold", "fixed", "lost", "held", "wanted"],
+    "verb_i": ["walked", "waited", "slept", "worked", "sang", "played", "stayed", "laughed", "rested",
+               "stopped", "danced", "called"],
+    "prep": ["near", "behind", "inside", "across", "along", "under", "beside", "past"],
+    "time": ["this morning", "last night", "every day", "in the evening", "after lunch", "before dinner",
+             "on monday", "at noon", "in the spring", "all week"],
+    "number": ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "twelve"],
+}
+TEMPLATES = [
+    "the {adj} {noun} {verb_t} the {thing} {time}",
+    "the {noun} {verb_i} {prep} {place} {time}",
+    "a {adj} {noun} {verb_t} a {adj} {thing} in {place}",
+    "my {noun} {verb_i} {prep} the {adj} {thing}",
+    "the {noun} {verb_t} {number} {thing}s {time}",
+    "we {verb_i} {prep} {place} with the {adj} {noun}",
+    "her {adj} {thing} was {prep} the {thing} in {place}",
+    "the {adj} {noun} and the {noun} {verb_i} {time}",
+]
+
+
+def grammar_sentence(rng: random.Random) -> str:
+    template = rng.choice(TEMPLATES)
+    fields: dict[str, str] = {}
+    # Fill each slot occurrence independently ("a {adj} ... a {adj}" picks two adjectives).
+    out = template
+    while "{" in out:
+        start = out.index("{")
+        key = out[start + 1:out.index("}", start)]
+        fields[key] = rng.choice(WORDS[key])
+        out = out[:start] + fields[key] + out[out.index("}", start) + 1:]
+    return out[0].upper() + out[1:] + "."
+
+
+def words_of(text: str) -> set[str]:
+    return {w.strip(".,").lower() for w in text.split()}
+
+
+def corpus_sentences(n_train: int, n_val: int, n_test: int, seed: int) -> dict[str, list[str]]:
+    """Disjoint sentence sets; every `test` word also occurs in `train` (val is only disjoint)."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+
+    def draw() -> str:
+        for _ in range(10_000):
+            sentence = grammar_sentence(rng)
+            if sentence not in seen:
+                seen.add(sentence)
+                return sentence
+        raise SystemExit("error: the grammar yields too few distinct sentences for these sizes")
+
+    train = [draw() for _ in range(n_train)]
+    train_vocab = set().union(*(words_of(s) for s in train))
+    val = [draw() for _ in range(n_val)]
+    test: list[str] = []
+    while len(test) < n_test:
+        candidate = draw()  # drawn sentences never return, so test stays disjoint from train and val
+        if words_of(candidate) <= train_vocab:
+            test.append(candidate)
+    return {"train": train, "val": val, "test": test}
+
+
+def write_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, workers: int) -> None:
+    """N training utterances in the four flite voices (distinct speakers ASR understands), plus
+    held-out val/test sentences in the same voices and an eval list cloning test sentences from a
+    training clip of the same voice. Re-running with the same arguments reuses finished audio."""
+    sets = corpus_sentences(n, n_val, n_test, seed)
+    rng = random.Random(seed + 1)
+    wav_dir = out / "wavs"
+    wav_dir.mkdir(parents=True, exist_ok=True)
+    jobs: list[tuple[str, str, str, float, str]] = []  # (split, id, text, stretch, voice)
+    for split, sentences in sets.items():
+        for i, text in enumerate(sentences):
+            jobs.append((split, f"{split}_{i:05d}", text, rng.choice([0.9, 1.0, 1.0, 1.1]), FLITE_VOICES[i % 4]))
+
+    def run(job: tuple[str, str, str, float, str]) -> dict:
+        split, utt_id, text, stretch, voice = job
+        path = wav_dir / f"{utt_id}.flac"
+        if not path.exists():
+            with tempfile.TemporaryDirectory() as tmp:
+                part = Path(tmp) / "part.flac"
+                synthesize(text, f"flite:{voice}", part, stretch, Path(tmp))
+                os.replace(part, path)  # atomic: an interrupted run leaves no half-written clip
+        info = sf.info(str(path))
+        return {"id": utt_id, "transcript": text, "language": "en", "wav_path": f"wavs/{path.name}",
+                "duration": round(info.duration, 3), "sample_rate": info.samplerate, "speaker_id": voice,
+                "split": split}
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        records = list(pool.map(run, jobs))
+    by_split: dict[str, list[dict]] = {s: [] for s in sets}
+    for record in records:
+        by_split[record.pop("split")].append(record)
+    for split, rows in by_split.items():
+        _write_atomic(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    # Prompt: the voice's training clip nearest 4 s (long enough to carry the voice, short enough to
+    # leave room for the target in the context).
+    prompts = {v: min((r for r in by_split["train"] if r["speaker_id"] == v), key=lambda r: abs(r["duration"] - 4))
+               for v in FLITE_VOICES}
+    eval_items = [{"id": r["id"], "prompt_wav": prompts[r["speaker_id"]]["wav_path"],
+                   "prompt_text": prompts[r["speaker_id"]]["transcript"], "target_text": r["transcript"],
+                   "target_wav": r["wav_path"], "language": "en"} for r in by_split["test"]]
+    _write_atomic(out / "eval_list.jsonl", "".join(json.dumps(e) + "\n" for e in eval_items))
+    vocab = {split: set().union(*(words_of(s) for s in sentences)) for split, sentences in sets.items()}
+    grammar_vocab = {w for values in WORDS.values() for v in values for w in words_of(v)}
+    grammar_vocab |= {f"{thing}s" for thing in WORDS["thing"]}  # the "{number} {thing}s" template
+    grammar_vocab |= {w for t in TEMPLATES for w in words_of(t) if "{" not in w}
+    summary = {
+        "seed": seed,
+        "utterances": {split: len(rows) for split, rows in by_split.items()},
+        "hours": {split: round(sum(r["duration"] for r in rows) / 3600, 3) for split, rows in by_split.items()},
+        "speakers": FLITE_VOICES,
+        "grammar_vocabulary_size": len(grammar_vocab),
+        "train_vocabulary_size": len(vocab["train"]),
+        "test_words_seen_in_train": len(vocab["test"] & vocab["train"]) / max(1, len(vocab["test"])),
+        "val_words_seen_in_train": len(vocab["val"] & vocab["train"]) / max(1, len(vocab["val"])),
+        "sentence_overlap_train_heldout": len(set(sets["train"]) & (set(sets["val"]) | set(sets["test"]))),
+    }
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="mode")
+    corpus = sub.add_parser("corpus", help="write a larger grammar-generated training corpus")
+    corpus.add_argument("--out", type=Path, required=True)
+    corpus.add_argument("--n", type=int, default=3000, help="training utterances")
+    corpus.add_argument("--n_val", type=int, default=100)
+    corpus.add_argument("--n_test", type=int, default=100)
+    corpus.add_argument("--seed", type=int, default=0)
+    corpus.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    if args.mode == "corpus":
+        write_corpus(args.out, args.n, args.n_val, args.n_test, args.seed, args.workers)
+    else:
+        write_example()
 
 
 if __name__ == "__main__":

@@ -44,3 +44,42 @@ def test_eval_list_prompts_and_targets_exist() -> None:
         assert item["prompt_text"] in train_texts
         # Held-out: the target sentence is never a training transcript (nor part of one).
         assert not any(item["target_text"] in t for t in train_texts)
+
+
+def _load_make_dataset():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_dataset", CONFIGS.parent / "make_dataset.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_corpus_sentence_sets_are_disjoint_deterministic_and_test_words_are_trained() -> None:
+    make_dataset = _load_make_dataset()
+    sets = make_dataset.corpus_sentences(3000, 100, 100, seed=0)
+    assert sets == make_dataset.corpus_sentences(3000, 100, 100, seed=0)
+    assert sets != make_dataset.corpus_sentences(3000, 100, 100, seed=1)
+    assert [len(sets[k]) for k in ("train", "val", "test")] == [3000, 100, 100]
+    train, val, test = (set(sets[k]) for k in ("train", "val", "test"))
+    assert len(train) == 3000 and not (train & val) and not (train & test) and not (val & test)
+    train_vocab = set().union(*(make_dataset.words_of(s) for s in train))
+    assert all(make_dataset.words_of(s) <= train_vocab for s in test)
+
+
+def test_corpus_mode_writes_manifests_audio_eval_list_and_summary(tmp_path: Path) -> None:
+    make_dataset = _load_make_dataset()
+    make_dataset.main(["corpus", "--out", str(tmp_path), "--n", "8", "--n_val", "2", "--n_test", "2",
+                       "--workers", "2"])
+    for split, count in (("train", 8), ("val", 2), ("test", 2)):
+        rows = [r for _, r in read_manifest(str(tmp_path / f"{split}.jsonl"))]
+        assert len(rows) == count and not any(isinstance(r, LineError) for r in rows)
+        for row in rows:
+            info = sf.info(resolve_wav_path(str(tmp_path / f"{split}.jsonl"), row["wav_path"]))
+            assert abs(info.duration - row["duration"]) < 0.01 and info.samplerate == 16000
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["utterances"] == {"train": 8, "val": 2, "test": 2}
+    assert summary["test_words_seen_in_train"] == 1.0 and summary["sentence_overlap_train_heldout"] == 0
+    items = [json.loads(line) for line in (tmp_path / "eval_list.jsonl").read_text().splitlines()]
+    test_rows = [r for _, r in read_manifest(str(tmp_path / "test.jsonl"))]
+    assert [i["target_text"] for i in items] == [r["transcript"] for r in test_rows]
