@@ -102,7 +102,7 @@ def test_example_set(codec_dir, tmp_path):
         for i in range(3):
             shard = shards.read_shard(str(out), split, i)
             shards.validate_shard(shard, 256, f"{split}_{i}")
-            assert shard.codes.dtype == np.int32 and shard.index.dtype == np.int64
+            assert shard.codes.dtype == np.int32 and shard.bounds.dtype == np.int64
             assert [r["line"] for r in shard.records] == sorted(r["line"] for r in shard.records)
             for k, record in enumerate(shard.records):
                 original = records[record["line"] - 1]
