@@ -9,11 +9,11 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from controller_fixtures import REPO, write_spec
 
 from controller.cli import main
+from trainer.data.shards import read_shard
 
 
 @pytest.fixture
@@ -70,9 +70,8 @@ def test_two_stage_pipeline_runs_for_real(tmp_path, home, codec_dir, capsys):
     assert "==> vectorize: started" in out and "<== vectorize: succeeded in" in out
     assert "<== merge: succeeded in" in out and "[vectorize] " in out
     vectorized = tmp_path / "data" / "vectorized"
-    codes = np.load(vectorized / "train_codes.npy")
-    index = np.load(vectorized / "train_codes_index.npy")
-    assert index[-1] == len(codes) > 0
+    merged = read_shard(str(vectorized), "train")  # the seed's layout: raw int32 codes + start offsets
+    assert merged.bounds[-1] == len(merged.codes) > 0
     # The resolved configs and logs sit in the run dir; the config carries the chaining keys.
     run_dir = home / "runs" / "loc"
     config = json.loads((run_dir / "configs" / "vectorize.json").read_text())

@@ -102,19 +102,27 @@ def test_interrupted_removal_is_finished_by_a_rerun(tmp_path):
     assert not shards.shard_ids(str(tmp_path), "train") and not shards.shard_ids(str(tmp_path), "val")
 
 
-@pytest.mark.parametrize("damage", ["code_out_of_range", "index_past_codes", "num_codes_mismatch", "index_short"])
+@pytest.mark.parametrize(
+    "damage",
+    ["code_out_of_range", "index_past_codes", "num_codes_mismatch", "index_short", "codes_torn", "index_raw"],
+)
 def test_invalid_shards_stop_the_merge_before_anything_is_written(tmp_path, capsys, damage):
     synthetic_dataset(str(tmp_path), {"train": [3, 3], "val": [2]})
     files = shards.shard_files("train", 1)
-    codes, index = np.load(tmp_path / files.codes), np.load(tmp_path / files.index)
+    codes_path, index_path = tmp_path / files.codes, tmp_path / files.index
+    codes, index = np.fromfile(codes_path, dtype="<i4"), np.load(index_path)
     if damage == "code_out_of_range":
         codes[-1] = 256
-        np.save(tmp_path / files.codes, codes)
+        codes.tofile(codes_path)
     elif damage == "index_past_codes":
-        index[-1] += 5
-        np.save(tmp_path / files.index, index)
+        index[-1] = len(codes) + 5
+        np.save(index_path, index)
     elif damage == "index_short":
-        np.save(tmp_path / files.index, index[:-1])
+        np.save(index_path, index[:-1])
+    elif damage == "codes_torn":  # a write cut mid-code
+        codes_path.write_bytes(codes_path.read_bytes()[:-2])
+    elif damage == "index_raw":  # offsets written like the codes, without the np.save header
+        index_path.write_bytes(index.tobytes())
     else:
         lines = (tmp_path / files.samples).read_text().splitlines()
         lines[0] = json.dumps({**json.loads(lines[0]), "num_codes": 999})
@@ -122,7 +130,8 @@ def test_invalid_shards_stop_the_merge_before_anything_is_written(tmp_path, caps
     before = sorted(p.name for p in tmp_path.iterdir())
 
     assert cli.main(["merge", "--dataset_path", str(tmp_path), "--remove_shards"]) == 1
-    assert files.codes in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (files.codes in err or files.index in err) and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no merged files, every shard kept
 
 

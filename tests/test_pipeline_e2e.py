@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import soundfile as sf
 import yaml
 
 from controller.cli import main
+from trainer.data.shards import read_shard
 
 REPO = Path(__file__).resolve().parents[1]
 SHORTEN = {
@@ -60,8 +60,8 @@ def test_shortened_example_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     vectorized = tmp_path / "data" / "vectorized"
     summary = json.loads((vectorized / "vectorize_summary.json").read_text())
     assert summary["accepted"]["total"] == 16
-    codes, index = np.load(vectorized / "train_codes.npy"), np.load(vectorized / "train_codes_index.npy")
-    assert index[-1] == len(codes) > 0 and codes.max() < codec.codebook_size
+    merged = read_shard(str(vectorized), "train")  # the seed's layout: raw int32 codes + start offsets
+    assert merged.bounds[-1] == len(merged.codes) > 0 and merged.codes.max() < codec.codebook_size
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

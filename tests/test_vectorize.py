@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from prometheus_client import REGISTRY
 
 from trainer import cli
@@ -102,7 +103,7 @@ def test_example_set(codec_dir, tmp_path):
         for i in range(3):
             shard = shards.read_shard(str(out), split, i)
             shards.validate_shard(shard, 256, f"{split}_{i}")
-            assert shard.codes.dtype == np.int32 and shard.index.dtype == np.int64
+            assert shard.codes.dtype == np.int32 and shard.bounds.dtype == np.int64
             assert [r["line"] for r in shard.records] == sorted(r["line"] for r in shard.records)
             for k, record in enumerate(shard.records):
                 original = records[record["line"] - 1]
@@ -302,3 +303,47 @@ def test_missing_inputs_are_config_errors(codec_dir, tmp_path, capsys):
     assert "codec_model_path" in capsys.readouterr().err
     assert vectorize(codec_dir, tmp_path / "nope.jsonl", tmp_path / "out") == 2
     assert "manifest not found" in capsys.readouterr().err
+
+
+def test_seed_flags_val_split_and_num_workers(codec_dir, small_manifest, small_reference, tmp_path, caplog, capsys):
+    out = tmp_path / "out"
+    seed_style = ["--set", "vectorize.samples_per_shard=4", "--batch_size", "2", "--val_split", "0.2"]
+    assert vectorize(codec_dir, small_manifest, out, *seed_style, "--num_workers", "0") == 0
+    assert outputs(out) == outputs(small_reference)  # same split, same shards as val_fraction=0.2 with threads
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(m.startswith("--val_split: ") and "hashes below it" in m for m in warned)
+    assert vectorize(codec_dir, small_manifest, out, "--num_workers", "-1") == 2
+    assert "vectorize.num_workers" in capsys.readouterr().err
+
+
+def test_seed_flag_dry_run_takes_the_first_lines_only(codec_dir, tmp_path, capsys):
+    good = [json.dumps(absolute(r)) for r in sorted(example_records(), key=lambda r: r["duration"])[:3]]
+    missing = [json.dumps({**json.loads(good[0]), "wav_path": f"/missing/{i}.wav"}) for i in range(52)]
+    manifest = write_manifest(tmp_path / "m.jsonl", good + missing)
+    out = tmp_path / "out"
+    settings = ["--batch_size", "1", "--set", "vectorize.samples_per_shard=20",
+                "--set", "vectorize.max_reject_fraction=1"]
+    assert vectorize(codec_dir, manifest, out, *settings, "--dry_run") == 0
+    summary = json.loads((out / "vectorize_summary.json").read_text())
+    assert summary["lines"] == 50 and summary["units"] == 3  # batch_size 1 x world 1 x 50
+    assert summary["accepted"]["total"] == 3 and summary["rejected"]["total"] == 47
+    assert sorted(lines_in(out, "*_samples_*.jsonl") + lines_in(out, "rejects_*.jsonl")) == list(range(1, 51))
+    assert json.loads((out / "dataset_info.json").read_text())["dry_run_lines"] == 50
+    capsys.readouterr()
+    assert vectorize(codec_dir, manifest, out, *settings) == 2  # a full run into the dry run's directory
+    assert "dry_run_lines: 50 -> None" in capsys.readouterr().err
+
+
+# Inductor needs over 15 minutes on a 2-core CPU to compile even the tiny codec: GPU machines only.
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_seed_flag_compile_model_gives_the_same_codes(codec_dir, small_manifest, tmp_path):
+    manifest = write_manifest(tmp_path / "m.jsonl", small_manifest.read_text().splitlines()[:3])
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert vectorize(codec_dir, manifest, eager) == 0
+    assert vectorize(codec_dir, manifest, compiled, "--compile_model") == 0
+    for split in shards.SPLITS:
+        a, b = shards.read_shard(str(eager), split, 0), shards.read_shard(str(compiled), split, 0)
+        assert a.records == b.records
+        np.testing.assert_array_equal(a.codes, b.codes)
+    assert sum(len(shards.read_shard(str(eager), s, 0)) for s in shards.SPLITS) == 3

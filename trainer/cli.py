@@ -1,7 +1,8 @@
 """`tts-train <stage>`: the one entry point of every stage, on a laptop, under torchrun, in a pod.
 
 Each stage lives in its own module, imported only when run (so `--help` is instant), which defines
-`FLAGS` (the seed trainer's command-line flags -> config key paths) and `run(config) -> int`.
+`FLAGS` (the seed trainer's command-line flags -> config key paths) and `run(config) -> int`, and
+optionally `FLAG_NOTES` (flag -> how it differs from the seed's, shown in --help and warned on use).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(stage: str | None = None, flags: dict[str, str] | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    stage: str | None = None, flags: dict[str, str] | None = None, notes: dict[str, str] | None = None
+) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tts-train",
         description="SpeechLM TTS trainer stages. Each stage reads one config (YAML/JSON) plus overrides.",
@@ -44,7 +47,7 @@ def build_parser(stage: str | None = None, flags: dict[str, str] | None = None) 
             for flag, key in (flags or {}).items():
                 p.add_argument(
                     f"--{flag}", dest=f"flag_{flag}", nargs="?", const="true", default=None,
-                    help=f"sets {key}",
+                    help=f"sets {key}" + (f"; {notes[flag]}" if notes and flag in notes else ""),
                 )
     return parser
 
@@ -59,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stage = argv[0] if argv and argv[0] in STAGES else None
     module = _load_stage(stage) if stage else None
     flags: dict[str, str] = getattr(module, "FLAGS", {}) if module else {}
-    parser = build_parser(stage, flags)
+    notes: dict[str, str] = getattr(module, "FLAG_NOTES", {}) if module else {}
+    parser = build_parser(stage, flags, notes)
     args = parser.parse_args(argv)
     if args.stage is None:
         parser.print_help()
@@ -70,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(args, f"flag_{flag}")
         if value is not None:
             overrides.append(f"{key}={value}")
+            if flag in notes:
+                logging.getLogger("trainer.cli").warning("--%s: %s", flag, notes[flag])
     try:
         config = load_config(args.config, overrides)
         return int(module.run(config) or 0)

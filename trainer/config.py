@@ -298,6 +298,10 @@ class VectorizeConfig(Section):
     sort_window: int = Field(256, gt=0)
     # Accepted for the seed's `--use_wandb` flag; vectorize reports through Prometheus and its summary JSON.
     use_wandb: bool = False
+    # The seed's `--dry_run`: vectorize only the first batch_size x world_size x 50 manifest lines.
+    dry_run: bool = False
+    # The seed's `--compile_model`: torch.compile the codec's encoder forward.
+    compile_model: bool = False
 
 
 class ExportConfig(Section):
@@ -345,6 +349,8 @@ class InferConfig(Section):
 class MergeConfig(Section):
     dataset_path: str | None = None
     remove_shards: bool = False
+    # The seed's flag: only concatenate samples_*.jsonl into samples.jsonl (no codes merged).
+    only_glue_samples: bool = False
 
 
 class EvalConfig(Section):

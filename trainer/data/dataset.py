@@ -1,7 +1,8 @@
 """The SFT training data: vectorized datasets -> prompt-formatted samples -> packed micro-batches.
 
-- `VectorizedSplit` opens one split of a merged or sharded vectorized dataset from any fsspec URL
-  (memory-mapped where local, downloaded to a local cache otherwise).
+- `VectorizedSplit` opens one split of a merged or sharded vectorized dataset (the seed's layout or
+  the one this trainer wrote before, see `shards`) from any fsspec URL (memory-mapped where local,
+  downloaded to a local cache otherwise).
 - `PackedData` mixes weighted datasets, formats samples with the prompt format, skips (and counts)
   samples longer than the row, packs whole samples into rows of `pack_length` (or one sample per row
   without packing), shards rows across ranks (disjoint) and yields micro-batches. Everything is a
@@ -22,22 +23,13 @@ import torch
 from trainer import io
 from trainer.data.mixing import epoch_picks
 from trainer.data.packing import PackingStats, pack_rows, packing_stats, single_rows
-from trainer.data.shards import DATASET_INFO, read_jsonl, shard_files, shard_ids
+from trainer.data.shards import DATASET_INFO, bounds_of, open_codes, read_index, read_jsonl, shard_files, shard_ids
 from trainer.errors import ConfigError, StageError
 from trainer.model.prompt import IGNORE_INDEX, PromptFormat
 
 log = logging.getLogger(__name__)
 # Unpacked rows are padded to a multiple of this: few distinct shapes, little padding.
 PAD_MULTIPLE = 16
-
-
-def _open_npy(url: str, cache_dir: Path) -> np.ndarray:
-    if io.is_local(url):
-        return np.load(io.local_path(url), mmap_mode="r", allow_pickle=False)
-    local = cache_dir / Path(url).name
-    if not local.exists():
-        io.filesystem(url)[0].get_file(io.filesystem(url)[1], str(local))
-    return np.load(local, mmap_mode="r", allow_pickle=False)
 
 
 class VectorizedSplit:
@@ -59,20 +51,18 @@ class VectorizedSplit:
                 f"dataset {url!r} has no {split} split ({merged.codes} or {split}_codes_<i>.npy expected)"
             )
         self.codes: list[np.ndarray] = []
-        self.index: list[np.ndarray] = []
+        self.bounds: list[np.ndarray] = []  # per part, N+1 sample boundaries
         texts: list[str] = []
         for files in parts:
-            codes = _open_npy(io.join(self.url, files.codes), cache)
-            index = np.asarray(_open_npy(io.join(self.url, files.index), cache), dtype=np.int64)
+            codes = open_codes(io.join(self.url, files.codes), cache)
             records = read_jsonl(io.join(self.url, files.samples))
-            if len(index) != len(records) + 1 or index[-1] != len(codes):
-                raise StageError(f"{self.url}/{files.codes}: index does not match codes/samples")
+            index = read_index(io.join(self.url, files.index))
             self.codes.append(codes)
-            self.index.append(index)
+            self.bounds.append(bounds_of(index, len(records), len(codes), f"{self.url}/{files.index}"))
             texts.extend(str(r["transcript"]) for r in records)
         self.texts = texts
-        self._part_start = np.cumsum([0] + [len(i) - 1 for i in self.index])
-        self.num_codes = np.concatenate([np.diff(i) for i in self.index]) if self.index else np.zeros(0, int)
+        self._part_start = np.cumsum([0] + [len(b) - 1 for b in self.bounds])
+        self.num_codes = np.concatenate([np.diff(b) for b in self.bounds]) if self.bounds else np.zeros(0, int)
         info_url = io.join(self.url, DATASET_INFO)
         self.info: dict = io.read_json(info_url) if io.exists(info_url) else {}
 
@@ -82,7 +72,7 @@ class VectorizedSplit:
     def sample_codes(self, k: int) -> np.ndarray:
         part = int(np.searchsorted(self._part_start, k, side="right") - 1)
         local = k - self._part_start[part]
-        return np.asarray(self.codes[part][self.index[part][local] : self.index[part][local + 1]])
+        return np.asarray(self.codes[part][self.bounds[part][local] : self.bounds[part][local + 1]])
 
     def check_codebook(self, codebook_size: int) -> None:
         """ConfigError when the data was made for another codebook (before any training)."""

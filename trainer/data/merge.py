@@ -4,14 +4,18 @@ Every shard is validated (offset table, code range, num_codes per record) before
 published; merged files are staged and published atomically, then `_merged.json` records which
 shards they hold, and only after that are shards removed (`--remove_shards`). A run killed at any
 point can simply be run again: it either re-merges from intact shards or finishes the removal.
-Memory stays at one shard: codes stream into a memory-mapped .npy.
+Memory stays at one shard: codes stream into the merged file. Shards of either layout (the seed's or
+the one this trainer wrote before, see `shards`) merge into the seed's layout.
+
+`--only_glue_samples` (the seed's flag) does only what the seed's does: concatenates every
+`samples_*.jsonl` of the directory into `samples.jsonl`, touching no codes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -30,9 +34,15 @@ from trainer.errors import ConfigError, StageError
 
 log = logging.getLogger(__name__)
 
-FLAGS = {"dataset_path": "merge.dataset_path", "remove_shards": "merge.remove_shards"}
+FLAGS = {
+    "dataset_path": "merge.dataset_path",
+    "remove_shards": "merge.remove_shards",
+    "only_glue_samples": "merge.only_glue_samples",
+}
 
 MERGED = "_merged.json"
+GLUED = "samples.jsonl"
+GLUE_PATTERN = re.compile(r"^samples_(.*)\.jsonl$")
 
 
 @contextmanager
@@ -72,40 +82,41 @@ def merge_split(
     dataset_url: str, split: str, ids: list[int], codebook_size: int, stack: ExitStack
 ) -> dict[str, Any]:
     """Validate the shards of `split` and stage the merged files (published when `stack` closes)."""
-    indexes = []
-    for i in ids:
-        index = shards.read_npy(io.join(dataset_url, shards.shard_files(split, i).index))
-        if index.ndim != 1 or len(index) == 0:
-            raise StageError(f"{shards.shard_files(split, i).index}: not an offset table (shape {index.shape})")
-        indexes.append(index)
-    total_codes = int(sum(int(index[-1]) for index in indexes))
-    total_samples = sum(len(index) - 1 for index in indexes)
-
     merged = shards.shard_files(split)
     codes_path = stack.enter_context(staged_file(io.join(dataset_url, merged.codes)))
     index_path = stack.enter_context(staged_file(io.join(dataset_url, merged.index)))
     samples_path = stack.enter_context(staged_file(io.join(dataset_url, merged.samples)))
-
-    codes_out = np.lib.format.open_memmap(codes_path, mode="w+", dtype=shards.CODES_DTYPE, shape=(total_codes,))
-    index_out = np.zeros(total_samples + 1, dtype=shards.INDEX_DTYPE)
-    code_pos, sample_pos = 0, 0
-    with samples_path.open("wb") as samples_out:
-        for i, index in zip(ids, indexes, strict=True):
+    starts: list[np.ndarray] = []
+    code_pos = 0
+    with codes_path.open("wb") as codes_out, samples_path.open("wb") as samples_out:
+        for i in ids:
             files = shards.shard_files(split, i)
-            codes = shards.read_npy(io.join(dataset_url, files.codes))
-            samples_text = io.read_text(io.join(dataset_url, files.samples))
-            records = [json.loads(line) for line in samples_text.splitlines() if line.strip()]
-            shards.validate_shard(shards.Shard(codes, index, records), codebook_size, files.codes)
-            codes_out[code_pos : code_pos + len(codes)] = codes
-            index_out[sample_pos + 1 : sample_pos + len(records) + 1] = index[1:] + code_pos
-            samples_out.write(shards.jsonl_bytes(records))
-            code_pos += len(codes)
-            sample_pos += len(records)
-    codes_out.flush()
-    del codes_out
-    with index_path.open("wb") as f:  # a file object: np.save would append ".npy" to a path
-        np.save(f, index_out, allow_pickle=False)
-    return {"shards": ids, "samples": total_samples, "codes": total_codes}
+            shard = shards.read_shard(dataset_url, split, i)
+            shards.validate_shard(shard, codebook_size, files.codes)
+            codes_out.write(shards.codes_bytes(shard.codes))
+            starts.append(shard.bounds[:-1] + code_pos)
+            samples_out.write(shards.jsonl_bytes(shard.records))
+            code_pos += len(shard.codes)
+    index = np.concatenate(starts) if starts else np.zeros(0, dtype=shards.INDEX_DTYPE)
+    index_path.write_bytes(shards.index_bytes(index))
+    return {"shards": ids, "samples": len(index), "codes": code_pos}
+
+
+def glue_samples(dataset_url: str) -> tuple[int, int]:
+    """Concatenate `samples_*.jsonl` into `samples.jsonl`, numbered files in numeric order (the seed
+    takes directory order, which is arbitrary); returns (files, records). A line that is not JSON
+    stops it before anything is published."""
+    found = [m for name in io.listdir(dataset_url) if (m := GLUE_PATTERN.match(name))]
+    found.sort(key=lambda m: (0, int(m[1]), "") if m[1].isdigit() else (1, 0, m[1]))
+    if not found:
+        raise StageError(f"{dataset_url}: no samples_*.jsonl files to glue")
+    count = 0
+    with staged_file(io.join(dataset_url, GLUED)) as tmp, tmp.open("wb") as out:
+        for m in found:
+            records = shards.read_jsonl(io.join(dataset_url, m[0]))
+            out.write(shards.jsonl_bytes(records))
+            count += len(records)
+    return len(found), count
 
 
 def remove_shard_files(dataset_url: str, plan: dict[str, list[int]]) -> int:
@@ -175,6 +186,10 @@ def run(config: TrainerConfig) -> int:
         raise ConfigError("merge.dataset_path is required (flag --dataset_path)")
     if not io.isdir(dataset_url):
         raise ConfigError(f"dataset directory not found: {dataset_url}")
+    if config.merge.only_glue_samples:
+        files, records = glue_samples(dataset_url)
+        print(f"{GLUED}: {records} samples from {files} files")
+        return 0
     record = merge(dataset_url, config.merge.remove_shards, codebook_size_of(dataset_url, config))
     for split, stats in record["splits"].items():
         print(f"{split}: {stats['samples']} samples, {stats['codes']} codes ({len(stats['shards'])} shards merged)")

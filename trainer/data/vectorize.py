@@ -14,6 +14,7 @@ Every non-blank manifest line ends in exactly one samples file or rejects file, 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -38,6 +39,9 @@ from trainer.errors import ConfigError, StageError
 
 log = logging.getLogger(__name__)
 
+# The seed's --dry_run takes batch_size x world_size x 50 samples.
+DRY_RUN_BATCHES = 50
+
 FLAGS = {
     "codec_model_path": "vectorize.codec_model_path",
     "batch_size": "vectorize.batch_size",
@@ -45,6 +49,21 @@ FLAGS = {
     "output_dir": "vectorize.output_dir",
     "run_name": "vectorize.run_name",
     "use_wandb": "vectorize.use_wandb",
+    "val_split": "vectorize.val_fraction",
+    "num_workers": "vectorize.num_workers",
+    "dry_run": "vectorize.dry_run",
+    "compile_model": "vectorize.compile_model",
+}
+FLAG_NOTES = {
+    "val_split": (
+        "the fraction goes to val as in the seed, but val samples are those whose id hashes below it "
+        "(stable across resumes, ranks and shard sizes), not the last samples of each rank"
+    ),
+    "num_workers": "threads that read and decode audio ahead of the codec (the seed: DataLoader processes)",
+    "dry_run": (
+        f"vectorizes only the first batch_size x world_size x {DRY_RUN_BATCHES} manifest lines into output_dir "
+        "(the seed counts samples that pass its text filters); resuming that directory without --dry_run is refused"
+    ),
 }
 
 SUMMARY = "vectorize_summary.json"
@@ -83,11 +102,14 @@ class Unit:
         return h.hexdigest()
 
 
-def iter_units(manifest_url: str, size: int, keep: Callable[[int], bool]) -> Iterator[Unit | int]:
-    """Stream the manifest in blocks of `size` lines. Units for which `keep(index)` is False are not
-    held in memory: their index alone is yielded, so the caller still learns how many units exist."""
+def iter_units(
+    manifest_url: str, size: int, keep: Callable[[int], bool], max_lines: int | None = None
+) -> Iterator[Unit | int]:
+    """Stream the manifest (its first `max_lines` lines when given) in blocks of `size` lines. Units
+    for which `keep(index)` is False are not held in memory: their index alone is yielded, so the
+    caller still learns how many units exist."""
     index, lines, last_line = 0, [], 0
-    for line_no, text in read_lines(manifest_url):
+    for line_no, text in itertools.islice(read_lines(manifest_url), max_lines):
         last_line = line_no
         if keep(index):
             lines.append((line_no, text))
@@ -374,9 +396,14 @@ def push_summary(summary: dict[str, Any], gateway_url: str | None, run_name: str
 
 
 # ---------------------------------------------------------------------------------------------- run
-def dataset_info(config: TrainerConfig, codec: Any) -> dict[str, Any]:
+def dry_run_lines(config: TrainerConfig, world_size: int) -> int | None:
     v = config.vectorize
-    return {
+    return v.batch_size * world_size * DRY_RUN_BATCHES if v.dry_run else None
+
+
+def dataset_info(config: TrainerConfig, codec: Any, max_lines: int | None = None) -> dict[str, Any]:
+    v = config.vectorize
+    info = {
         "codebook_size": int(codec.codebook_size),
         "token_rate": int(codec.token_rate),
         "codec_model_path": v.codec_model_path,
@@ -386,6 +413,9 @@ def dataset_info(config: TrainerConfig, codec: Any) -> dict[str, Any]:
         "val_fraction": v.val_fraction,
         "filters": config.dataset.model_dump(mode="json", exclude={"enable_rlhf_training"}),
     }
+    if max_lines is not None:  # only then, so directories written before this key still resume
+        info["dry_run_lines"] = max_lines
+    return info
 
 
 def claim_output_dir(output_dir: str, info: dict[str, Any]) -> None:
@@ -394,9 +424,9 @@ def claim_output_dir(output_dir: str, info: dict[str, Any]) -> None:
     url = io.join(output_dir, shards.DATASET_INFO)
     if io.exists(url):
         previous = io.read_json(url)
-        changed = [k for k in info if previous.get(k) != info[k]]
+        changed = [k for k in {**previous, **info} if previous.get(k) != info.get(k)]
         if changed:
-            details = "; ".join(f"{k}: {previous.get(k)!r} -> {info[k]!r}" for k in changed)
+            details = "; ".join(f"{k}: {previous.get(k)!r} -> {info.get(k)!r}" for k in changed)
             raise ConfigError(
                 f"{output_dir} holds a vectorize run with other settings ({details}); "
                 "use a new output_dir or restore the settings to resume"
@@ -405,10 +435,17 @@ def claim_output_dir(output_dir: str, info: dict[str, Any]) -> None:
     io.write_json_atomic(url, info)
 
 
-def load_codec(path: str) -> Any:
+def load_codec(path: str, compile_model: bool = False) -> Any:
     from trainer.codec import Codec
 
-    return Codec.load(path, device=distributed.device(), components=("encoder",))
+    codec = Codec.load(path, device=distributed.device(), components=("encoder",))
+    if compile_model:
+        import torch
+
+        # The whole encoder forward (acoustic encoder, semantic adapter, FSQ), as the seed compiles
+        # its encoder; dynamic, as every length bucket has its own shape.
+        codec.encode_tensor = torch.compile(codec.encode_tensor, dynamic=True)
+    return codec
 
 
 def run(config: TrainerConfig) -> int:
@@ -423,15 +460,18 @@ def run(config: TrainerConfig) -> int:
     rank, world = distributed.rank(), distributed.world_size()
     metrics.serve(config.metrics.port)
 
-    codec = load_codec(v.codec_model_path)
+    codec = load_codec(v.codec_model_path, v.compile_model)
     output_dir = str(v.output_dir)
     io.makedirs(output_dir)
-    claim_output_dir(output_dir, dataset_info(config, codec))
+    max_lines = dry_run_lines(config, world)
+    claim_output_dir(output_dir, dataset_info(config, codec, max_lines))
 
     progress = Progress(enabled=rank == 0)
     vectorizer = Vectorizer(config, codec, output_dir, progress)
     units = 0
-    for unit in iter_units(v.dataset_path, v.samples_per_shard, keep=lambda i: i % world == rank):
+    if max_lines is not None:
+        log.info("dry run: vectorizing the first %d manifest lines only", max_lines)
+    for unit in iter_units(v.dataset_path, v.samples_per_shard, keep=lambda i: i % world == rank, max_lines=max_lines):
         units += 1
         if not isinstance(unit, Unit):
             continue
