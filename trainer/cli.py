@@ -1,7 +1,9 @@
 """`tts-train <stage>`: the one entry point of every stage, on a laptop, under torchrun, in a pod.
 
 Each stage lives in its own module, imported only when run (so `--help` is instant), which defines
-`FLAGS` (the seed trainer's command-line flags -> config key paths) and `run(config) -> int`.
+`FLAGS` (the seed trainer's command-line flags -> config key paths) and `run(config) -> int`, and
+optionally `NOTED_FLAGS` (reference flags accepted with a warning saying what happens instead) and
+`REFUSED_FLAGS` (reference flags that exit 2 with the reason).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from trainer.config import load_config
+from trainer.config_compat import stage_notes
 from trainer.errors import ConfigError, StageError
 
 STAGES: dict[str, tuple[str, str]] = {
@@ -27,7 +30,9 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(stage: str | None = None, flags: dict[str, str] | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    stage: str | None = None, flags: dict[str, str] | None = None, others: dict[str, str] | None = None
+) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tts-train",
         description="SpeechLM TTS trainer stages. Each stage reads one config (YAML/JSON) plus overrides.",
@@ -46,6 +51,8 @@ def build_parser(stage: str | None = None, flags: dict[str, str] | None = None) 
                     f"--{flag}", dest=f"flag_{flag}", nargs="?", const="true", default=None,
                     help=f"sets {key}",
                 )
+            for flag, why in (others or {}).items():
+                p.add_argument(f"--{flag}", dest=f"flag_{flag}", nargs="?", const="true", default=None, help=why)
     return parser
 
 
@@ -59,12 +66,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     stage = argv[0] if argv and argv[0] in STAGES else None
     module = _load_stage(stage) if stage else None
     flags: dict[str, str] = getattr(module, "FLAGS", {}) if module else {}
-    parser = build_parser(stage, flags)
+    noted: dict[str, str] = getattr(module, "NOTED_FLAGS", {}) if module else {}
+    refused: dict[str, str] = getattr(module, "REFUSED_FLAGS", {}) if module else {}
+    parser = build_parser(stage, flags, {**noted, **refused})
     args = parser.parse_args(argv)
     if args.stage is None:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for flag, why in refused.items():
+        if getattr(args, f"flag_{flag}") not in (None, "false", "False", "0"):
+            print(f"error: --{flag} is not supported: {why}", file=sys.stderr)
+            return 2
+    for flag, why in noted.items():
+        if getattr(args, f"flag_{flag}") is not None:
+            logging.getLogger("trainer.cli").warning("--%s: %s", flag, why)
     overrides = list(args.overrides)
     for flag, key in flags.items():
         value = getattr(args, f"flag_{flag}")
@@ -72,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides.append(f"{key}={value}")
     try:
         config = load_config(args.config, overrides)
+        stage_notes(config, args.stage)
         return int(module.run(config) or 0)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from trainer import io
+from trainer.config import DatasetConfig
+from trainer.data.filters import check_sample
 from trainer.data.mixing import epoch_picks
 from trainer.data.packing import PackingStats, pack_rows, packing_stats, single_rows
 from trainer.data.shards import DATASET_INFO, read_jsonl, shard_files, shard_ids
@@ -43,7 +45,9 @@ def _open_npy(url: str, cache_dir: Path) -> np.ndarray:
 class VectorizedSplit:
     """One split ("train" | "val") of a vectorized dataset, merged or sharded."""
 
-    def __init__(self, url: str, split: str, cache_dir: Path | None = None):
+    def __init__(
+        self, url: str, split: str, cache_dir: Path | None = None, dataset_filter: DatasetConfig | None = None
+    ):
         self.url = url.rstrip("/")
         self.split = split
         if not io.isdir(self.url):
@@ -61,6 +65,8 @@ class VectorizedSplit:
         self.codes: list[np.ndarray] = []
         self.index: list[np.ndarray] = []
         texts: list[str] = []
+        rejected: list[bool] = []
+        reasons: dict[str, int] = {}
         for files in parts:
             codes = _open_npy(io.join(self.url, files.codes), cache)
             index = np.asarray(_open_npy(io.join(self.url, files.index), cache), dtype=np.int64)
@@ -70,7 +76,17 @@ class VectorizedSplit:
             self.codes.append(codes)
             self.index.append(index)
             texts.extend(str(r["transcript"]) for r in records)
+            for record in records if dataset_filter is not None else ():
+                rejection = check_sample(record, dataset_filter)
+                rejected.append(rejection is not None)
+                if rejection:
+                    reasons[rejection.reason] = reasons.get(rejection.reason, 0) + 1
         self.texts = texts
+        # Samples the `dataset` filters reject at load (never trained on).
+        self.rejected = np.array(rejected, dtype=bool) if dataset_filter is not None else np.zeros(len(texts), bool)
+        if reasons:
+            log.info("%s (%s): dataset filters reject %d of %d samples: %s", self.url, split,
+                     int(self.rejected.sum()), len(texts), reasons)
         self._part_start = np.cumsum([0] + [len(i) - 1 for i in self.index])
         self.num_codes = np.concatenate([np.diff(i) for i in self.index]) if self.index else np.zeros(0, int)
         info_url = io.join(self.url, DATASET_INFO)
@@ -143,6 +159,7 @@ class PackedData:
         rank: int = 0,
         world_size: int = 1,
         codebook_size: int | None = None,
+        dataset_filter: DatasetConfig | None = None,
     ):
         if not weighted:
             raise ConfigError(f"{split}_weighted_datasets is empty: name at least one vectorized dataset")
@@ -156,7 +173,7 @@ class PackedData:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.datasets = [VectorizedSplit(url, split) for url in weighted]
+        self.datasets = [VectorizedSplit(url, split, dataset_filter=dataset_filter) for url in weighted]
         self.weights = list(weighted.values())
         if codebook_size is not None:
             for ds in self.datasets:
@@ -168,12 +185,13 @@ class PackedData:
             texts = [prompt.clean_text(t) for t in ds.texts]
             text_len = np.array([len(ids) for ids in prompt.tokenizer(texts, add_special_tokens=False)["input_ids"]])
             lengths = overhead + text_len.astype(np.int64) + ds.num_codes
-            keep = (lengths <= self.max_len) & (ds.num_codes > 0)
-            if (~keep).any():
+            fits = (lengths <= self.max_len) & (ds.num_codes > 0)
+            if (~fits).any():
                 log.warning(
                     "%s (%s): skipping %d of %d samples longer than %d tokens or without codes",
-                    ds.url, split, int((~keep).sum()), len(ds), self.max_len,
+                    ds.url, split, int((~fits).sum()), len(ds), self.max_len,
                 )
+            keep = fits & ~ds.rejected
             self.lengths.append(lengths)
             self.keep.append(keep)
         self._plan_epoch: int | None = None
