@@ -479,11 +479,12 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
 def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        lines.append(f"{loc}: {msg[:1].lower()}{msg[1:]}")
+        # Root-level messages (the reference-key mapping) name their key path themselves.
+        lines.append(f"{loc}: {msg[:1].lower()}{msg[1:]}" if loc else msg)
     return "\n".join(lines)
 
 

@@ -111,7 +111,9 @@ def _lora(raw: dict[str, Any]) -> None:
             ours[target] = ref.pop(key)
     if ours.get("target_modules") in ([], None):
         ours["target_modules"] = "all-linear"  # the reference's default: every linear layer
-    ours.update(ref)  # anything left is unknown: validation reports it under modeling.lora
+    if ref:
+        raise CompatError(f"lora.{sorted(ref)[0]}: not a key of the reference's lora section (task_type, r, "
+                          "lora_alpha, target_modules, lora_dropout, bias, adapter_path)")
     if isinstance(modeling, dict):
         modeling["lora"] = ours
 
