@@ -11,7 +11,7 @@ import torch
 from speech_fixtures import make_codec, make_dataset, make_model
 
 from trainer.cli import main
-from trainer.config import RlhfConfig, load_config
+from trainer.config import DatasetConfig, RlhfConfig, load_config
 from trainer.data.shards import read_shard
 from trainer.errors import ConfigError
 from trainer.metrics import read_scalars
@@ -79,7 +79,7 @@ def test_prompts_pair_reference_with_next_sample_of_the_shard(artefacts):
                    for p in prompts)
     assert len(build_prompts({str(data): 1.0}, "train", fmt, shortest, None, seed=0)) < len(prompts)
     with pytest.raises(Exception, match="no usable GRPO prompts"):
-        build_prompts({str(data): 1.0}, "train", fmt, 100_000, ["zh"], seed=0)
+        build_prompts({str(data): 1.0}, "train", fmt, 100_000, DatasetConfig(allowed_languages=["zh"]), seed=0)
 
 
 def test_generation_is_restricted_to_audio_tokens_and_min_length(artefacts):

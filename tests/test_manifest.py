@@ -82,11 +82,11 @@ def test_sample_id_falls_back_to_wav_path():
         ({"transcript": "   "}, {}, "empty_transcript"),
         ({"transcript": "?!... --"}, {}, "punctuation_only_transcript"),
         ({"language": "fr"}, {"allowed_languages": ["en"]}, "language_not_allowed"),
-        ({"dnsmos": 2.0}, {"min_dnsmos": 3.0}, "low_dnsmos"),
+        ({"dnsmos": 2.0}, {"min_dnsmos_score": 3.0}, "low_dnsmos"),
         ({"language": "EN-gb"}, {"allowed_languages": ["en"]}, None),
         ({"transcript": "Привет, мир"}, {}, None),
         ({"dnsmos": 2.0}, {}, None),  # no threshold configured
-        ({}, {"min_dnsmos": 3.0}, None),  # no dnsmos given
+        ({}, {"min_dnsmos_score": 3.0}, None),  # no dnsmos given
     ],
 )
 def test_check_record(change, config, reason):

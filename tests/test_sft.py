@@ -214,10 +214,13 @@ def test_merge_lora_state_dict_matches_peft():
         assert torch.allclose(merged[key], reference[key], atol=1e-6), key
 
 
-def test_dry_run_does_one_step_and_writes_no_checkpoint(data_dir, tmp_path):
+def test_dry_run_computes_one_loss_without_training(data_dir, tmp_path, capsys):
     cfg = _write_config(tmp_path / "d.json", sft_config(data_dir, tmp_path))
     assert main(["sft", "--config", str(cfg), "--dry_run"]) == 0
-    assert sorted(_losses(tmp_path / "t")) == [1]
+    out = capsys.readouterr().out
+    plan = json.loads(out[out.index("{"):])
+    assert plan["problems"] == [] and plan["first_batch_loss"] > 0 and plan["schedule"]["total_steps"] == 20
+    assert not (tmp_path / "t" / "metrics.jsonl").exists()  # no step taken
     assert not (tmp_path / "t" / "checkpoints").exists() and not (tmp_path / "t" / "final_model").exists()
 
 

@@ -200,7 +200,8 @@ def test_bad_inputs_are_rejected_with_reasons(codec_dir, tmp_path):
     before = {r: REGISTRY.get_sample_value("speechlm_vectorize_rejects_total", {"reason": r}) or 0 for r in counted}
     with pushgateway() as pushed:
         code = vectorize(
-            codec_dir, manifest, out, "--set", 'dataset.allowed_languages=["en"]', "--set", "dataset.min_dnsmos=3.0",
+            codec_dir, manifest, out, "--set", 'dataset.allowed_languages=["en"]',
+            "--set", "dataset.min_dnsmos_score=3.0",
             "--set", f"vectorize.pushgateway_url={pushed['url']}", "--run_name", "bad",
         )
     assert code == 1  # more than half the lines are rejected (vectorize.max_reject_fraction = 0.5)

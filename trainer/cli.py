@@ -2,7 +2,9 @@
 
 Each stage lives in its own module, imported only when run (so `--help` is instant), which defines
 `FLAGS` (the seed trainer's command-line flags -> config key paths) and `run(config) -> int`, and
-optionally `FLAG_NOTES` (flag -> how it differs from the seed's, shown in --help and warned on use).
+optionally `NOTED_FLAGS` (reference flags accepted with a warning saying what happens instead or how
+ours differs; a noted flag that is also in `FLAGS` still sets its key) and `REFUSED_FLAGS` (reference
+flags that exit 2 with the reason).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from trainer.config import load_config
+from trainer.config_compat import stage_notes
 from trainer.errors import ConfigError, StageError
 
 STAGES: dict[str, tuple[str, str]] = {
@@ -29,7 +32,7 @@ STAGES: dict[str, tuple[str, str]] = {
 
 
 def build_parser(
-    stage: str | None = None, flags: dict[str, str] | None = None, notes: dict[str, str] | None = None
+    stage: str | None = None, flags: dict[str, str] | None = None, others: dict[str, str] | None = None
 ) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tts-train",
@@ -45,10 +48,14 @@ def build_parser(
         )
         if name == stage:
             for flag, key in (flags or {}).items():
+                note = (others or {}).get(flag)
                 p.add_argument(
                     f"--{flag}", dest=f"flag_{flag}", nargs="?", const="true", default=None,
-                    help=f"sets {key}" + (f"; {notes[flag]}" if notes and flag in notes else ""),
+                    help=f"sets {key}" + (f"; {note}" if note else ""),
                 )
+            for flag, why in (others or {}).items():
+                if flag not in (flags or {}):
+                    p.add_argument(f"--{flag}", dest=f"flag_{flag}", nargs="?", const="true", default=None, help=why)
     return parser
 
 
@@ -62,22 +69,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     stage = argv[0] if argv and argv[0] in STAGES else None
     module = _load_stage(stage) if stage else None
     flags: dict[str, str] = getattr(module, "FLAGS", {}) if module else {}
-    notes: dict[str, str] = getattr(module, "FLAG_NOTES", {}) if module else {}
-    parser = build_parser(stage, flags, notes)
+    noted: dict[str, str] = getattr(module, "NOTED_FLAGS", {}) if module else {}
+    refused: dict[str, str] = getattr(module, "REFUSED_FLAGS", {}) if module else {}
+    parser = build_parser(stage, flags, {**noted, **refused})
     args = parser.parse_args(argv)
     if args.stage is None:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for flag, why in refused.items():
+        if getattr(args, f"flag_{flag}") not in (None, "false", "False", "0"):
+            print(f"error: --{flag} is not supported: {why}", file=sys.stderr)
+            return 2
+    for flag, why in noted.items():
+        if getattr(args, f"flag_{flag}") is not None:
+            logging.getLogger("trainer.cli").warning("--%s: %s", flag, why)
     overrides = list(args.overrides)
     for flag, key in flags.items():
         value = getattr(args, f"flag_{flag}")
         if value is not None:
             overrides.append(f"{key}={value}")
-            if flag in notes:
-                logging.getLogger("trainer.cli").warning("--%s: %s", flag, notes[flag])
     try:
         config = load_config(args.config, overrides)
+        stage_notes(config, args.stage)
         return int(module.run(config) or 0)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

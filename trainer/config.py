@@ -4,7 +4,8 @@ The section names and keys follow the seed trainer's JSON configs (`training`, `
 `checkpointing`, `train_weighted_datasets`, `val_weighted_datasets`, `dataset`, `rlhf_training`) so its
 files load unchanged; stages we add (`codec`, `vectorize`, `export`, `infer`, `eval`, `metrics`) get
 sections of their own. Every model forbids unknown keys: a typo fails at load with its key path,
-before any GPU time is spent.
+before any GPU time is spent. The reference's own key names and sections (betas, warmup_ratio, the
+top-level `lora`, the flat `codec` section, run-time values) are mapped by `trainer.config_compat`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class TrainingConfig(Section):
     max_steps: int | None = Field(None, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     warmup_steps: int = Field(0, ge=0)
+    # Warmup as a fraction of the run's optimiser steps (the reference's key); excludes warmup_steps.
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.01, ge=0)
@@ -48,6 +51,8 @@ class TrainingConfig(Section):
     adam_beta2: float = Field(0.95, ge=0, lt=1)
     adam_eps: float = Field(1e-8, gt=0)
     max_grad_norm: float = Field(1.0, ge=0)
+    # Element-wise gradient clipping to [-v, v] (the reference's `gradient_clip_value`; ddp/fsdp only).
+    gradient_clip_value: float | None = Field(None, gt=0)
     gradient_checkpointing: bool = False
     compile_model: bool = False
     # Sequence packing: whole samples packed into rows of `pack_length` tokens, attention kept per sample.
@@ -59,7 +64,20 @@ class TrainingConfig(Section):
     output_dir: str = "experiments"
     run_name: str = "run"
     use_wandb: bool = False
+    # W&B project (None: wandb's own default, e.g. $WANDB_PROJECT).
+    project_name: str | None = None
     dry_run: bool = False
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TrainingConfig:
+        if self.warmup_ratio is not None and self.warmup_steps:
+            raise ValueError("warmup_steps and warmup_ratio are both set; use one")
+        return self
+
+    def warmup(self, total_steps: int) -> int:
+        """Warmup steps of a run of `total_steps` optimiser steps."""
+        steps = int(self.warmup_ratio * total_steps) if self.warmup_ratio is not None else self.warmup_steps
+        return min(steps, total_steps)
 
 
 class LoraConfig(Section):
@@ -69,6 +87,8 @@ class LoraConfig(Section):
     dropout: float = Field(0.05, ge=0, lt=1)
     # "all-linear" (peft's shortcut) or explicit module names, e.g. ["q_proj", "v_proj"].
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    # A peft adapter directory whose weights start training (None: fresh adapter).
+    adapter_path: str | None = None
 
 
 class ModelParameters(Section):
@@ -92,26 +112,36 @@ class ModelingConfig(Section):
 
 class CheckpointingConfig(Section):
     save_steps: int = Field(1000, gt=0)
-    keep_only_last_n_checkpoints: int = Field(3, gt=0)
+    # None: keep every checkpoint.
+    keep_only_last_n_checkpoints: int | None = Field(3, gt=0)
     # A checkpoint directory/URL to resume from; "auto" = the latest complete checkpoint of this run.
     checkpoint_file_to_resume_from: str | None = None
+    # Take only the model weights from the resumed checkpoint: optimiser, schedule and data order start fresh.
+    only_load_model_weights: bool = False
     resume: Literal["auto", "never"] = "auto"
 
 
 class DatasetConfig(Section):
     enable_rlhf_training: bool = False
-    # None: every language is accepted. Case-insensitive; "en" also admits "en-GB" (primary subtag).
+    # None or []: every language is accepted. Case-insensitive; "en" also admits "en-GB" (primary subtag).
     allowed_languages: list[str] | None = None
-    # Filters below judge the audio file itself, not the manifest's declared values.
-    min_sample_rate: int = Field(16000, gt=0)
-    # Applies only to records that carry a "dnsmos" field.
-    min_dnsmos: float | None = None
+    # The filters apply at vectorize (rates/durations of the audio file itself) and again when SFT/RLHF
+    # load a vectorized dataset (the values its sample records carry), as the reference filters at load.
+    min_sample_rate: int = Field(16000, ge=0)
+    # Reads the record's "dnsmos_mos_ovr" (the reference's field; else "dnsmos"). Records without a score
+    # are kept (the reference scores them 0 and drops them all). None or 0: no filter.
+    min_dnsmos_score: float | None = None
     min_duration: float = Field(0.5, ge=0)
     max_duration: float = Field(30.0, gt=0)
     min_chars_per_second: float = Field(2.0, ge=0)
     max_chars_per_second: float = Field(35.0, gt=0)
     # A declared duration further than this from the file's is noted on the sample (the file wins).
     duration_tolerance_s: float = Field(0.1, ge=0)
+
+    @field_validator("allowed_languages")
+    @classmethod
+    def _empty_is_no_filter(cls, value: list[str] | None) -> list[str] | None:
+        return value or None
 
     @model_validator(mode="after")
     def _ranges(self) -> DatasetConfig:
@@ -269,6 +299,13 @@ class CodecTrainConfig(Section):
     log_steps: int = Field(10, gt=0)
     save_steps: int = Field(500, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
+    # Manifest records declaring a lower sample rate are not trained on (the reference's
+    # codec.minimum_data_sample_rate).
+    min_sample_rate: int = Field(0, ge=0)
+    # Checkpoints and metrics go to output_dir/run_name when set (the reference's --run_name).
+    run_name: str | None = None
+    # Build codec, discriminators and data, compute the losses of one batch, exit (no step, no files).
+    dry_run: bool = False
     # Resume from the latest complete checkpoint under output_dir/checkpoints.
     resume: bool = True
     # Clips whose loss is measured before and after training (eval_mel_loss in metrics.jsonl).
@@ -393,6 +430,15 @@ class TrainerConfig(Section):
     eval: EvalConfig = EvalConfig()
     metrics: MetricsConfig = MetricsConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _reference_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        from trainer.config_compat import from_reference
+
+        return from_reference(data)
+
     @field_validator("train_weighted_datasets", "val_weighted_datasets")
     @classmethod
     def _weights_positive(cls, value: dict[str, float]) -> dict[str, float]:
@@ -439,11 +485,12 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
 def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        lines.append(f"{loc}: {msg[:1].lower()}{msg[1:]}")
+        # Root-level messages (the reference-key mapping) name their key path themselves.
+        lines.append(f"{loc}: {msg[:1].lower()}{msg[1:]}" if loc else msg)
     return "\n".join(lines)
 
 

@@ -47,6 +47,15 @@ FLAGS: dict[str, str] = {
     "learning_rate": "codec.train.learning_rate",
     "decoder_only": "codec.train.decoder_only",
     "init_from": "codec.train.init_from",
+    # The reference's train_codec.py flags; the run directory is <experiment_dir>/<run_name> as there.
+    "run_name": "codec.train.run_name",
+    "experiment_dir": "codec.train.output_dir",
+    "seed": "codec.train.seed",
+    "dry_run": "codec.train.dry_run",
+}
+NOTED_FLAGS = {
+    "use_wandb": "codec-train does not log to W&B; its losses go to <output_dir>/metrics.jsonl and Prometheus",
+    "project_name": "codec-train does not log to W&B (no project to name); see metrics.jsonl and Prometheus",
 }
 
 LOSS = Gauge("speechlm_codec_loss", "Latest codec training loss", ["loss"])
@@ -64,22 +73,31 @@ class Clips:
     An unreadable file is logged and counted once, then never read again; training goes on.
     """
 
-    def __init__(self, manifest_url: str, frames: int, output_rate: int, token_rate: int):
+    def __init__(self, manifest_url: str, frames: int, output_rate: int, token_rate: int, min_sample_rate: int = 0):
         if not io.exists(manifest_url):
             raise ConfigError(f"codec.train.dataset_path: manifest not found: {manifest_url}")
         base = manifest_url.rstrip("/").rsplit("/", 1)[0] if "/" in manifest_url else "."
         self.paths = []
+        self.low_rate = 0  # records under codec.train.min_sample_rate
         for n, line in enumerate(io.read_text(manifest_url).splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                wav_path = json.loads(line)["wav_path"]
+                record = json.loads(line)
+                wav_path = record["wav_path"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 log.warning("%s:%d: not a manifest record with wav_path; skipped", manifest_url, n)
                 continue
+            rate = record.get("sample_rate")
+            if isinstance(rate, (int, float)) and rate < min_sample_rate:
+                self.low_rate += 1
+                continue
             self.paths.append(wav_path if "://" in wav_path or wav_path.startswith("/") else io.join(base, wav_path))
+        if self.low_rate:
+            log.info("%s: %d records below %d Hz not trained on", manifest_url, self.low_rate, min_sample_rate)
         if not self.paths:
-            raise StageError(f"{manifest_url} lists no audio")
+            where = f" at >= {min_sample_rate} Hz" if self.low_rate else ""
+            raise StageError(f"{manifest_url} lists no audio{where}")
         self.frames = frames
         self.output_rate = output_rate
         self.in_hop = 16000 // token_rate
@@ -242,8 +260,29 @@ def _resume(train: CodecTrainConfig, codec: Codec, disc: nn.Module, g_opt, d_opt
     return int(extra["step"])
 
 
+def _dry_run(codec: Codec, disc: nn.Module, mel_loss: nn.Module, clips: Clips, train: CodecTrainConfig,
+             rng: random.Random, device: torch.device) -> int:
+    """The reference's codec dry run: the losses of one batch, no backward pass, nothing written."""
+    x, y = clips.batch(train.batch_size, rng)
+    x, y = x.to(device), y.to(device)
+    with torch.no_grad():
+        fake, saturation = Generator(codec, train.decoder_only)(x, codec.semantic_features(list(x.cpu().numpy())))
+        outputs = disc(torch.cat([y, fake.float()]))
+        fake_out = [[f[len(y) :] for f in maps] for maps in outputs]
+        losses = {"mel_loss": float(mel_loss(fake.float(), y)), "adv_loss": float(adversarial_loss(fake_out)),
+                  "fsq_saturation_loss": float(saturation)}
+    parameters = sum(p.numel() for p in codec.parameters())
+    print(json.dumps({"stage": "codec-train", "output_dir": train.output_dir, "codec_parameters": parameters,
+                      "clips": len(clips.paths), "batch_size": train.batch_size, **losses}, indent=2))
+    log.info("dry run done: codec, discriminators and data are valid; nothing trained or written")
+    distributed.shutdown()
+    return 0
+
+
 def run(config: TrainerConfig) -> int:
     train = config.codec.train
+    if train.run_name:
+        train = train.model_copy(update={"output_dir": io.join(train.output_dir, train.run_name)})
     distributed.init(config.training.process_group_timeout_s)
     device = distributed.device()
     rank, world = distributed.rank(), distributed.world_size()
@@ -254,12 +293,14 @@ def run(config: TrainerConfig) -> int:
 
     model_cfg = config.codec.model
     frames = max(1, round(train.segment_seconds * model_cfg.token_rate))
-    clips = Clips(train.dataset_path, frames, model_cfg.sample_rate, model_cfg.token_rate)
+    clips = Clips(train.dataset_path, frames, model_cfg.sample_rate, model_cfg.token_rate, train.min_sample_rate)
 
     codec = _build_codec(config).to(device).train()
     params = _trainable(codec, train.decoder_only)
     disc = Discriminators(train.mpd_periods, train.stft_disc_fft_sizes, train.disc_channels).to(device)
     mel_loss = MultiResolutionMelLoss(model_cfg.sample_rate, tuple(train.mel_fft_sizes)).to(device)
+    if train.dry_run:
+        return _dry_run(codec, disc, mel_loss, clips, train, rng, device)
     g_opt = torch.optim.AdamW(params, lr=train.learning_rate, betas=(0.8, 0.99))
     d_opt = torch.optim.AdamW(disc.parameters(), lr=train.disc_learning_rate, betas=(0.8, 0.99))
     step = _resume(train, codec, disc, g_opt, d_opt)

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from trainer import io
+from trainer.config import DatasetConfig
+from trainer.data.filters import check_sample
 from trainer.data.mixing import epoch_picks
 from trainer.data.packing import PackingStats, pack_rows, packing_stats, single_rows
 from trainer.data.shards import DATASET_INFO, bounds_of, open_codes, read_index, read_jsonl, shard_files, shard_ids
@@ -35,7 +37,9 @@ PAD_MULTIPLE = 16
 class VectorizedSplit:
     """One split ("train" | "val") of a vectorized dataset, merged or sharded."""
 
-    def __init__(self, url: str, split: str, cache_dir: Path | None = None):
+    def __init__(
+        self, url: str, split: str, cache_dir: Path | None = None, dataset_filter: DatasetConfig | None = None
+    ):
         self.url = url.rstrip("/")
         self.split = split
         if not io.isdir(self.url):
@@ -53,6 +57,8 @@ class VectorizedSplit:
         self.codes: list[np.ndarray] = []
         self.bounds: list[np.ndarray] = []  # per part, N+1 sample boundaries
         texts: list[str] = []
+        rejected: list[bool] = []
+        reasons: dict[str, int] = {}
         for files in parts:
             codes = open_codes(io.join(self.url, files.codes), cache)
             records = read_jsonl(io.join(self.url, files.samples))
@@ -60,7 +66,17 @@ class VectorizedSplit:
             self.codes.append(codes)
             self.bounds.append(bounds_of(index, len(records), len(codes), f"{self.url}/{files.index}"))
             texts.extend(str(r["transcript"]) for r in records)
+            for record in records if dataset_filter is not None else ():
+                rejection = check_sample(record, dataset_filter)
+                rejected.append(rejection is not None)
+                if rejection:
+                    reasons[rejection.reason] = reasons.get(rejection.reason, 0) + 1
         self.texts = texts
+        # Samples the `dataset` filters reject at load (never trained on).
+        self.rejected = np.array(rejected, dtype=bool) if dataset_filter is not None else np.zeros(len(texts), bool)
+        if reasons:
+            log.info("%s (%s): dataset filters reject %d of %d samples: %s", self.url, split,
+                     int(self.rejected.sum()), len(texts), reasons)
         self._part_start = np.cumsum([0] + [len(b) - 1 for b in self.bounds])
         self.num_codes = np.concatenate([np.diff(b) for b in self.bounds]) if self.bounds else np.zeros(0, int)
         info_url = io.join(self.url, DATASET_INFO)
@@ -133,6 +149,7 @@ class PackedData:
         rank: int = 0,
         world_size: int = 1,
         codebook_size: int | None = None,
+        dataset_filter: DatasetConfig | None = None,
     ):
         if not weighted:
             raise ConfigError(f"{split}_weighted_datasets is empty: name at least one vectorized dataset")
@@ -146,7 +163,7 @@ class PackedData:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.datasets = [VectorizedSplit(url, split) for url in weighted]
+        self.datasets = [VectorizedSplit(url, split, dataset_filter=dataset_filter) for url in weighted]
         self.weights = list(weighted.values())
         if codebook_size is not None:
             for ds in self.datasets:
@@ -158,12 +175,13 @@ class PackedData:
             texts = [prompt.clean_text(t) for t in ds.texts]
             text_len = np.array([len(ids) for ids in prompt.tokenizer(texts, add_special_tokens=False)["input_ids"]])
             lengths = overhead + text_len.astype(np.int64) + ds.num_codes
-            keep = (lengths <= self.max_len) & (ds.num_codes > 0)
-            if (~keep).any():
+            fits = (lengths <= self.max_len) & (ds.num_codes > 0)
+            if (~fits).any():
                 log.warning(
                     "%s (%s): skipping %d of %d samples longer than %d tokens or without codes",
-                    ds.url, split, int((~keep).sum()), len(ds), self.max_len,
+                    ds.url, split, int((~fits).sum()), len(ds), self.max_len,
                 )
+            keep = fits & ~ds.rejected
             self.lengths.append(lengths)
             self.keep.append(keep)
         self._plan_epoch: int | None = None

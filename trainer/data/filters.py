@@ -1,9 +1,11 @@
 """Which manifest records become training samples (the `dataset` config section).
 
-Two checks: `check_record` runs on the manifest record alone (cheap, before any audio is read);
-`check_audio` runs on what the audio file really holds, because declared durations and rates are
-often wrong. Each returns None (keep) or a `Rejection` whose `reason` is a short stable tag used in
-rejects files, summaries and metric labels.
+Two checks at vectorize: `check_record` runs on the manifest record alone (cheap, before any audio is
+read); `check_audio` runs on what the audio file really holds, because declared durations and rates are
+often wrong. `check_sample` runs both on a vectorized sample record when SFT/RLHF load a dataset (its
+duration and sample rate are the file's, measured at vectorize), as the reference filters at load.
+Each returns None (keep) or a `Rejection` whose `reason` is a short stable tag used in rejects files,
+summaries and metric labels.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ class Rejection:
 
 
 def language_allowed(language: str, allowed: list[str] | None) -> bool:
-    """Case-insensitive; an allowed "en" admits "en-GB"/"en_us" (same primary subtag)."""
-    if allowed is None:
+    """Case-insensitive; an allowed "en" admits "en-GB"/"en_us" (same primary subtag). None/[]: all."""
+    if not allowed:
         return True
     tag = language.strip().lower().replace("_", "-")
     allowed_tags = {a.strip().lower().replace("_", "-") for a in allowed}
@@ -45,10 +47,16 @@ def check_record(record: dict[str, Any], config: DatasetConfig) -> Rejection | N
         return Rejection(
             "language_not_allowed", f"language {record['language']!r} not in {config.allowed_languages}"
         )
-    dnsmos = record.get("dnsmos")
-    if config.min_dnsmos is not None and dnsmos is not None and dnsmos < config.min_dnsmos:
-        return Rejection("low_dnsmos", f"dnsmos {dnsmos} < {config.min_dnsmos}")
+    dnsmos = dnsmos_score(record)
+    if config.min_dnsmos_score and dnsmos is not None and dnsmos < config.min_dnsmos_score:
+        return Rejection("low_dnsmos", f"dnsmos {dnsmos} < {config.min_dnsmos_score}")
     return None
+
+
+def dnsmos_score(record: dict[str, Any]) -> float | None:
+    """The record's DNSMOS overall score: the reference's "dnsmos_mos_ovr", else our "dnsmos"."""
+    value = record.get("dnsmos_mos_ovr", record.get("dnsmos"))
+    return None if value is None else float(value)
 
 
 def check_audio(transcript: str, duration: float, sample_rate: int, config: DatasetConfig) -> Rejection | None:
@@ -80,3 +88,12 @@ def declared_mismatch_notes(
     if channels > 1:
         notes.append(f"downmixed: {channels} channels averaged to mono")
     return notes
+
+
+def check_sample(record: dict[str, Any], config: DatasetConfig) -> Rejection | None:
+    """Every `dataset` filter on a vectorized sample record (a record lacking duration or sample_rate
+    skips the checks that need them)."""
+    rejection = check_record(record, config)
+    if rejection or record.get("duration") is None or record.get("sample_rate") is None:
+        return rejection
+    return check_audio(record["transcript"], float(record["duration"]), int(record["sample_rate"]), config)

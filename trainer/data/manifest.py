@@ -1,6 +1,8 @@
 """Speech manifests in the seed format: one JSON object per line.
 
-    {"transcript", "language", "wav_path", "duration", "sample_rate"} + optional "id", "speaker_id", "dnsmos"
+    {"transcript", "language", "wav_path", "duration", "sample_rate"} + optional "id", "speaker_id", "dnsmos",
+    and the reference's optional "dnsmos_mos_ovr", "voice_description", "emotion", "style", "sound_effect"
+    (kept on the sample; "dnsmos_mos_ovr" feeds dataset.min_dnsmos_score)
 
 Manifests are streamed (local path or any fsspec URL, `.gz` etc. decompressed by suffix) so a
 multi-million-line manifest never sits in memory. A line that cannot become a record is returned as a
@@ -25,7 +27,8 @@ REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
     "duration": (int, float),
     "sample_rate": (int, float),
 }
-OPTIONAL_NUMERIC_FIELDS = ("dnsmos",)
+OPTIONAL_NUMERIC_FIELDS = ("dnsmos", "dnsmos_mos_ovr")
+OPTIONAL_STRING_FIELDS = ("voice_description", "emotion", "style", "sound_effect")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,10 @@ def parse_line(text: str) -> dict[str, Any] | LineError:
     for name in OPTIONAL_NUMERIC_FIELDS:
         value = record.get(name)
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            return LineError("invalid_field", f"{name} has type {type(value).__name__}", text)
+    for name in OPTIONAL_STRING_FIELDS:
+        value = record.get(name)
+        if value is not None and not isinstance(value, str):
             return LineError("invalid_field", f"{name} has type {type(value).__name__}", text)
     return record
 

@@ -54,7 +54,7 @@ FLAGS = {
     "dry_run": "vectorize.dry_run",
     "compile_model": "vectorize.compile_model",
 }
-FLAG_NOTES = {
+NOTED_FLAGS = {
     "val_split": (
         "the fraction goes to val as in the seed, but val samples are those whose id hashes below it "
         "(stable across resumes, ranks and shard sizes), not the last samples of each rank"

@@ -66,6 +66,13 @@ FLAGS = {
     "max_steps": "rlhf_training.max_steps",
     "run_name": "training.run_name",
     "output_dir": "training.output_dir",
+    # The reference's rlhf_main.py flags.
+    "experiment_dir": "training.output_dir",
+    "project_name": "training.project_name",
+    "use_wandb": "training.use_wandb",
+    "vllm_server_host": "rlhf_training.vllm_server_host",
+    "vllm_server_timeout": "rlhf_training.vllm_server_timeout_s",
+    "dry_run": "training.dry_run",
 }
 HF_CHECKPOINT_PREFIX = "checkpoint-"  # what transformers' Trainer writes; published as step_<N>
 
@@ -141,6 +148,7 @@ def grpo_args(config: TrainerConfig, hf_output_dir: str, vocab: AudioVocab, voca
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_steps,
+        warmup_ratio=t.warmup_ratio or 0.0,
         weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2,
@@ -230,7 +238,7 @@ class PublishCheckpoints(TrainerCallback):
     """Turns transformers' `checkpoint-<N>` into the SFT layout `checkpoints/step_<N>` (+ speechlm.json,
     the codec reference and the `_COMPLETE` marker), published atomically, and prunes old ones."""
 
-    def __init__(self, run: str, vocab: AudioVocab, codec_url: str, keep: int):
+    def __init__(self, run: str, vocab: AudioVocab, codec_url: str, keep: int | None):
         self.run = run
         self.vocab = vocab
         self.codec_url = codec_url
@@ -249,7 +257,7 @@ class PublishCheckpoints(TrainerCallback):
 
 def resume_source(config: TrainerConfig, run: str) -> str | None:
     ck = config.checkpointing
-    if ck.checkpoint_file_to_resume_from:
+    if ck.checkpoint_file_to_resume_from and not ck.only_load_model_weights:
         url = ck.checkpoint_file_to_resume_from
         if not io.exists(url):
             raise ConfigError(f"checkpointing.checkpoint_file_to_resume_from not found: {url}")
@@ -266,7 +274,7 @@ def resume_source(config: TrainerConfig, run: str) -> str | None:
 def _guard_prompts(config: TrainerConfig, prompt_format: PromptFormat):
     rl = config.rlhf_training
     kwargs = dict(prompt_format=prompt_format, max_prompt_length=rl.max_prompt_length,
-                  allowed_languages=config.dataset.allowed_languages, seed=config.training.seed,
+                  dataset_filter=config.dataset, seed=config.training.seed,
                   limit=rl.guard_rail_samples)
     if config.val_weighted_datasets:
         try:
@@ -277,18 +285,26 @@ def _guard_prompts(config: TrainerConfig, prompt_format: PromptFormat):
 
 
 def run(config: TrainerConfig) -> int:
+    if config.training.dry_run:
+        from trainer.plan import report, rlhf_plan
+
+        return report(rlhf_plan(config))
     validate(config)
     rl, t = config.rlhf_training, config.training
+    if t.use_wandb and t.project_name:
+        os.environ["WANDB_PROJECT"] = t.project_name  # read by transformers' WandbCallback
     run = run_url(config)
     metrics.serve(config.metrics.port)
     scalars = metrics.ScalarLog(io.join(run, "metrics.jsonl"), "rlhf")
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    model, tokenizer, vocab = load_speechlm(rl.base_model_dir)
+    ck = config.checkpointing
+    weights_only = ck.only_load_model_weights and ck.checkpoint_file_to_resume_from
+    model, tokenizer, vocab = load_speechlm(ck.checkpoint_file_to_resume_from if weights_only else rl.base_model_dir)
     prompt_format = PromptFormat(tokenizer, vocab, config.modeling.parameters.enable_text_normalization)
     train_prompts = build_prompts(
         config.train_weighted_datasets, "train", prompt_format, rl.max_prompt_length,
-        config.dataset.allowed_languages, t.seed,
+        config.dataset, t.seed,
     )
     guard_prompts = _guard_prompts(config, prompt_format)
 

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from trainer.data.filters import language_allowed
+from trainer.config import DatasetConfig
+from trainer.data.filters import check_sample
 from trainer.data.mixing import epoch_picks
 from trainer.data.shards import read_shard, shard_ids
 from trainer.errors import ConfigError, StageError
@@ -41,8 +42,11 @@ class _Sample:
     codes: np.ndarray
 
 
-def _read_shards(dataset_url: str, split: str) -> list[list[_Sample]]:
-    """Samples of `split`, grouped by shard (the merged split is one group)."""
+def _read_shards(
+    dataset_url: str, split: str, dataset_filter: DatasetConfig | None, rejected: dict[str, int]
+) -> list[list[_Sample]]:
+    """Samples of `split` that pass the `dataset` filters, grouped by shard (the merged split is one
+    group); rejections are counted into `rejected` by reason."""
     shards = shard_ids(dataset_url, split) or [None]
     groups = []
     for shard in shards:
@@ -51,12 +55,15 @@ def _read_shards(dataset_url: str, split: str) -> list[list[_Sample]]:
         except FileNotFoundError as err:
             raise ConfigError(f"{dataset_url}: no {split} split ({err})") from None
         name = f"{dataset_url}/{split}" + ("" if shard is None else f"_{shard}")
-        groups.append(
-            [
-                _Sample(f"{name}#{k}", str(r.get("transcript", "")), str(r.get("language", "en")), data.sample(k))
-                for k, r in enumerate(data.records)
-            ]
-        )
+        group = []
+        for k, r in enumerate(data.records):
+            rejection = check_sample(r, dataset_filter) if dataset_filter is not None else None
+            if rejection:
+                rejected[rejection.reason] = rejected.get(rejection.reason, 0) + 1
+                continue
+            group.append(_Sample(f"{name}#{k}", str(r.get("transcript", "")), str(r.get("language", "en")),
+                                 data.sample(k)))
+        groups.append(group)
     return groups
 
 
@@ -65,25 +72,23 @@ def build_prompts(
     split: str,
     prompt_format: PromptFormat,
     max_prompt_length: int,
-    allowed_languages: list[str] | None,
+    dataset_filter: DatasetConfig | None,
     seed: int,
     limit: int | None = None,
 ) -> list[RlPrompt]:
     if not datasets:
         raise ConfigError(f"{split}_weighted_datasets is empty: GRPO needs vectorized data for its prompts")
     pools: list[list[RlPrompt]] = []
-    skipped = {"single_sample_shard": 0, "language": 0, "empty": 0, "too_long": 0}
+    skipped = {"single_sample_shard": 0, "empty": 0, "too_long": 0}
+    rejected: dict[str, int] = {}
     for url in datasets:
         pool = []
-        for group in _read_shards(url, split):
+        for group in _read_shards(url, split, dataset_filter, rejected):
             if len(group) < 2:  # no other sample to take the text from
                 skipped["single_sample_shard"] += len(group)
                 continue
             for i, reference in enumerate(group):
                 target = group[(i + 1) % len(group)]
-                if not language_allowed(reference.language, allowed_languages):
-                    skipped["language"] += 1
-                    continue
                 if not len(reference.codes) or not normalize_text(target.text, target.language):
                     skipped["empty"] += 1
                     continue
@@ -103,11 +108,12 @@ def build_prompts(
     prompts = [pools[d][k] for d, k in picks]
     if limit is not None:
         prompts = prompts[:limit]
-    log.info("GRPO %s prompts: %d (skipped %s)", split, len(prompts), skipped)
+    log.info("GRPO %s prompts: %d (skipped %s, rejected by the dataset filters %s)", split, len(prompts), skipped,
+             rejected)
     if not prompts:
         raise StageError(
-            f"no usable GRPO prompts in {list(datasets)} ({split}); skipped {skipped} "
-            f"(max_prompt_length={max_prompt_length}, allowed_languages={allowed_languages})"
+            f"no usable GRPO prompts in {list(datasets)} ({split}); skipped {skipped}, rejected by the dataset "
+            f"filters {rejected} (max_prompt_length={max_prompt_length})"
         )
     check_round_trip(prompts[0], prompt_format)
     return prompts

@@ -47,9 +47,9 @@ def latest_checkpoint(run_url: str) -> str | None:
     return found[-1][1] if found else None
 
 
-def prune(run_url: str, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints (rank 0)."""
-    if not distributed.is_main():
+def prune(run_url: str, keep: int | None) -> None:
+    """Delete all but the newest `keep` complete checkpoints (rank 0); None keeps all."""
+    if not distributed.is_main() or keep is None:
         return
     for _, url in complete_checkpoints(run_url)[:-keep]:
         io.remove(url, recursive=True)

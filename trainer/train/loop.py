@@ -93,14 +93,16 @@ class SFTTrainer:
         self.device = distributed.device()
         self.world = distributed.world_size()
         self.run_url = run_url(config)
-        self.resume_url = self._resume_source()
+        self.resume_url, self.weights_only = self._resume_source()
         torch.manual_seed(t.seed)
         self.strategy = build_strategy(t.strategy, t, self.device, config.modeling.lora.enabled)
 
         lm, self.tokenizer, self.vocab = build_speechlm(p.model_name, p.codebook_size, p.prompt_format, seed=t.seed)
         if t.precision == "bf16":
             lm.config.torch_dtype = torch.bfloat16  # serving dtype; master weights stay fp32
-        if self.resume_url and not self.strategy.resume_has_model and not config.modeling.lora.enabled:
+        if self.resume_url and (
+            self.weights_only or (not self.strategy.resume_has_model and not config.modeling.lora.enabled)
+        ):
             weights = load_file(str(checkpoint.local_copy(self.resume_url) / "model.safetensors"))
             lm.load_state_dict(weights, strict=False)  # tied head is absent from the file
         self.base_lm = lm
@@ -117,6 +119,7 @@ class SFTTrainer:
         common = dict(
             max_seq_len=p.max_seq_len, pack_length=t.pack_length, batch_size=t.batch_size, packing=t.packing,
             seed=t.seed, rank=distributed.rank(), world_size=self.world, codebook_size=p.codebook_size,
+            dataset_filter=config.dataset,
         )
         self.train_data = PackedData(config.train_weighted_datasets, "train", prompt, **common)
         self.val_data = (
@@ -140,24 +143,32 @@ class SFTTrainer:
         self.peak = telemetry.peak_flops(self.device)
         self.step = 0
         self.sampler = SamplerState()
-        if self.resume_url:
+        if self.resume_url and not self.weights_only:
             self._load_resume()
+        elif self.weights_only:
+            log.info("started from the model weights of %s (optimiser, schedule and data order fresh)",
+                     self.resume_url)
         self._stop_requested = False
         self.scalars = metrics.ScalarLog(io.join(self.run_url, "metrics.jsonl"), "sft")
         self.wandb = self._init_wandb()
 
     # ------------------------------------------------------------------------------------ setup
-    def _resume_source(self) -> str | None:
-        explicit = self.config.checkpointing.checkpoint_file_to_resume_from
+    def _resume_source(self) -> tuple[str | None, bool]:
+        """(checkpoint to resume from, whether to take only its model weights)."""
+        ck = self.config.checkpointing
+        explicit = ck.checkpoint_file_to_resume_from
+        own = checkpoint.latest_checkpoint(self.run_url) if ck.resume == "auto" and not self.t.dry_run else None
         if explicit:
             if not io.is_complete(explicit):
                 raise ConfigError(
                     f"checkpointing.checkpoint_file_to_resume_from: {explicit!r} is not a complete checkpoint"
                 )
-            return explicit
-        if self.config.checkpointing.resume == "auto" and not self.t.dry_run:
-            return checkpoint.latest_checkpoint(self.run_url)
-        return None
+            if ck.only_load_model_weights:
+                # Weights are the run's starting point; once the run has checkpoints of its own, a restart
+                # resumes those (else a preempted fine-tune would start over).
+                return (own, False) if own else (explicit, True)
+            return explicit, False
+        return own, False
 
     def _compile_layers(self) -> None:
         # One graph for every layer and every (rows, length) shape: dynamic shapes without duck sizing.
@@ -187,7 +198,8 @@ class SFTTrainer:
         except ImportError:
             log.warning("--use_wandb was given but wandb is not installed (pip install wandb): not logging to W&B")
             return None
-        return wandb.init(name=self.t.run_name, config=self.config.model_dump(mode="json"))
+        return wandb.init(name=self.t.run_name, project=self.t.project_name,
+                          config=self.config.model_dump(mode="json"))
 
     def _load_resume(self) -> None:
         local = checkpoint.local_copy(self.resume_url)

@@ -15,7 +15,7 @@ from trainer.config import TrainingConfig
 def build_scheduler(
     optimizer: torch.optim.Optimizer, training: TrainingConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    warmup = min(training.warmup_steps, total_steps)
+    warmup = training.warmup(total_steps)
     if training.lr_scheduler == "cosine":
         return get_cosine_with_min_lr_schedule_with_warmup(
             optimizer, warmup, total_steps, min_lr_rate=training.min_lr_ratio

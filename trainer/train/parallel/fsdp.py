@@ -56,6 +56,8 @@ class FSDPStrategy:
         loss.backward()
 
     def step(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        if self.training.gradient_clip_value:
+            torch.nn.utils.clip_grad_value_(trainable(module), self.training.gradient_clip_value)
         norm = torch.nn.utils.clip_grad_norm_(trainable(module), self.training.max_grad_norm or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
