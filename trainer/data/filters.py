@@ -60,19 +60,26 @@ def dnsmos_score(record: dict[str, Any]) -> float | None:
 
 
 def check_audio(transcript: str, duration: float, sample_rate: int, config: DatasetConfig) -> Rejection | None:
-    """Filters on the file's real duration and sample rate."""
-    if sample_rate < config.min_sample_rate:
-        return Rejection("low_sample_rate", f"file sample rate {sample_rate} Hz < {config.min_sample_rate} Hz")
-    if duration < config.min_duration:
-        return Rejection("too_short", f"{duration:.3f} s < {config.min_duration} s")
-    if duration > config.max_duration:
-        return Rejection("too_long", f"{duration:.3f} s > {config.max_duration} s")
+    """Filters on the file's real duration and sample rate, and its speaking rate."""
+    rejection = check_rate_and_duration(duration, sample_rate, config)
+    if rejection:
+        return rejection
     rate = speech_chars(transcript) / duration
     if not config.min_chars_per_second <= rate <= config.max_chars_per_second:
         return Rejection(
             "chars_per_second_outlier",
             f"{rate:.1f} chars/s outside [{config.min_chars_per_second}, {config.max_chars_per_second}]",
         )
+    return None
+
+
+def check_rate_and_duration(duration: float, sample_rate: int, config: DatasetConfig) -> Rejection | None:
+    if sample_rate < config.min_sample_rate:
+        return Rejection("low_sample_rate", f"file sample rate {sample_rate} Hz < {config.min_sample_rate} Hz")
+    if duration < config.min_duration:
+        return Rejection("too_short", f"{duration:.3f} s < {config.min_duration} s")
+    if duration > config.max_duration:
+        return Rejection("too_long", f"{duration:.3f} s > {config.max_duration} s")
     return None
 
 
@@ -91,9 +98,11 @@ def declared_mismatch_notes(
 
 
 def check_sample(record: dict[str, Any], config: DatasetConfig) -> Rejection | None:
-    """Every `dataset` filter on a vectorized sample record (a record lacking duration or sample_rate
-    skips the checks that need them)."""
+    """The `dataset` filters the reference applies at load, on a vectorized sample record: text,
+    language, DNSMOS, sample rate and duration (a record lacking duration or sample_rate skips the
+    checks that need them). The speaking-rate outlier check is ours and stays at vectorize: data
+    vectorized elsewhere (e.g. by the reference) never went through it, and the reference trains on it."""
     rejection = check_record(record, config)
     if rejection or record.get("duration") is None or record.get("sample_rate") is None:
         return rejection
-    return check_audio(record["transcript"], float(record["duration"]), int(record["sample_rate"]), config)
+    return check_rate_and_duration(float(record["duration"]), int(record["sample_rate"]), config)
