@@ -100,7 +100,7 @@ def seed(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def imported(seed):
-    out = seed["root"] / "imported"
+    out = seed["dir"] / "imported"  # inside the seed's run directory: still ours to infer from
     code = main([
         "import", "--checkpoint_path", str(seed["dir"] / "final_model.pt"), "--output_path", str(out),
         "--base_model_path", str(seed["base"]), "--codec_model_path", str(seed["codec"]),
@@ -150,7 +150,8 @@ def test_import_lays_audio_tokens_out_contiguously(seed, imported):
 def test_import_gives_the_seed_models_logits_and_prompts(seed, imported):
     seed_tok = seed["tokenizer"]
     _, tok, vocab = load_speechlm(str(imported))
-    fmt = PromptFormat(tok, vocab, normalize=False)  # the seed's default: no text normalisation
+    # The seed's defaults: no text normalisation, the full-vocabulary loss (speech-start is a target).
+    fmt = PromptFormat(tok, vocab, normalize=False, label_speech_start=True)
 
     # Training example: token for token, and the same positions labelled (speech-start included).
     seed_ids = seed_tok(seed_training_prompt(TEXT, CODES), add_special_tokens=True, return_tensors="pt")["input_ids"][0]
@@ -171,13 +172,19 @@ def test_import_gives_the_seed_models_logits_and_prompts(seed, imported):
 
 
 def test_import_merges_a_seed_lora_checkpoint(seed, tmp_path):
-    """tts/core/lora.py: peft LoRA over the model, saved whole by Fabric; import merges it with the config's r/alpha."""
+    """tts/core/lora.py: peft LoRA over a tied model, saved whole by Fabric; import merges it with lora.r/alpha."""
     seed_tok = seed["tokenizer"]
     config = json.loads((seed["dir"] / "training_config.json").read_text())
     config["lora"] = {"task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
                       "lora_dropout": 0.0, "bias": "none", "adapter_path": None}
     lora = config["lora"]
-    model = peft.get_peft_model(_seed_model(seed), peft.LoraConfig(
+    base = tmp_path / "Llama-tied"  # the LLaMA-3.2-1B case: tied embedding and head
+    arch = LlamaConfig.from_pretrained(seed["base"]).to_dict()
+    LlamaConfig(**{**arch, "tie_word_embeddings": True}).save_pretrained(base)
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(LlamaConfig(**{**arch, "tie_word_embeddings": True, "vocab_size": SEED_ROWS}))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model = peft.get_peft_model(model, peft.LoraConfig(
         task_type=lora["task_type"], r=lora["r"], lora_alpha=lora["lora_alpha"],
         target_modules=lora["target_modules"], lora_dropout=lora["lora_dropout"], bias=lora["bias"]))
     fabric = lightning_fabric.Fabric(accelerator="cpu", devices=1, precision="32-true")
@@ -194,7 +201,7 @@ def test_import_merges_a_seed_lora_checkpoint(seed, tmp_path):
                                           "config": config})
     out = tmp_path / "imported"
     assert main(["import", "--checkpoint_path", str(run), "--output_path", str(out),
-                 "--base_model_path", str(seed["base"])]) == 0
+                 "--base_model_path", str(base)]) == 0
     _same_logits(model.eval(), seed_tok, out)
 
 

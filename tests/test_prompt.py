@@ -41,14 +41,15 @@ def test_exact_token_sequence(fmt):
 def test_labels_start_where_the_format_says(fmt):
     ex = fmt.training_example("Hello world.", np.array([3, 4]))
     start = int(np.flatnonzero(ex.input_ids == fmt.vocab.speech_start_id)[0])
-    first = start if fmt.vocab.prompt_format == "inworld" else start + 1  # the seed labels speech-start too
-    assert (ex.labels[:first] == IGNORE_INDEX).all()
-    assert ex.labels[first:].tolist() == ex.input_ids[first:].tolist()
+    assert (ex.labels[: start + 1] == IGNORE_INDEX).all()
+    assert ex.labels[start + 1 :].tolist() == ex.input_ids[start + 1 :].tolist()
     assert ex.labels[-1] == fmt.vocab.speech_end_id
     assert ex.labels[start + 1] == fmt.vocab.audio_offset + 3
-    # Objectives that score only the audio head mask speech-start.
-    audio_only = PromptFormat(fmt.tokenizer, fmt.vocab, label_speech_start=False).training_example("Hi.", np.array([3]))
-    assert audio_only.labels[audio_only.input_ids == fmt.vocab.speech_start_id] == IGNORE_INDEX
+    # For the full-vocabulary objective the inworld format labels speech-start, as the seed does.
+    full = PromptFormat(fmt.tokenizer, fmt.vocab, label_speech_start=True).training_example("Hello world.", [3, 4])
+    first = start if fmt.vocab.prompt_format == "inworld" else start + 1
+    assert (full.labels[:first] == IGNORE_INDEX).all()
+    assert full.labels[first:].tolist() == full.input_ids[first:].tolist()
 
 
 def test_audio_tokens_are_contiguous(fmt):

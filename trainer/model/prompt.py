@@ -8,9 +8,10 @@
     <|TEXT_UNDERSTANDING_START|>{text}<|TEXT_UNDERSTANDING_END|><|eot_id|>
     <|start_header_id|>assistant<|end_header_id|>\\n\\n<|SPEECH_GENERATION_START|><|s_..|>...<|SPEECH_GENERATION_END|>
 
-Labels: the codes and speech-end are labelled; "inworld" labels speech-start too, as the seed does
-(its datasets label from the speech-start position on), "llasa" masks through speech-start. The
-audio-head objective (loss_vocab=audio) cannot score speech-start, so SFT masks it there. Text is
+Labels: the codes and speech-end are labelled. With `label_speech_start` (SFT under loss_vocab=full,
+the seed's objective) "inworld" labels speech-start too, as the seed's datasets do (labels from the
+speech-start position on); otherwise, and always in "llasa", -100 runs through speech-start (the
+audio-head objective cannot score it). Text is
 normalised, or passed verbatim when normalisation is off (the seed's no-op normaliser). Zero-shot
 cloning: the text is "reference transcript + target text" and the reference codes are prefilled
 after speech-start. Ids are assembled piece by piece (specials by id, text by the tokenizer), which
@@ -85,13 +86,13 @@ class TrainingExample:
 
 class PromptFormat:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab: AudioVocab, normalize: bool = True,
-                 label_speech_start: bool | None = None):
+                 label_speech_start: bool = False):
         self.tokenizer = tokenizer
         self.vocab = vocab
         self.spec = FORMATS[vocab.prompt_format]
         self.normalize = normalize
-        # None: the format's own labelling; False for objectives that score only the audio head.
-        self.label_speech_start = self.spec.speech_start_target if label_speech_start is None else label_speech_start
+        # Speech-start is a target only for the full-vocabulary objective, and only in formats that train it.
+        self.label_speech_start = label_speech_start and self.spec.speech_start_target
         self._piece_cache: dict[str, list[int]] = {}
 
     def _piece(self, piece: str) -> list[int]:

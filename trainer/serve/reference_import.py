@@ -68,11 +68,12 @@ def _parent(url: str) -> str:
 
 
 def is_seed_checkpoint(url: str) -> bool:
-    """Whether `url` (a file or directory) is, or sits in, a seed checkpointing directory."""
-    for directory in (url, _parent(url)):
-        if io.isdir(directory) and io.exists(io.join(directory, SEED_CONFIG)):
-            return not io.exists(io.join(directory, SPEECHLM_FILE))
-    return False
+    """Whether `url` (a file or directory) is, or sits in, a seed checkpointing directory (and is not
+    one of our SpeechLM directories, e.g. an import written inside it)."""
+    if io.exists(io.join(url, SPEECHLM_FILE)):
+        return False
+    directory = url if io.exists(io.join(url, SEED_CONFIG)) else _parent(url)
+    return io.exists(io.join(directory, SEED_CONFIG)) and not io.exists(io.join(directory, SPEECHLM_FILE))
 
 
 def seed_hint(url: str) -> str:

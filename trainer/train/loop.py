@@ -114,7 +114,7 @@ class SFTTrainer:
             self._compile_layers()
 
         prompt = PromptFormat(self.tokenizer, self.vocab, p.enable_text_normalization,
-                              label_speech_start=None if p.loss_vocab == "full" else False)
+                              label_speech_start=p.loss_vocab == "full")
         common = dict(
             max_seq_len=p.max_seq_len, pack_length=t.pack_length, batch_size=t.batch_size, packing=t.packing,
             seed=t.seed, rank=distributed.rank(), world_size=self.world, codebook_size=p.codebook_size,
