@@ -38,13 +38,18 @@ def test_exact_token_sequence(fmt):
     assert fmt.tokenizer.encode(EXPECTED_TEXT[name], add_special_tokens=False) == ex.input_ids.tolist()
 
 
-def test_labels_masked_through_speech_start(fmt):
+def test_labels_start_where_the_format_says(fmt):
     ex = fmt.training_example("Hello world.", np.array([3, 4]))
     start = int(np.flatnonzero(ex.input_ids == fmt.vocab.speech_start_id)[0])
     assert (ex.labels[: start + 1] == IGNORE_INDEX).all()
     assert ex.labels[start + 1 :].tolist() == ex.input_ids[start + 1 :].tolist()
     assert ex.labels[-1] == fmt.vocab.speech_end_id
     assert ex.labels[start + 1] == fmt.vocab.audio_offset + 3
+    # For the full-vocabulary objective the inworld format labels speech-start, as the seed does.
+    full = PromptFormat(fmt.tokenizer, fmt.vocab, label_speech_start=True).training_example("Hello world.", [3, 4])
+    first = start if fmt.vocab.prompt_format == "inworld" else start + 1
+    assert (full.labels[:first] == IGNORE_INDEX).all()
+    assert full.labels[first:].tolist() == full.input_ids[first:].tolist()
 
 
 def test_audio_tokens_are_contiguous(fmt):
@@ -82,4 +87,5 @@ def test_text_normalisation():
 def test_normalisation_can_be_disabled():
     _, tokenizer, vocab = build_speechlm("tiny", 256)
     raw = PromptFormat(tokenizer, vocab, normalize=False)
-    assert "3 items" in raw.render(raw.prefix_ids("3   items"))
+    # Verbatim, as the seed's no-op normaliser passes it (spacing included).
+    assert "<|text_prompt_start|>3   items \n<|text_prompt_end|>" in raw.render(raw.prefix_ids("3   items \n"))

@@ -26,6 +26,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "sft": ("trainer.train.sft", "supervised training of the SpeechLM (packed, DDP/FSDP/DeepSpeed)"),
     "rlhf": ("trainer.rl.grpo", "GRPO alignment with ASR/speaker/quality rewards"),
     "export": ("trainer.serve.export", "turn any checkpoint into a serving directory (HF + codec)"),
+    "import": ("trainer.serve.reference_import", "Inworld-trainer SpeechLM checkpoint -> serving directory"),
     "infer": ("trainer.serve.infer", "zero-shot voice-cloning synthesis to a WAV file"),
     "eval": ("trainer.eval.harness", "Seed-TTS-eval-style evaluation: WER/CER, SIM, DNSMOS, RTF, report"),
 }

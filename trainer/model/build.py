@@ -90,7 +90,8 @@ def extend_tokenizer(tokenizer: PreTrainedTokenizerBase, codebook_size: int, pro
     if last != offset + codebook_size - 1 or audio_token(codebook_size) in vocab:
         raise ConfigError(
             f"the tokenizer's audio tokens are not a contiguous block of {codebook_size} "
-            f"(<|s_0|>={offset}, <|s_{codebook_size - 1}|>={last}); codebook_size does not match the model"
+            f"(<|s_0|>={offset}, <|s_{codebook_size - 1}|>={last}); codebook_size does not match the model, "
+            "or it is an Inworld-trainer model (audio tokens in sorted string order): convert it (`tts-train import`)"
         )
     return AudioVocab(
         audio_offset=offset,

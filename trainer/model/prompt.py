@@ -8,10 +8,15 @@
     <|TEXT_UNDERSTANDING_START|>{text}<|TEXT_UNDERSTANDING_END|><|eot_id|>
     <|start_header_id|>assistant<|end_header_id|>\\n\\n<|SPEECH_GENERATION_START|><|s_..|>...<|SPEECH_GENERATION_END|>
 
-Labels: -100 up to and including speech-start; the codes and speech-end are labelled. Zero-shot
+Labels: the codes and speech-end are labelled. With `label_speech_start` (SFT under loss_vocab=full,
+the seed's objective) "inworld" labels speech-start too, as the seed's datasets do (labels from the
+speech-start position on); otherwise, and always in "llasa", -100 runs through speech-start (the
+audio-head objective cannot score it). Text is
+normalised, or passed verbatim when normalisation is off (the seed's no-op normaliser). Zero-shot
 cloning: the text is "reference transcript + target text" and the reference codes are prefilled
 after speech-start. Ids are assembled piece by piece (specials by id, text by the tokenizer), which
-equals tokenizing the whole string because BPE never merges across an added special token.
+equals tokenizing the whole string because BPE never merges across an added special token; <bos> is
+the tokenizer's, which is what the seed's `tokenizer(prompt, add_special_tokens=True)` adds for LLaMA-3.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ class FormatSpec:
     speech_end: str
     # Pieces before the codes: strings (tokenized, or by id when they are tags/chat tokens) and TEXT.
     template: tuple[object, ...]
+    # Whether speech-start (the last prompt token) is itself a training target.
+    speech_start_target: bool = False
 
     def __post_init__(self) -> None:
         assert self.tags[-1] == self.speech_end and self.template[-1] == self.speech_start
@@ -51,6 +58,7 @@ FORMATS: dict[str, FormatSpec] = {
         speech_start="<|speech_start|>",
         speech_end="<|speech_end|>",
         template=(INSTRUCTION, "<|text_prompt_start|>", TEXT, "<|text_prompt_end|>", "\n", "<|speech_start|>"),
+        speech_start_target=True,
     ),
     "llasa": FormatSpec(
         tags=(
@@ -73,15 +81,18 @@ FORMATS: dict[str, FormatSpec] = {
 @dataclass(frozen=True)
 class TrainingExample:
     input_ids: np.ndarray  # int64 [L]
-    labels: np.ndarray  # int64 [L], IGNORE_INDEX before the codes
+    labels: np.ndarray  # int64 [L], IGNORE_INDEX over the prompt
 
 
 class PromptFormat:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab: AudioVocab, normalize: bool = True):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab: AudioVocab, normalize: bool = True,
+                 label_speech_start: bool = False):
         self.tokenizer = tokenizer
         self.vocab = vocab
         self.spec = FORMATS[vocab.prompt_format]
         self.normalize = normalize
+        # Speech-start is a target only for the full-vocabulary objective, and only in formats that train it.
+        self.label_speech_start = label_speech_start and self.spec.speech_start_target
         self._piece_cache: dict[str, list[int]] = {}
 
     def _piece(self, piece: str) -> list[int]:
@@ -92,7 +103,7 @@ class PromptFormat:
         return self._piece_cache[piece]
 
     def clean_text(self, text: str) -> str:
-        return normalize_text(text) if self.normalize else " ".join(text.split())
+        return normalize_text(text) if self.normalize else text
 
     def prefix_ids(self, text: str) -> list[int]:
         """Ids up to and including speech-start for `text` (already the full text to speak)."""
@@ -111,7 +122,7 @@ class PromptFormat:
         speech = [*self.vocab.code_ids(codes).tolist(), self.vocab.speech_end_id]
         input_ids = np.asarray(prefix + speech, dtype=np.int64)
         labels = input_ids.copy()
-        labels[: len(prefix)] = IGNORE_INDEX
+        labels[: len(prefix) - 1 if self.label_speech_start else len(prefix)] = IGNORE_INDEX
         return TrainingExample(input_ids, labels)
 
     def inference_prompt(

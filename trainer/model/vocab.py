@@ -4,7 +4,8 @@ Layout of the token ids: [text vocabulary][prompt-format specials][<|s_0|> ... <
 Audio token `<|s_N|>` has id `audio_offset + N` (contiguous, unlike the seed's sorted insertion), and
 the format's speech-end token sits right before `<|s_0|>` so the "audio head" (codes + speech-end)
 is one contiguous slice of the output matrix: `[audio_offset - 1, audio_offset + codebook_size)`.
-The layout is recorded in `speechlm.json` beside the model so every reader agrees on it.
+The layout is recorded in `speechlm.json` beside the model so every reader agrees on it; `tts-train
+import` (trainer/serve/reference_import.py) moves a seed model's rows into it.
 """
 
 from __future__ import annotations

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import io as _stdio
 import logging
+import pickle
 import tempfile
 from pathlib import Path
 
 import torch
 
 from trainer import io
-from trainer.config import ExportConfig, TrainerConfig
+from trainer.config import ExportConfig, LoraConfig, TrainerConfig
 from trainer.errors import ConfigError, StageError
 from trainer.model.build import load_speechlm, save_speechlm
 from trainer.model.vocab import SPEECHLM_FILE
@@ -88,18 +89,37 @@ def _base_model(cfg: ExportConfig, checkpoint_url: str, fallback: str | None = N
     return base
 
 
+def read_torch_file(url: str) -> object:
+    """`torch.load` of a checkpoint file, tensors only (no arbitrary pickles); local files are memory-mapped
+    so a Fabric checkpoint's optimizer state is never read into memory."""
+    try:
+        if io.is_local(url):
+            return torch.load(io.local_path(url), map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(_stdio.BytesIO(io.read_bytes(url)), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = str(err).strip().splitlines()
+        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+        raise ConfigError(f"{url}: holds objects other than tensors and plain containers ({reason})") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{url}: not a readable PyTorch checkpoint ({first})") from None
+
+
+def state_dict_of(obj: object, url: str) -> dict[str, torch.Tensor]:
+    for key in ("model", "state_dict", "module"):  # Fabric / Lightning / DeepSpeed wrappers
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConfigError(f"{url} does not hold a state dict of tensors")
+    return obj
+
+
 def _load_state_file(url: str) -> dict[str, torch.Tensor]:
     if url.endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
 
         return load_safetensors(io.read_bytes(url))
-    obj = torch.load(_stdio.BytesIO(io.read_bytes(url)), map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict", "module"):  # Fabric / Lightning / DeepSpeed wrappers
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConfigError(f"{url} does not hold a state dict of tensors")
-    return obj
+    return state_dict_of(read_torch_file(url), url)
 
 
 def _load_fsdp(url: str) -> dict[str, torch.Tensor]:
@@ -116,7 +136,7 @@ def _load_fsdp(url: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _load_deepspeed(url: str) -> dict[str, torch.Tensor]:
+def load_deepspeed(url: str) -> dict[str, torch.Tensor]:
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError as err:
@@ -129,11 +149,11 @@ def _load_deepspeed(url: str) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(local), tag=tag)
 
 
-def align_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module, cfg: TrainerConfig
+def align_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module, lora: LoraConfig
                      ) -> dict[str, torch.Tensor]:
     """Merge LoRA weights, strip wrapper prefixes and tied duplicates so `state` loads into `model`."""
     if any(".lora_A." in k for k in state):
-        state = merge_lora_state_dict(state, cfg.modeling.lora)
+        state = merge_lora_state_dict(state, lora)
     expected = model.state_dict()
     anchor = next(name for name, p in model.named_parameters() if p is model.get_input_embeddings().weight)
     owner = next((k for k in state if k.endswith(anchor)), None)
@@ -163,7 +183,7 @@ def _codec_source(cfg: ExportConfig, checkpoint_url: str, base: str | None) -> s
     return None
 
 
-def _ship_codec(codec_url: str, staging: Path, copy: bool) -> None:
+def ship_codec(codec_url: str, staging: Path, copy: bool) -> None:
     """Copy our codec directory into codec/ (self-contained output) or record where the codec lives."""
     from trainer.codec.model import CONFIG_FILE, MODEL_FILE
 
@@ -186,6 +206,11 @@ def export(config: TrainerConfig) -> str:
     url = cfg.checkpoint_path.rstrip("/")
     if not io.exists(url):
         raise ConfigError(f"checkpoint not found: {url}")
+    from trainer.serve.reference_import import is_seed_checkpoint, seed_hint
+
+    for source in (url, cfg.base_model_path):
+        if source and is_seed_checkpoint(source):
+            raise ConfigError(seed_hint(source))
     kind = checkpoint_kind(url)
     log.info("exporting %s checkpoint %s", kind, url)
     base = None
@@ -202,14 +227,14 @@ def export(config: TrainerConfig) -> str:
     else:
         base = _base_model(cfg, url)
         model, tokenizer, vocab = load_speechlm(base)
-        loaders = {"state_file": _load_state_file, "fsdp": _load_fsdp, "deepspeed": _load_deepspeed}
-        state = align_state_dict(loaders[kind](url), model, config)
+        loaders = {"state_file": _load_state_file, "fsdp": _load_fsdp, "deepspeed": load_deepspeed}
+        state = align_state_dict(loaders[kind](url), model, config.modeling.lora)
         model.load_state_dict(state, strict=False)
     codec_url = _codec_source(cfg, url, base)
     with io.staged_dir(cfg.output_path) as staging:
         save_speechlm(model, tokenizer, vocab, staging)
         if codec_url:
-            _ship_codec(codec_url, staging, cfg.copy_codec)
+            ship_codec(codec_url, staging, cfg.copy_codec)
         else:
             log.warning("no codec given or referenced: infer/eval will need the codec path passed explicitly")
     return cfg.output_path

@@ -43,6 +43,10 @@ def run(config: TrainerConfig) -> int:
         raise ConfigError("--model_checkpoint_path (infer.model_checkpoint_path) is required")
     if not io.exists(cfg.model_checkpoint_path):
         raise ConfigError(f"model checkpoint not found: {cfg.model_checkpoint_path}")
+    from trainer.serve.reference_import import is_seed_checkpoint, seed_hint
+
+    if is_seed_checkpoint(cfg.model_checkpoint_path):
+        raise ConfigError(seed_hint(cfg.model_checkpoint_path))
     for flag in ("audio_encoder_path", "audio_decoder_path"):
         path = getattr(cfg, flag)
         if path and not io.exists(path):

@@ -115,7 +115,8 @@ class SFTTrainer:
         if t.compile_model:
             self._compile_layers()
 
-        prompt = PromptFormat(self.tokenizer, self.vocab, p.enable_text_normalization)
+        prompt = PromptFormat(self.tokenizer, self.vocab, p.enable_text_normalization,
+                              label_speech_start=p.loss_vocab == "full")
         common = dict(
             max_seq_len=p.max_seq_len, pack_length=t.pack_length, batch_size=t.batch_size, packing=t.packing,
             seed=t.seed, rank=distributed.rank(), world_size=self.world, codebook_size=p.codebook_size,
