@@ -23,7 +23,6 @@ reference), `<output_dir>/<run_name>/metrics.jsonl`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
@@ -103,13 +102,7 @@ def validate(config: TrainerConfig) -> None:
         if not io.exists(url):
             raise ConfigError(f"dataset path {url!r} does not exist")
     if rl.use_vllm:
-        from trl.import_utils import is_vllm_available
-
-        if not torch.cuda.is_available() or not is_vllm_available():
-            raise ConfigError(
-                "rlhf_training.use_vllm needs a CUDA trainer with vllm installed (the weight sync to the "
-                "rollout server is an NCCL broadcast); set use_vllm=false for local rollouts"
-            )
+        rollout.check_weight_sync()
     if config.training.precision == "fp16":
         raise ConfigError("training.precision=fp16 is not supported for GRPO; use bf16 or fp32")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -177,24 +170,6 @@ def grpo_args(config: TrainerConfig, hf_output_dir: str, vocab: AudioVocab, voca
         generation_kwargs=generation_kwargs,
         **vllm,
     )
-
-
-@contextlib.contextmanager
-def vllm_group_port(port: int):
-    """TRL 0.21 builds its `VLLMClient` without a group port (always 51216); bind ours while it does."""
-    import functools
-
-    import trl.trainer.grpo_trainer as grpo_module
-
-    original = getattr(grpo_module, "VLLMClient", None)
-    if original is None or port == 51216:
-        yield
-        return
-    grpo_module.VLLMClient = functools.partial(original, group_port=port)
-    try:
-        yield
-    finally:
-        grpo_module.VLLMClient = original
 
 
 class SpeechGRPOTrainer(GRPOTrainer):
@@ -339,7 +314,7 @@ def run(config: TrainerConfig) -> int:
         peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
     server_group_port = rollout.vllm_server(rl).group_port if rl.use_vllm else 51216
-    with vllm_group_port(server_group_port):
+    with rollout.speech_vllm_client(policy_tokenizer, server_group_port):
         trainer = SpeechGRPOTrainer(
             model=model, reward_funcs=rewards.functions(), args=args,
             train_dataset=Dataset.from_list(as_rows(train_prompts)), processing_class=policy_tokenizer,

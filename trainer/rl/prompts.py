@@ -19,6 +19,7 @@ from trainer.data.shards import read_shard, shard_ids
 from trainer.errors import ConfigError, StageError
 from trainer.model.prompt import PromptFormat
 from trainer.rl.rewards.asr import normalize_text
+from trainer.rl.rollout import server_prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +115,23 @@ def build_prompts(
 
 
 def check_round_trip(prompt: RlPrompt, prompt_format: PromptFormat) -> None:
-    """TRL re-tokenizes the prompt text; it must give back exactly the ids the model was trained on."""
+    """Both tokenisations of the prompt text must give back exactly the ids the model was trained on:
+    TRL's (no special tokens added: what the policy is scored on) and a vLLM server's (special tokens
+    added, applied to the text `SpeechVLLMClient` sends: what rollouts are sampled from)."""
     ids = prompt_format.inference_prompt(prompt.target_text, prompt.reference_text, np.asarray(prompt.prompt_codes))
-    again = prompt_format.tokenizer(prompt.prompt, add_special_tokens=False)["input_ids"]
-    if list(again) != ids.tolist():
-        raise StageError(
-            "the tokenizer does not turn the rendered prompt back into the model's prompt ids "
-            f"({len(again)} vs {len(ids)} tokens); TRL tokenizes text prompts, so GRPO cannot use this tokenizer"
-        )
+    tokenizer = prompt_format.tokenizer
+    seen = {
+        "TRL": tokenizer(prompt.prompt, add_special_tokens=False)["input_ids"],
+        "the vLLM server": tokenizer(server_prompt_text(prompt.prompt, tokenizer),
+                                     add_special_tokens=True)["input_ids"],
+    }
+    for who, again in seen.items():
+        if list(again) != ids.tolist():
+            raise StageError(
+                f"the tokenizer does not turn the rendered prompt back into the model's prompt ids as {who} "
+                f"tokenises it ({len(again)} vs {len(ids)} tokens, first {list(again[:3])} vs {ids[:3].tolist()}); "
+                "GRPO sends text prompts, so it cannot use this tokenizer"
+            )
 
 
 def as_rows(prompts: list[RlPrompt]) -> list[dict]:
