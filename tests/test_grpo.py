@@ -47,7 +47,8 @@ def _settings(root, model, data, **extra) -> list[str]:
         "rlhf_training.per_device_train_batch_size": 4,
         "rlhf_training.max_completion_length": 15,
         "rlhf_training.min_completion_length": 3,
-        "rlhf_training.reward_funcs": ["WERRewardFunc", "SIMRewardFunc", "DNSMOSRewardFunc", "TruncationRewardFunc"],
+        "rlhf_training.reward_funcs": ["WERRewardFunc", "SimilarityRewardFunc", "DNSMOSRewardFunc",
+                                       "TruncationRewardFunc"],
         "rlhf_training.guard_rail_steps": 3,
         "rlhf_training.guard_rail_samples": 2,
         # A random policy rarely says speech-end: keep truncated completions in the loss so it learns.
@@ -93,7 +94,7 @@ def test_generation_is_restricted_to_audio_tokens_and_min_length(artefacts):
     _, _, model_dir, _ = artefacts
     model, tokenizer, vocab = load_speechlm(str(model_dir))
     kwargs = rollout.hf_generation_kwargs(vocab, model.get_input_embeddings().weight.shape[0], min_new_tokens=5)
-    allowed = set(rollout.allowed_token_ids(vocab))
+    allowed = set(vocab.completion_ids())
     # Bias sampling hard towards speech-end and a text token: the constraints must still win.
     bias = {(vocab.speech_end_id,): 30.0, (5,): 60.0}
     torch.manual_seed(0)
@@ -195,7 +196,7 @@ def test_three_grpo_steps_end_to_end(artefacts):
     train_rows = [r for r in rows if "reward" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3]
     for row in train_rows:
-        for name in ("WERRewardFunc", "SIMRewardFunc", "DNSMOSRewardFunc", "TruncationRewardFunc"):
+        for name in ("WERRewardFunc", "SimilarityRewardFunc", "DNSMOSRewardFunc", "TruncationRewardFunc"):
             assert 0.0 <= row[f"rewards/{name}/mean"] <= 1.0
         assert 3 <= row["completions/mean_length"] <= 15
         assert row["timing/rollout_seconds"] > 0
@@ -302,3 +303,32 @@ def test_vllm_server_rollouts_sample_from_the_policy_prompt_ids(artefacts, tmp_p
     step_1 = load_speechlm(str(tmp_path / "out" / "rl" / "checkpoints" / "step_1"))[0]
     assert synced == pytest.approx([_checksum(base), _checksum(step_1)], rel=1e-9)
     assert _checksum(base) != pytest.approx(_checksum(step_1), rel=1e-9)
+
+
+@pytest.mark.parametrize("storage", ["local", "remote"])
+def test_two_rank_checkpoints_hold_every_rank_and_leave_no_scratch(artefacts, tmp_path, storage):
+    """2 ranks over gloo, rank 1 slow to write its RNG state: the published step holds both ranks' files;
+    a remote output (`objstore://`, see slow_rank_launch.py) leaves no scratch."""
+    root, _, model, data = artefacts
+    out = tmp_path / "out"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    settings = _settings(root, model, data, **{
+        "rlhf_training.max_steps": 1, "checkpointing.save_steps": 1,
+        "rlhf_training.reward_funcs": ["TruncationRewardFunc"], "rlhf_training.guard_rail_steps": 100,
+        "training.output_dir": str(out) if storage == "local" else f"objstore://{out}",
+    })
+    env = {**os.environ, "TMPDIR": str(scratch), "SLOW_RANK_SECONDS": "3", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()), str(Path(__file__).with_name("slow_rank_launch.py")),
+               "rlhf", *[arg for setting in settings for arg in ("--set", setting)]]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoints = out / "rl" / "checkpoints"
+    step = checkpoints / "step_1"
+    assert (step / "_COMPLETE").exists() and (step / "model.safetensors").exists()
+    assert (step / "rng_state_0.pth").exists() and (step / "rng_state_1.pth").exists()
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_1"]  # no stray checkpoint-1
+    assert (out / "rl" / "final_model" / "_COMPLETE").exists()
+    left = [str(p.relative_to(scratch)) for p in scratch.rglob("*") if p.suffix in {".pth", ".pt", ".safetensors"}]
+    assert not left, f"checkpoint files left in scratch space: {left}"

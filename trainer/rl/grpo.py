@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from trainer import io, metrics
+from trainer import distributed, io, metrics
 from trainer.config import TrainerConfig
 from trainer.errors import ConfigError, StageError
 from trainer.model.build import load_speechlm, save_speechlm
@@ -203,7 +204,13 @@ class SpeechGRPOTrainer(GRPOTrainer):
 
 class PublishCheckpoints(TrainerCallback):
     """Turns transformers' `checkpoint-<N>` into the SFT layout `checkpoints/step_<N>` (+ speechlm.json,
-    the codec reference and the `_COMPLETE` marker), published atomically, and prunes old ones."""
+    the codec reference and the `_COMPLETE` marker), published atomically, and prunes old ones.
+
+    Every rank writes part of `checkpoint-<N>` (rank 0 the model, optimizer and trainer state, each rank
+    its `rng_state_<rank>.pth`) with no barrier before `on_save`, so publishing starts with one. A local
+    output dir is shared by the ranks: rank 0 renames the complete directory. Otherwise each rank has its
+    own scratch `checkpoint-<N>`: every rank uploads its files, rank 0 marks the upload complete, and each
+    rank deletes its scratch copy (a pod's disk would fill with one model per save otherwise)."""
 
     def __init__(self, run: str, vocab: AudioVocab, codec_url: str, keep: int):
         self.run = run
@@ -211,15 +218,33 @@ class PublishCheckpoints(TrainerCallback):
         self.codec_url = codec_url
         self.keep = keep
 
+    def _add_speechlm_files(self, directory: Path) -> None:
+        self.vocab.save(directory)
+        write_codec_reference(str(directory), self.codec_url)
+
     def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
         source = Path(args.output_dir) / f"{HF_CHECKPOINT_PREFIX}{state.global_step}"
-        self.vocab.save(source)
-        write_codec_reference(str(source), self.codec_url)
-        io.commit_dir(source, checkpoint.checkpoint_url(self.run, state.global_step))
-        checkpoint.prune(self.run, self.keep)
-        log.info("checkpoint step %d published", state.global_step)
+        dest = checkpoint.checkpoint_url(self.run, state.global_step)
+        distributed.barrier()  # every rank has written its part of checkpoint-<N>
+        if io.is_local(self.run):
+            if state.is_world_process_zero:
+                self._add_speechlm_files(source)
+                io.commit_dir(source, dest)
+        else:
+            def write(staging: Path) -> None:
+                for item in source.iterdir():
+                    shutil.move(str(item), staging / item.name)
+                if state.is_world_process_zero:
+                    self._add_speechlm_files(staging)
+
+            try:
+                checkpoint.publish(dest, write)
+            finally:
+                shutil.rmtree(source, ignore_errors=True)
+        if state.is_world_process_zero:
+            checkpoint.prune(self.run, self.keep)
+            log.info("checkpoint step %d published", state.global_step)
+        distributed.barrier()  # no rank goes on (or resumes) before the checkpoint is published
 
 
 def resume_source(config: TrainerConfig, run: str) -> str | None:
@@ -235,7 +260,7 @@ def resume_source(config: TrainerConfig, run: str) -> str | None:
     else:
         return None
     log.info("resuming GRPO from %s", url)
-    return str(checkpoint.local_copy(url))
+    return url
 
 
 def _guard_prompts(config: TrainerConfig, prompt_format: PromptFormat):
@@ -271,7 +296,8 @@ def run(config: TrainerConfig) -> int:
 
     codec_url = resolve_codec(config)
     codec = Codec.load(codec_url, device=device, components=("decoder",))
-    models = ScorerModels(rl.asr_backend, rl.asr_model_path, rl.speaker_backend, rl.speaker_model_path, device)
+    models = ScorerModels(rl.asr_backend, rl.asr_model_path, rl.speaker_backend, rl.speaker_model_path,
+                          rl.dnsmos_personalized, device)
     funcs = build_reward_funcs(rl.reward_funcs, models)
     completions = SaveCompletions(run, rl.save_completions_steps)
 
@@ -287,10 +313,10 @@ def run(config: TrainerConfig) -> int:
     policy_tokenizer.eos_token = vocab.speech_end
     policy_tokenizer.model_input_names = ["input_ids", "attention_mask"]  # LLaMA takes no token_type_ids
     vocab_size = model.get_input_embeddings().weight.shape[0]
-    if io.is_local(run):
+    if io.is_local(run):  # shared by the ranks (a shared volume when multi-node)
         hf_dir = io.join(io.local_path(run), checkpoint.CHECKPOINTS)
         Path(hf_dir).mkdir(parents=True, exist_ok=True)
-    else:
+    else:  # this rank's scratch space; PublishCheckpoints uploads and empties it
         hf_dir = tempfile.mkdtemp(prefix="grpo-")
     args = grpo_args(config, hf_dir, vocab, vocab_size)
     guard_generation = {
@@ -320,7 +346,15 @@ def run(config: TrainerConfig) -> int:
             train_dataset=Dataset.from_list(as_rows(train_prompts)), processing_class=policy_tokenizer,
             callbacks=callbacks, peft_config=peft_config, rewards=rewards,
         )
-    trainer.train(resume_from_checkpoint=resume_source(config, run))
+    resume_url = resume_source(config, run)
+    resume = str(checkpoint.local_copy(resume_url)) if resume_url else None
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:  # this rank's scratch copies: a downloaded resume state, a remote run's checkpoint dir
+        if resume_url and not io.is_local(resume_url):
+            shutil.rmtree(resume, ignore_errors=True)
+        if not io.is_local(run):
+            shutil.rmtree(hf_dir, ignore_errors=True)
 
     if trainer.accelerator.is_main_process:
         policy = trainer.accelerator.unwrap_model(trainer.model)
@@ -331,4 +365,5 @@ def run(config: TrainerConfig) -> int:
             save_speechlm(policy, tokenizer, vocab, staging)
             write_codec_reference(str(staging), codec_url)
         log.info("final model: %s", final)
+    scalars.close()
     return 0

@@ -18,8 +18,8 @@ from trainer.data.mixing import epoch_picks
 from trainer.data.shards import read_shard, shard_ids
 from trainer.errors import ConfigError, StageError
 from trainer.model.prompt import PromptFormat
-from trainer.rl.rewards.asr import normalize_text
 from trainer.rl.rollout import server_prompt_text
+from trainer.scoring.asr import normalize_text
 
 log = logging.getLogger(__name__)
 

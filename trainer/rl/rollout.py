@@ -37,13 +37,9 @@ from trainer.errors import ConfigError
 from trainer.model.vocab import AudioVocab
 
 
-def allowed_token_ids(vocab: AudioVocab) -> list[int]:
-    return [*range(vocab.audio_offset, vocab.audio_end), vocab.speech_end_id]
-
-
 def hf_generation_kwargs(vocab: AudioVocab, model_vocab_size: int, min_new_tokens: int) -> dict:
     """Extra `GenerationConfig` fields for local rollouts (TRL merges them into its own)."""
-    allowed = set(allowed_token_ids(vocab))
+    allowed = set(vocab.completion_ids())
     kwargs: dict = {"suppress_tokens": [i for i in range(model_vocab_size) if i not in allowed]}
     if min_new_tokens:
         kwargs["min_new_tokens"] = min_new_tokens
@@ -53,7 +49,7 @@ def hf_generation_kwargs(vocab: AudioVocab, model_vocab_size: int, min_new_token
 def vllm_sampling_kwargs(vocab: AudioVocab, min_tokens: int) -> dict:
     """Extra `SamplingParams` fields sent to the vLLM server with every generate request."""
     return {
-        "allowed_token_ids": allowed_token_ids(vocab),
+        "allowed_token_ids": vocab.completion_ids(),
         "stop_token_ids": [vocab.speech_end_id],
         "min_tokens": min_tokens,
     }
