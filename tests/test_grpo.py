@@ -20,7 +20,7 @@ from speech_fixtures import make_codec, make_dataset, make_model
 from trainer.cli import main
 from trainer.config import RlhfConfig, load_config
 from trainer.data.shards import read_shard
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, StageError
 from trainer.metrics import read_scalars
 from trainer.model.build import load_speechlm
 from trainer.model.prompt import PromptFormat
@@ -221,7 +221,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _bos_adding_copy(model_dir: Path, out: Path) -> Path:
+def _bos_adding_copy(model_dir: Path, out: Path, template: str = "{bos} $A") -> Path:
     """The model with a tokenizer that prepends BOS when special tokens are added, as LLaMA-3's does
     (its tokenizer.json post-processor is TemplateProcessing "<|begin_of_text|> $A")."""
     from tokenizers import processors
@@ -229,9 +229,10 @@ def _bos_adding_copy(model_dir: Path, out: Path) -> Path:
 
     shutil.copytree(model_dir, out)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    bos = tokenizer.bos_token
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
     tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)]
+        single=template.format(bos=bos, eos=eos), pair=f"{bos} $A {bos} $B",
+        special_tokens=[(bos, tokenizer.bos_token_id), (eos, tokenizer.eos_token_id)],
     )
     tokenizer.save_pretrained(out)
     reloaded = AutoTokenizer.from_pretrained(out)
@@ -332,3 +333,14 @@ def test_two_rank_checkpoints_hold_every_rank_and_leave_no_scratch(artefacts, tm
     assert (out / "rl" / "final_model" / "_COMPLETE").exists()
     left = [str(p.relative_to(scratch)) for p in scratch.rglob("*") if p.suffix in {".pth", ".pt", ".safetensors"}]
     assert not left, f"checkpoint files left in scratch space: {left}"
+
+
+def test_round_trip_check_covers_the_server_tokenisation(artefacts, tmp_path):
+    _, _, model_dir, data = artefacts
+    llama3 = PromptFormat(*load_speechlm(str(_bos_adding_copy(model_dir, tmp_path / "bos")))[1:])
+    assert build_prompts({str(data): 1.0}, "train", llama3, 100_000, None, seed=0, vllm_server=True)
+    # A tokenizer that also appends EOS cannot give the server the policy's ids from text.
+    both = PromptFormat(*load_speechlm(str(_bos_adding_copy(model_dir, tmp_path / "eos", "{bos} $A {eos}")))[1:])
+    assert build_prompts({str(data): 1.0}, "train", both, 100_000, None, seed=0)
+    with pytest.raises(StageError, match="vLLM server"):
+        build_prompts({str(data): 1.0}, "train", both, 100_000, None, seed=0, vllm_server=True)

@@ -288,7 +288,7 @@ def run(config: TrainerConfig) -> int:
     prompt_format = PromptFormat(tokenizer, vocab, config.modeling.parameters.enable_text_normalization)
     train_prompts = build_prompts(
         config.train_weighted_datasets, "train", prompt_format, rl.max_prompt_length,
-        config.dataset.allowed_languages, t.seed,
+        config.dataset.allowed_languages, t.seed, vllm_server=rl.use_vllm,
     )
     guard_prompts = _guard_prompts(config, prompt_format)
 
