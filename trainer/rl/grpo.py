@@ -18,7 +18,8 @@ suppressed until then, see trainer/rl/rollout.py).
 
 Outputs, like SFT: `<output_dir>/<run_name>/checkpoints/step_<N>/` (HF directory + TRL's resume
 state + `_COMPLETE`), `<output_dir>/<run_name>/final_model/` (plain HF SpeechLM directory + codec
-reference), `<output_dir>/<run_name>/metrics.jsonl`.
+reference), `<output_dir>/<run_name>/metrics.jsonl` (on object stores `metrics.jsonl.parts/`, see
+trainer/metrics.py).
 """
 
 from __future__ import annotations
