@@ -24,10 +24,10 @@ from trainer.codec import Codec
 from trainer.codec.presets import PRESETS
 from trainer.data.audio import read_audio, resample
 from trainer.rl.rewards import RewardScorer, ScorerModels, build_reward_funcs
-from trainer.rl.rewards.asr import error_rate, wer_reward
-from trainer.rl.rewards.functions import DNSMOSRewardFunc, SIMRewardFunc, WERRewardFunc
-from trainer.rl.rewards.quality import dnsmos_reward
-from trainer.rl.rewards.speaker import cosine_similarity, similarity_reward
+from trainer.rl.rewards.functions import DNSMOSRewardFunc, SimilarityRewardFunc, WERRewardFunc
+from trainer.scoring.asr import error_rate, wer_reward
+from trainer.scoring.quality import dnsmos_reward
+from trainer.scoring.speaker import cosine_similarity, similarity_reward
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "example" / "configs" / "samples.jsonl"
@@ -67,7 +67,7 @@ def seed_style(codec: Codec, funcs, items) -> dict[str, list[float]]:
             if isinstance(func, WERRewardFunc):
                 text = func.transcriber.transcribe([wave], 16000)[0]
                 out[func.name].append(wer_reward(error_rate(text, item["target_text"])))
-            elif isinstance(func, SIMRewardFunc):
+            elif isinstance(func, SimilarityRewardFunc):
                 reference = decode(item["prompt_codes"])
                 a, b = func.encoder.embed([reference], 16000), func.encoder.embed([wave], 16000)
                 out[func.name].append(float(similarity_reward(cosine_similarity(a, b))[0]))
@@ -91,7 +91,7 @@ def main() -> None:
     torch.manual_seed(0)
     codec = Codec.from_config(PRESETS[args.codec_preset]())
     items = load_completions(codec, args.prompts, args.generations, args.seconds)
-    funcs = build_reward_funcs(["WERRewardFunc", "SIMRewardFunc", "DNSMOSRewardFunc"], ScorerModels())
+    funcs = build_reward_funcs(["WERRewardFunc", "SimilarityRewardFunc", "DNSMOSRewardFunc"], ScorerModels())
 
     def ours(run: str) -> dict[str, list[float]]:
         # A fresh scorer and new reference keys per run: nothing is cached from an earlier run.
@@ -112,7 +112,7 @@ def main() -> None:
 
     print(f"{len(items)} completions of {args.seconds:.1f} s ({args.prompts} prompts x {args.generations}), "
           f"rewards {[f.name for f in funcs]}, torch threads {args.threads}")
-    for name in ("WERRewardFunc", "SIMRewardFunc"):
+    for name in ("WERRewardFunc", "SimilarityRewardFunc"):
         diff = np.max(np.abs(np.asarray(baseline_rewards[name]) - np.asarray(our_rewards[name])))
         print(f"  {name}: max |seed-style - ours| = {diff:.4f}")
     print(f"seed-style (decode per function, one clip at a time): {baseline:7.2f} s")

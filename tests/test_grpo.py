@@ -4,6 +4,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +20,7 @@ from speech_fixtures import make_codec, make_dataset, make_model
 from trainer.cli import main
 from trainer.config import DatasetConfig, RlhfConfig, load_config
 from trainer.data.shards import read_shard
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, StageError
 from trainer.metrics import read_scalars
 from trainer.model.build import load_speechlm
 from trainer.model.prompt import PromptFormat
@@ -40,7 +47,8 @@ def _settings(root, model, data, **extra) -> list[str]:
         "rlhf_training.per_device_train_batch_size": 4,
         "rlhf_training.max_completion_length": 15,
         "rlhf_training.min_completion_length": 3,
-        "rlhf_training.reward_funcs": ["WERRewardFunc", "SIMRewardFunc", "DNSMOSRewardFunc", "TruncationRewardFunc"],
+        "rlhf_training.reward_funcs": ["WERRewardFunc", "SimilarityRewardFunc", "DNSMOSRewardFunc",
+                                       "TruncationRewardFunc"],
         "rlhf_training.guard_rail_steps": 3,
         "rlhf_training.guard_rail_samples": 2,
         # A random policy rarely says speech-end: keep truncated completions in the loss so it learns.
@@ -86,7 +94,7 @@ def test_generation_is_restricted_to_audio_tokens_and_min_length(artefacts):
     _, _, model_dir, _ = artefacts
     model, tokenizer, vocab = load_speechlm(str(model_dir))
     kwargs = rollout.hf_generation_kwargs(vocab, model.get_input_embeddings().weight.shape[0], min_new_tokens=5)
-    allowed = set(rollout.allowed_token_ids(vocab))
+    allowed = set(vocab.completion_ids())
     # Bias sampling hard towards speech-end and a text token: the constraints must still win.
     bias = {(vocab.speech_end_id,): 30.0, (5,): 60.0}
     torch.manual_seed(0)
@@ -130,15 +138,6 @@ def test_grpo_args_server_mode_and_field_defaults(artefacts, monkeypatch):
     assert defaults.generation_kwargs["min_new_tokens"] == 3 and defaults.max_prompt_length is None
     assert vocab.speech_end_id not in defaults.generation_kwargs["suppress_tokens"]
 
-    import trl.trainer.grpo_trainer as grpo_module
-
-    original = getattr(grpo_module, "VLLMClient", None)
-    grpo_module.VLLMClient = lambda **kw: kw  # records what TRL would build the client with
-    try:
-        with grpo.vllm_group_port(52000):
-            assert grpo_module.VLLMClient(base_url="http://x:8000")["group_port"] == 52000
-    finally:
-        grpo_module.VLLMClient = original
 
 
 def test_config_errors_before_any_work(artefacts, capsys):
@@ -197,7 +196,7 @@ def test_three_grpo_steps_end_to_end(artefacts):
     train_rows = [r for r in rows if "reward" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3]
     for row in train_rows:
-        for name in ("WERRewardFunc", "SIMRewardFunc", "DNSMOSRewardFunc", "TruncationRewardFunc"):
+        for name in ("WERRewardFunc", "SimilarityRewardFunc", "DNSMOSRewardFunc", "TruncationRewardFunc"):
             assert 0.0 <= row[f"rewards/{name}/mean"] <= 1.0
         assert 3 <= row["completions/mean_length"] <= 15
         assert row["timing/rollout_seconds"] > 0
@@ -214,3 +213,134 @@ def test_three_grpo_steps_end_to_end(artefacts):
         "rlhf_training.guard_rail_steps": 100})]) == 0
     steps = [r["step"] for r in read_scalars(str(run / "metrics.jsonl")) if "reward" in r]
     assert steps == [1, 2, 3, 4]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bos_adding_copy(model_dir: Path, out: Path, template: str = "{bos} $A") -> Path:
+    """The model with a tokenizer that prepends BOS when special tokens are added, as LLaMA-3's does
+    (its tokenizer.json post-processor is TemplateProcessing "<|begin_of_text|> $A")."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    shutil.copytree(model_dir, out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=template.format(bos=bos, eos=eos), pair=f"{bos} $A {bos} $B",
+        special_tokens=[(bos, tokenizer.bos_token_id), (eos, tokenizer.eos_token_id)],
+    )
+    tokenizer.save_pretrained(out)
+    reloaded = AutoTokenizer.from_pretrained(out)
+    assert reloaded("hi", add_special_tokens=True)["input_ids"][0] == reloaded.bos_token_id
+    return out
+
+
+def _checksum(model) -> float:
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def test_vllm_server_rollouts_sample_from_the_policy_prompt_ids(artefacts, tmp_path, monkeypatch):
+    """GRPO in server mode against a `trl vllm-serve` stand-in (tests/vllm_standin.py): TRL's real
+    VLLMClient and weight-sync path, the transport gloo instead of NCCL (the only CUDA-bound piece)."""
+    import trl.extras.vllm_client as vllm_client
+    import trl.trainer.grpo_trainer as grpo_module
+    from vllm_standin import GlooCommunicator, GlooProcessGroup
+
+    root, _, model_dir, data = artefacts
+    model = _bos_adding_copy(model_dir, tmp_path / "model")
+    port, group_port = _free_port(), _free_port()
+    log = tmp_path / "server.jsonl"
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("vllm_standin.py")), "--model", str(model), "--port",
+         str(port), "--log", str(log)], env=env,
+    )
+    # What needs CUDA or vllm on the trainer side, replaced by its CPU equivalent.
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setattr(rollout, "check_weight_sync", lambda: None)
+    monkeypatch.setattr(grpo_module, "is_vllm_available", lambda: True)
+    monkeypatch.setattr(vllm_client, "is_vllm_available", lambda: True)
+    monkeypatch.setattr(vllm_client, "StatelessProcessGroup", GlooProcessGroup, raising=False)
+    monkeypatch.setattr(vllm_client, "PyNcclCommunicator", GlooCommunicator, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(uuid="trainer-cpu"))
+    try:
+        code = main(["rlhf", *_overrides(root, model, data, **{
+            "rlhf_training.use_vllm": True, "rlhf_training.vllm_server_port": port,
+            "rlhf_training.vllm_group_port": group_port, "rlhf_training.vllm_server_timeout_s": 120,
+            "rlhf_training.max_steps": 2, "checkpointing.save_steps": 1,
+            "rlhf_training.reward_funcs": ["TruncationRewardFunc"], "rlhf_training.guard_rail_steps": 100,
+            "training.output_dir": str(tmp_path / "out"),
+        })])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert code == 0
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert not [e for e in events if e["event"] == "error"]
+
+    _, tokenizer, vocab = load_speechlm(str(model))
+    fmt = PromptFormat(tokenizer, vocab)
+    expected = [fmt.inference_prompt(p.target_text, p.reference_text, np.asarray(p.prompt_codes)).tolist()
+                for p in build_prompts({str(data): 1.0}, "train", fmt, 100_000, None, seed=0)]
+    seen = [e["prompt_ids"] for e in events if e["event"] == "generate"]
+    assert len(seen) == 2  # one prompt x num_generations per step
+    for ids in seen:
+        assert ids[:2] != [tokenizer.bos_token_id] * 2, "the server sampled after two BOS tokens"
+        assert ids in expected
+
+    # Every parameter reached the server by its HF name and shape, once per step, before that step's rollout.
+    base = load_speechlm(str(model))[0]
+    shapes = {name: list(p.shape) for name, p in base.named_parameters()}
+    updates = [e for e in events if e["event"] == "update"]
+    assert all(e["known"] for e in updates)
+    assert len(updates) == 2 * len(shapes) and {e["name"]: e["shape"] for e in updates} == shapes
+    synced = [e["checksum"] for e in events if e["event"] == "synced"]
+    step_1 = load_speechlm(str(tmp_path / "out" / "rl" / "checkpoints" / "step_1"))[0]
+    assert synced == pytest.approx([_checksum(base), _checksum(step_1)], rel=1e-9)
+    assert _checksum(base) != pytest.approx(_checksum(step_1), rel=1e-9)
+
+
+@pytest.mark.parametrize("storage", ["local", "remote"])
+def test_two_rank_checkpoints_hold_every_rank_and_leave_no_scratch(artefacts, tmp_path, storage):
+    """2 ranks over gloo, rank 1 slow to write its RNG state: the published step holds both ranks' files;
+    a remote output (`objstore://`, see slow_rank_launch.py) leaves no scratch."""
+    root, _, model, data = artefacts
+    out = tmp_path / "out"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    settings = _settings(root, model, data, **{
+        "rlhf_training.max_steps": 1, "checkpointing.save_steps": 1,
+        "rlhf_training.reward_funcs": ["TruncationRewardFunc"], "rlhf_training.guard_rail_steps": 100,
+        "training.output_dir": str(out) if storage == "local" else f"objstore://{out}",
+    })
+    env = {**os.environ, "TMPDIR": str(scratch), "SLOW_RANK_SECONDS": "3", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()), str(Path(__file__).with_name("slow_rank_launch.py")),
+               "rlhf", *[arg for setting in settings for arg in ("--set", setting)]]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoints = out / "rl" / "checkpoints"
+    step = checkpoints / "step_1"
+    assert (step / "_COMPLETE").exists() and (step / "model.safetensors").exists()
+    assert (step / "rng_state_0.pth").exists() and (step / "rng_state_1.pth").exists()
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_1"]  # no stray checkpoint-1
+    assert (out / "rl" / "final_model" / "_COMPLETE").exists()
+    left = [str(p.relative_to(scratch)) for p in scratch.rglob("*") if p.suffix in {".pth", ".pt", ".safetensors"}]
+    assert not left, f"checkpoint files left in scratch space: {left}"
+
+
+def test_round_trip_check_covers_the_server_tokenisation(artefacts, tmp_path):
+    _, _, model_dir, data = artefacts
+    llama3 = PromptFormat(*load_speechlm(str(_bos_adding_copy(model_dir, tmp_path / "bos")))[1:])
+    assert build_prompts({str(data): 1.0}, "train", llama3, 100_000, None, seed=0, vllm_server=True)
+    # A tokenizer that also appends EOS cannot give the server the policy's ids from text.
+    both = PromptFormat(*load_speechlm(str(_bos_adding_copy(model_dir, tmp_path / "eos", "{bos} $A {eos}")))[1:])
+    assert build_prompts({str(data): 1.0}, "train", both, 100_000, None, seed=0)
+    with pytest.raises(StageError, match="vLLM server"):
+        build_prompts({str(data): 1.0}, "train", both, 100_000, None, seed=0, vllm_server=True)

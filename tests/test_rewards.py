@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from trainer.codec import Codec, tiny_codec_config
+from trainer.config import load_config
 from trainer.data.audio import read_audio
 from trainer.errors import ConfigError
-from trainer.rl.rewards import RewardScorer, ScorerModels, build_reward_funcs
-from trainer.rl.rewards.asr import corpus_error_rate, error_rate, load_transcriber, normalize_text
-from trainer.rl.rewards.quality import DNSMOS
+from trainer.rl.rewards import RewardBatch, RewardScorer, ScorerModels, build_reward_funcs
 from trainer.rl.rewards.rules import duration_reward, repetition_reward
-from trainer.rl.rewards.speaker import cosine_similarity, load_speaker_encoder
+from trainer.scoring.asr import MAX_ERROR_RATE, corpus_error_rate, error_rate, load_transcriber, normalize_text
+from trainer.scoring.quality import DNSMOS
+from trainer.scoring.speaker import EmbeddingCache, cosine_similarity, load_speaker_encoder
 
 EXAMPLE_MANIFEST = Path(__file__).resolve().parents[1] / "example" / "configs" / "samples.jsonl"
 
@@ -97,6 +98,58 @@ def test_dnsmos_speech_above_noise_and_matches_speechmos_on_long_clip(short_flit
     reference = speechmos_dnsmos.run(np.clip(long_clip, -1, 1), 16000)
     assert scores[2]["ovrl"] == pytest.approx(reference["ovrl_mos"], abs=1e-4)
     assert scores[2]["sig"] == pytest.approx(reference["sig_mos"], abs=1e-4)
+    # Personalised DNSMOS (the seed's reward: torchmetrics personalized=True) is speechmos's pDNSMOS.
+    personal = DNSMOS(personalized=True).score([long_clip], 16000)[0]
+    reference = speechmos_dnsmos.run(np.clip(long_clip, -1, 1), 16000, model_type="dnsmos_personalized")
+    assert personal["ovrl"] == pytest.approx(reference["ovrl_mos"], abs=1e-4)
+    assert personal["ovrl"] != pytest.approx(scores[2]["ovrl"], abs=1e-3)
+
+
+def test_reference_reward_names_build_and_dnsmos_reward_is_personalised_by_default():
+    # Every reward class of the seed's tts/training/rlhf/rewards.py (tts/core/constants.py names).
+    names = ["WERRewardFunc", "DNSMOSRewardFunc", "SimilarityRewardFunc"]
+    config = load_config(overrides=[f"rlhf_training.reward_funcs={json.dumps(names)}"])
+    funcs = build_reward_funcs(config.rlhf_training.reward_funcs, ScorerModels())
+    assert [f.name for f in funcs] == names
+    assert funcs[1].dnsmos.personalized
+    plain = build_reward_funcs(["DNSMOSRewardFunc"], ScorerModels(dnsmos_personalized=False))
+    assert not plain[0].dnsmos.personalized
+
+
+def test_nothing_recognised_scores_the_max_error_rate_as_in_the_seed(short_flite):
+    wer = build_reward_funcs(["WERRewardFunc"], ScorerModels())[0]
+    record = short_flite[0]
+    hiss = (np.random.default_rng(0).standard_normal(16000) * 0.001).astype(np.float32)
+    batch = RewardBatch(
+        waves=[_wave(record), hiss], references=[np.zeros(0, np.float32)] * 2, reference_keys=["a", "a"],
+        reference_texts=["x", "x"], target_texts=[record["transcript"]] * 2, languages=["en", "en"],
+        codes=[np.zeros(0, np.int64)] * 2, truncated=[False, False],
+    )
+    rates = wer.measure(batch)
+    assert wer.last_transcripts[1] == ""  # pocketsphinx hears nothing in a faint hiss
+    assert rates[1] == MAX_ERROR_RATE and rates[0] < 0.5
+    assert wer.reward(rates)[1] == pytest.approx(math.exp(-2.5 * MAX_ERROR_RATE))
+
+
+def test_reference_embeddings_are_computed_once_per_key(short_flite):
+    class Counting:
+        def __init__(self, encoder):
+            self.encoder, self.clips = encoder, 0
+
+        def embed(self, waves, sample_rate):
+            self.clips += len(waves)
+            return self.encoder.embed(waves, sample_rate)
+
+    encoder = Counting(load_speaker_encoder("resemblyzer"))
+    cache = EmbeddingCache(encoder, size=2)
+    waves = [_wave(r) for r in short_flite[:3]]
+    first = cache.embed(["a", "b", "a"], [waves[0], waves[1], waves[0]], 16000)
+    assert encoder.clips == 2 and np.allclose(first[0], first[2])
+    again = cache.embed(["b", "a"], [waves[1], waves[0]], 16000)
+    assert encoder.clips == 2 and np.allclose(again, first[[1, 0]])
+    cache.embed(["c"], [waves[2]], 16000)  # over size 2: "b", used least recently, is dropped
+    cache.embed(["b"], [waves[1]], 16000)
+    assert encoder.clips == 4
 
 
 def test_rule_rewards():
@@ -138,7 +191,7 @@ class CountingCodec:
 def test_scorer_decodes_once_and_gives_failed_audio_the_lowest_reward():
     codec = CountingCodec(Codec.from_config(tiny_codec_config(24000)), fail_on=13)
     funcs = build_reward_funcs(
-        ["WERRewardFunc", "SIMRewardFunc", "DNSMOSRewardFunc", "DurationRewardFunc", "TruncationRewardFunc",
+        ["WERRewardFunc", "SimilarityRewardFunc", "DNSMOSRewardFunc", "DurationRewardFunc", "TruncationRewardFunc",
          "RepetitionRewardFunc"],
         ScorerModels(),
     )

@@ -175,6 +175,8 @@ class RlhfConfig(Section):
     asr_model_path: str | None = None
     speaker_backend: Literal["resemblyzer", "wavlm-ecapa"] = "resemblyzer"
     speaker_model_path: str | None = None
+    # DNSMOSRewardFunc: personalised DNSMOS (penalises interfering talkers), as the seed's reward uses.
+    dnsmos_personalized: bool = True
     save_completions_steps: int = Field(50, gt=0)
     per_device_train_batch_size: int = Field(4, gt=0)
     num_iterations: int = Field(1, gt=0)

@@ -25,6 +25,9 @@ from trainer.data.audio import read_audio, write_wav
 from trainer.data.manifest import resolve_wav_path
 from trainer.errors import ConfigError
 from trainer.eval import report
+from trainer.scoring.asr import corpus_error_rate, error_rate, load_transcriber
+from trainer.scoring.quality import DNSMOS
+from trainer.scoring.speaker import EmbeddingCache, cosine_similarity, load_speaker_encoder
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +71,19 @@ class Scorers:
     """WER/CER, speaker similarity and DNSMOS over batches of clips, loaded once."""
 
     def __init__(self, cfg: EvalConfig):
-        from trainer.rl.rewards.asr import load_transcriber
-        from trainer.rl.rewards.quality import DNSMOS
-        from trainer.rl.rewards.speaker import load_speaker_encoder
-
         self.asr = load_transcriber(cfg.asr_backend, cfg.asr_model_path)
         self.speaker = load_speaker_encoder(cfg.speaker_backend, cfg.speaker_model_path)
+        self.references = EmbeddingCache(self.speaker)
         self.dnsmos = DNSMOS() if cfg.use_dnsmos else None
 
-    def embed(self, clips: list[tuple[np.ndarray, int]]) -> np.ndarray:
-        """Speaker embeddings, one row per clip, batched per sample rate."""
+    def embed_references(self, keys: list[str], clips: list[tuple[np.ndarray, int]]) -> np.ndarray:
+        """Speaker embeddings of voice prompts, one row per clip (a prompt shared by items is embedded once),
+        batched per sample rate."""
         rows: list[np.ndarray | None] = [None] * len(clips)
         for sr in sorted({sr for _, sr in clips}):
             idx = [i for i, (_, s) in enumerate(clips) if s == sr]
-            for i, emb in zip(idx, self.speaker.embed([clips[i][0] for i in idx], sr), strict=True):
+            embedded = self.references.embed([keys[i] for i in idx], [clips[i][0] for i in idx], sr)
+            for i, emb in zip(idx, embedded, strict=True):
                 rows[i] = emb
         return np.stack(rows)
 
@@ -93,9 +95,6 @@ class Scorers:
         languages: list[str],
     ) -> list[dict[str, Any]]:
         """WER/CER, DNSMOS and speaker similarity to the prompt (its embedding row) of each clip."""
-        from trainer.rl.rewards.asr import error_rate
-        from trainer.rl.rewards.speaker import cosine_similarity
-
         rows: list[dict[str, Any]] = [{} for _ in clips]
         # Scorers take one sample rate per batch: group clips by rate.
         for sr in sorted({sr for _, sr in clips}):
@@ -116,8 +115,6 @@ class Scorers:
 
 
 def aggregate(rows: list[dict[str, Any]], texts: list[str], languages: list[str]) -> dict[str, Any]:
-    from trainer.rl.rewards.asr import corpus_error_rate
-
     ok = [i for i, r in enumerate(rows) if "error" not in r]
 
     def mean(key: str) -> float | None:
@@ -178,7 +175,8 @@ def run(config: TrainerConfig) -> int:
     texts = [it["target_text"] for it in items]
     languages = [it["language"] for it in items]
     # Each prompt is embedded once; the model row and the ground-truth row both compare against it.
-    prompt_embeddings = scorers.embed([(p.samples, p.sample_rate) for p in prompts])
+    prompt_embeddings = scorers.embed_references([it["prompt_wav"] for it in items],
+                                                 [(p.samples, p.sample_rate) for p in prompts])
     model_scores = scorers.score(model_clips, prompt_embeddings, texts, languages)
     for row, scores in zip(model_rows, model_scores, strict=True):
         row.update({k: v for k, v in scores.items() if k not in row})

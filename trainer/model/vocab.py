@@ -52,6 +52,10 @@ class AudioVocab:
         """One past the last audio id."""
         return self.audio_offset + self.codebook_size
 
+    def completion_ids(self) -> list[int]:
+        """The ids a generated completion may hold: audio tokens and speech-end (sampling constraints)."""
+        return [*range(self.audio_offset, self.audio_end), self.speech_end_id]
+
     @property
     def audio_head_contiguous(self) -> bool:
         return self.speech_end_id == self.audio_offset - 1

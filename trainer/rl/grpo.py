@@ -18,15 +18,16 @@ suppressed until then, see trainer/rl/rollout.py).
 
 Outputs, like SFT: `<output_dir>/<run_name>/checkpoints/step_<N>/` (HF directory + TRL's resume
 state + `_COMPLETE`), `<output_dir>/<run_name>/final_model/` (plain HF SpeechLM directory + codec
-reference), `<output_dir>/<run_name>/metrics.jsonl`.
+reference), `<output_dir>/<run_name>/metrics.jsonl` (on object stores `metrics.jsonl.parts/`, see
+trainer/metrics.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from trainer import io, metrics
+from trainer import distributed, io, metrics
 from trainer.config import TrainerConfig
 from trainer.errors import ConfigError, StageError
 from trainer.model.build import load_speechlm, save_speechlm
@@ -110,13 +111,7 @@ def validate(config: TrainerConfig) -> None:
         if not io.exists(url):
             raise ConfigError(f"dataset path {url!r} does not exist")
     if rl.use_vllm:
-        from trl.import_utils import is_vllm_available
-
-        if not torch.cuda.is_available() or not is_vllm_available():
-            raise ConfigError(
-                "rlhf_training.use_vllm needs a CUDA trainer with vllm installed (the weight sync to the "
-                "rollout server is an NCCL broadcast); set use_vllm=false for local rollouts"
-            )
+        rollout.check_weight_sync()
     if config.training.precision == "fp16":
         raise ConfigError("training.precision=fp16 is not supported for GRPO; use bf16 or fp32")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -187,24 +182,6 @@ def grpo_args(config: TrainerConfig, hf_output_dir: str, vocab: AudioVocab, voca
     )
 
 
-@contextlib.contextmanager
-def vllm_group_port(port: int):
-    """TRL 0.21 builds its `VLLMClient` without a group port (always 51216); bind ours while it does."""
-    import functools
-
-    import trl.trainer.grpo_trainer as grpo_module
-
-    original = getattr(grpo_module, "VLLMClient", None)
-    if original is None or port == 51216:
-        yield
-        return
-    grpo_module.VLLMClient = functools.partial(original, group_port=port)
-    try:
-        yield
-    finally:
-        grpo_module.VLLMClient = original
-
-
 class SpeechGRPOTrainer(GRPOTrainer):
     """GRPOTrainer plus rollout/weight-sync timings (Prometheus and the logged scalars)."""
 
@@ -236,7 +213,13 @@ class SpeechGRPOTrainer(GRPOTrainer):
 
 class PublishCheckpoints(TrainerCallback):
     """Turns transformers' `checkpoint-<N>` into the SFT layout `checkpoints/step_<N>` (+ speechlm.json,
-    the codec reference and the `_COMPLETE` marker), published atomically, and prunes old ones."""
+    the codec reference and the `_COMPLETE` marker), published atomically, and prunes old ones.
+
+    Every rank writes part of `checkpoint-<N>` (rank 0 the model, optimizer and trainer state, each rank
+    its `rng_state_<rank>.pth`) with no barrier before `on_save`, so publishing starts with one. A local
+    output dir is shared by the ranks: rank 0 renames the complete directory. Otherwise each rank has its
+    own scratch `checkpoint-<N>`: every rank uploads its files, rank 0 marks the upload complete, and each
+    rank deletes its scratch copy (a pod's disk would fill with one model per save otherwise)."""
 
     def __init__(self, run: str, vocab: AudioVocab, codec_url: str, keep: int | None):
         self.run = run
@@ -244,15 +227,33 @@ class PublishCheckpoints(TrainerCallback):
         self.codec_url = codec_url
         self.keep = keep
 
+    def _add_speechlm_files(self, directory: Path) -> None:
+        self.vocab.save(directory)
+        write_codec_reference(str(directory), self.codec_url)
+
     def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
         source = Path(args.output_dir) / f"{HF_CHECKPOINT_PREFIX}{state.global_step}"
-        self.vocab.save(source)
-        write_codec_reference(str(source), self.codec_url)
-        io.commit_dir(source, checkpoint.checkpoint_url(self.run, state.global_step))
-        checkpoint.prune(self.run, self.keep)
-        log.info("checkpoint step %d published", state.global_step)
+        dest = checkpoint.checkpoint_url(self.run, state.global_step)
+        distributed.barrier()  # every rank has written its part of checkpoint-<N>
+        if io.is_local(self.run):
+            if state.is_world_process_zero:
+                self._add_speechlm_files(source)
+                io.commit_dir(source, dest)
+        else:
+            def write(staging: Path) -> None:
+                for item in source.iterdir():
+                    shutil.move(str(item), staging / item.name)
+                if state.is_world_process_zero:
+                    self._add_speechlm_files(staging)
+
+            try:
+                checkpoint.publish(dest, write)
+            finally:
+                shutil.rmtree(source, ignore_errors=True)
+        if state.is_world_process_zero:
+            checkpoint.prune(self.run, self.keep)
+            log.info("checkpoint step %d published", state.global_step)
+        distributed.barrier()  # no rank goes on (or resumes) before the checkpoint is published
 
 
 def resume_source(config: TrainerConfig, run: str) -> str | None:
@@ -268,7 +269,7 @@ def resume_source(config: TrainerConfig, run: str) -> str | None:
     else:
         return None
     log.info("resuming GRPO from %s", url)
-    return str(checkpoint.local_copy(url))
+    return url
 
 
 def _guard_prompts(config: TrainerConfig, prompt_format: PromptFormat):
@@ -304,7 +305,7 @@ def run(config: TrainerConfig) -> int:
     prompt_format = PromptFormat(tokenizer, vocab, config.modeling.parameters.enable_text_normalization)
     train_prompts = build_prompts(
         config.train_weighted_datasets, "train", prompt_format, rl.max_prompt_length,
-        config.dataset, t.seed,
+        config.dataset, t.seed, vllm_server=rl.use_vllm,
     )
     guard_prompts = _guard_prompts(config, prompt_format)
 
@@ -312,7 +313,8 @@ def run(config: TrainerConfig) -> int:
 
     codec_url = resolve_codec(config)
     codec = Codec.load(codec_url, device=device, components=("decoder",))
-    models = ScorerModels(rl.asr_backend, rl.asr_model_path, rl.speaker_backend, rl.speaker_model_path, device)
+    models = ScorerModels(rl.asr_backend, rl.asr_model_path, rl.speaker_backend, rl.speaker_model_path,
+                          rl.dnsmos_personalized, device)
     funcs = build_reward_funcs(rl.reward_funcs, models)
     completions = SaveCompletions(run, rl.save_completions_steps)
 
@@ -328,10 +330,10 @@ def run(config: TrainerConfig) -> int:
     policy_tokenizer.eos_token = vocab.speech_end
     policy_tokenizer.model_input_names = ["input_ids", "attention_mask"]  # LLaMA takes no token_type_ids
     vocab_size = model.get_input_embeddings().weight.shape[0]
-    if io.is_local(run):
+    if io.is_local(run):  # shared by the ranks (a shared volume when multi-node)
         hf_dir = io.join(io.local_path(run), checkpoint.CHECKPOINTS)
         Path(hf_dir).mkdir(parents=True, exist_ok=True)
-    else:
+    else:  # this rank's scratch space; PublishCheckpoints uploads and empties it
         hf_dir = tempfile.mkdtemp(prefix="grpo-")
     args = grpo_args(config, hf_dir, vocab, vocab_size)
     guard_generation = {
@@ -355,13 +357,21 @@ def run(config: TrainerConfig) -> int:
         peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
     server_group_port = rollout.vllm_server(rl).group_port if rl.use_vllm else 51216
-    with vllm_group_port(server_group_port):
+    with rollout.speech_vllm_client(policy_tokenizer, server_group_port):
         trainer = SpeechGRPOTrainer(
             model=model, reward_funcs=rewards.functions(), args=args,
             train_dataset=Dataset.from_list(as_rows(train_prompts)), processing_class=policy_tokenizer,
             callbacks=callbacks, peft_config=peft_config, rewards=rewards,
         )
-    trainer.train(resume_from_checkpoint=resume_source(config, run))
+    resume_url = resume_source(config, run)
+    resume = str(checkpoint.local_copy(resume_url)) if resume_url else None
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:  # this rank's scratch copies: a downloaded resume state, a remote run's checkpoint dir
+        if resume_url and not io.is_local(resume_url):
+            shutil.rmtree(resume, ignore_errors=True)
+        if not io.is_local(run):
+            shutil.rmtree(hf_dir, ignore_errors=True)
 
     if trainer.accelerator.is_main_process:
         policy = trainer.accelerator.unwrap_model(trainer.model)
@@ -372,4 +382,5 @@ def run(config: TrainerConfig) -> int:
             save_speechlm(policy, tokenizer, vocab, staging)
             write_codec_reference(str(staging), codec_url)
         log.info("final model: %s", final)
+    scalars.close()
     return 0

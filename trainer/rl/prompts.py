@@ -19,7 +19,8 @@ from trainer.data.mixing import epoch_picks
 from trainer.data.shards import read_shard, shard_ids
 from trainer.errors import ConfigError, StageError
 from trainer.model.prompt import PromptFormat
-from trainer.rl.rewards.asr import normalize_text
+from trainer.rl.rollout import server_prompt_text
+from trainer.scoring.asr import normalize_text
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ def build_prompts(
     dataset_filter: DatasetConfig | None,
     seed: int,
     limit: int | None = None,
+    vllm_server: bool = False,
 ) -> list[RlPrompt]:
     if not datasets:
         raise ConfigError(f"{split}_weighted_datasets is empty: GRPO needs vectorized data for its prompts")
@@ -115,19 +117,27 @@ def build_prompts(
             f"no usable GRPO prompts in {list(datasets)} ({split}); skipped {skipped}, rejected by the dataset "
             f"filters {rejected} (max_prompt_length={max_prompt_length})"
         )
-    check_round_trip(prompts[0], prompt_format)
+    check_round_trip(prompts[0], prompt_format, vllm_server)
     return prompts
 
 
-def check_round_trip(prompt: RlPrompt, prompt_format: PromptFormat) -> None:
-    """TRL re-tokenizes the prompt text; it must give back exactly the ids the model was trained on."""
+def check_round_trip(prompt: RlPrompt, prompt_format: PromptFormat, vllm_server: bool = False) -> None:
+    """The prompt text must tokenise back to exactly the ids the model was trained on, as TRL tokenises
+    it (no special tokens added: what the policy is scored on) and, for server rollouts, as a vLLM server
+    does (special tokens added, to the text `SpeechVLLMClient` sends: what rollouts are sampled from)."""
     ids = prompt_format.inference_prompt(prompt.target_text, prompt.reference_text, np.asarray(prompt.prompt_codes))
-    again = prompt_format.tokenizer(prompt.prompt, add_special_tokens=False)["input_ids"]
-    if list(again) != ids.tolist():
-        raise StageError(
-            "the tokenizer does not turn the rendered prompt back into the model's prompt ids "
-            f"({len(again)} vs {len(ids)} tokens); TRL tokenizes text prompts, so GRPO cannot use this tokenizer"
-        )
+    tokenizer = prompt_format.tokenizer
+    seen = {"TRL": tokenizer(prompt.prompt, add_special_tokens=False)["input_ids"]}
+    if vllm_server:
+        seen["the vLLM server"] = tokenizer(server_prompt_text(prompt.prompt, tokenizer),
+                                            add_special_tokens=True)["input_ids"]
+    for who, again in seen.items():
+        if list(again) != ids.tolist():
+            raise StageError(
+                f"the tokenizer does not turn the rendered prompt back into the model's prompt ids as {who} "
+                f"tokenises it ({len(again)} vs {len(ids)} tokens, first {list(again[:3])} vs {ids[:3].tolist()}); "
+                "GRPO sends text prompts, so it cannot use this tokenizer"
+            )
 
 
 def as_rows(prompts: list[RlPrompt]) -> list[dict]:

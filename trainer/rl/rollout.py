@@ -13,26 +13,33 @@ The upper bound is TRL's `max_completion_length`; completions cut there are mask
 vLLM server mode speaks TRL's `trl vllm-serve` protocol (HTTP generate + an NCCL group for the weight
 sync after every optimiser step). Host and ports come from `rlhf_training.vllm_server_*`, overridden by
 TTS_VLLM_HOST / TTS_VLLM_PORT / TTS_VLLM_GROUP_PORT (set by the controller on the trainer pods).
+
+The protocol carries prompt TEXT, which the server tokenises with special tokens added (vLLM's default
+for text prompts), while TRL scores the completion against the text tokenised without them. With a
+tokenizer that adds BOS (LLaMA-3) a prompt that already holds `<|begin_of_text|>` would be sampled after
+two BOS tokens (cf. TRL issue #3853): `SpeechVLLMClient` sends the text without its leading BOS then.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+from trl.extras.vllm_client import VLLMClient
 
 from trainer.config import RlhfConfig
 from trainer.errors import ConfigError
 from trainer.model.vocab import AudioVocab
 
 
-def allowed_token_ids(vocab: AudioVocab) -> list[int]:
-    return [*range(vocab.audio_offset, vocab.audio_end), vocab.speech_end_id]
-
-
 def hf_generation_kwargs(vocab: AudioVocab, model_vocab_size: int, min_new_tokens: int) -> dict:
     """Extra `GenerationConfig` fields for local rollouts (TRL merges them into its own)."""
-    allowed = set(allowed_token_ids(vocab))
+    allowed = set(vocab.completion_ids())
     kwargs: dict = {"suppress_tokens": [i for i in range(model_vocab_size) if i not in allowed]}
     if min_new_tokens:
         kwargs["min_new_tokens"] = min_new_tokens
@@ -42,7 +49,7 @@ def hf_generation_kwargs(vocab: AudioVocab, model_vocab_size: int, min_new_token
 def vllm_sampling_kwargs(vocab: AudioVocab, min_tokens: int) -> dict:
     """Extra `SamplingParams` fields sent to the vLLM server with every generate request."""
     return {
-        "allowed_token_ids": allowed_token_ids(vocab),
+        "allowed_token_ids": vocab.completion_ids(),
         "stop_token_ids": [vocab.speech_end_id],
         "min_tokens": min_tokens,
     }
@@ -81,3 +88,52 @@ def vllm_server(config: RlhfConfig, environ: Mapping[str, str] = os.environ) -> 
     if port == group:
         raise ConfigError(f"the vLLM HTTP port and the weight-sync group port are both {port}")
     return VllmServer(host=host, port=port, group_port=group)
+
+
+def check_weight_sync() -> None:
+    """TRL's client syncs weights over an NCCL communicator it imports from vllm: both must be there."""
+    from trl.import_utils import is_vllm_available
+
+    if not torch.cuda.is_available() or not is_vllm_available():
+        raise ConfigError(
+            "rlhf_training.use_vllm needs a CUDA trainer with vllm installed (the weight sync to the "
+            "rollout server is an NCCL broadcast); set use_vllm=false for local rollouts"
+        )
+
+
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether tokenising with special tokens (what vLLM does to a text prompt) prepends BOS."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def server_prompt_text(prompt: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The text to send the rollout server for `prompt` (whose own ids start with BOS when it has one)."""
+    if adds_bos(tokenizer) and prompt.startswith(tokenizer.bos_token):
+        return prompt[len(tokenizer.bos_token) :]
+    return prompt
+
+
+class SpeechVLLMClient(VLLMClient):
+    """TRL's `trl vllm-serve` client, sending each prompt as text the server tokenises to the policy's ids."""
+
+    def __init__(self, *args, tokenizer: PreTrainedTokenizerBase, **kwargs):
+        self.tokenizer = tokenizer
+        super().__init__(*args, **kwargs)
+
+    def generate(self, prompts: list[str], *args, **kwargs) -> list[list[int]]:
+        return super().generate([server_prompt_text(p, self.tokenizer) for p in prompts], *args, **kwargs)
+
+
+@contextlib.contextmanager
+def speech_vllm_client(tokenizer: PreTrainedTokenizerBase, group_port: int) -> Iterator[None]:
+    """While GRPOTrainer is built, its `VLLMClient` is ours, bound to our group port (TRL 0.21 builds it
+    with neither: plain prompt text, always port 51216)."""
+    import trl.trainer.grpo_trainer as grpo_module
+
+    original = grpo_module.VLLMClient
+    grpo_module.VLLMClient = functools.partial(SpeechVLLMClient, tokenizer=tokenizer, group_port=group_port)
+    try:
+        yield
+    finally:
+        grpo_module.VLLMClient = original

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from trainer.metrics import ScalarLog
 from trainer.model.prompt import PromptFormat
 from trainer.rl.prompts import RlPrompt
-from trainer.rl.rewards.functions import DNSMOSRewardFunc, RewardFunc, SIMRewardFunc, WERRewardFunc
+from trainer.rl.rewards.functions import DNSMOSRewardFunc, RewardFunc, SimilarityRewardFunc, WERRewardFunc
 from trainer.rl.rewards.rules import speaking_rate
 from trainer.rl.rewards.scorer import RewardScorer, ScoreResult
 
@@ -76,7 +76,7 @@ class GuardRails(TrainerCallback):
     def scorer_functions(reward_funcs: list[RewardFunc], build) -> list[RewardFunc]:
         """WER, SIM and DNSMOS, reusing the reward functions' loaded models where they exist."""
         by_type = {type(f): f for f in reward_funcs}
-        return [by_type.get(cls) or build(cls.name) for cls in (WERRewardFunc, SIMRewardFunc, DNSMOSRewardFunc)]
+        return [by_type.get(cls) or build(cls.name) for cls in (WERRewardFunc, SimilarityRewardFunc, DNSMOSRewardFunc)]
 
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
@@ -110,7 +110,7 @@ class GuardRails(TrainerCallback):
 
         return {
             "guard/wer": mean(result.measures[WERRewardFunc.name]),
-            "guard/sim": mean(result.measures[SIMRewardFunc.name]),
+            "guard/sim": mean(result.measures[SimilarityRewardFunc.name]),
             "guard/dnsmos": mean(result.measures[DNSMOSRewardFunc.name]),
             "guard/chars_per_second": mean(rates),
             "guard/truncated": float(np.mean(result.batch.truncated)),

@@ -25,7 +25,6 @@ from trainer.config import SamplingConfig
 from trainer.errors import ConfigError
 from trainer.model.build import load_speechlm
 from trainer.model.prompt import PromptFormat
-from trainer.rl.rollout import allowed_token_ids
 from trainer.serve import layout
 
 log = logging.getLogger(__name__)
@@ -104,7 +103,7 @@ class Synthesizer:
         self.max_text_chars = max_text_chars
         self._vllm = self._start_vllm(model_dir) if use_vllm else None
         vocab_rows = model.get_input_embeddings().weight.shape[0]
-        allowed = set(allowed_token_ids(vocab))
+        allowed = set(vocab.completion_ids())
         self._suppress = [i for i in range(vocab_rows) if i not in allowed]
 
     @classmethod
@@ -213,7 +212,7 @@ class Synthesizer:
         params = SamplingParams(
             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
             repetition_penalty=sampling.repetition_penalty, max_tokens=sampling.max_new_tokens,
-            min_tokens=min_tokens, seed=sampling.seed, allowed_token_ids=allowed_token_ids(self.vocab),
+            min_tokens=min_tokens, seed=sampling.seed, allowed_token_ids=self.vocab.completion_ids(),
             stop_token_ids=[self.vocab.speech_end_id], detokenize=False,
         )
         outputs = self._vllm.generate([TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts], params,

@@ -1,6 +1,7 @@
-"""GRPO rewards and the scorers behind them (ASR error rate, speaker similarity, DNSMOS, rule checks).
+"""GRPO rewards: reward functions by name (the seed's names), rule checks, and the decode-once scorer.
 
-The scorer modules (`asr`, `speaker`, `quality`) are also the eval harness's metrics: one implementation.
+The model-based rewards map the measures of `trainer.scoring` (ASR error rate, speaker similarity,
+DNSMOS), which the eval harness reports too: one implementation.
 """
 
 from trainer.rl.rewards.batch import RewardBatch

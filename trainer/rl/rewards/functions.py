@@ -8,15 +8,15 @@ the eval harness log) and `reward` (the seed's mapping of that metric into [0, 1
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from trainer.errors import ConfigError
-from trainer.rl.rewards import asr, quality, rules, speaker
+from trainer.rl.rewards import rules
 from trainer.rl.rewards.batch import RewardBatch
+from trainer.scoring import asr, quality, speaker
 
 
 class RewardFunc(ABC):
@@ -35,7 +35,9 @@ class RewardFunc(ABC):
 
 
 class WERRewardFunc(RewardFunc):
-    """exp(-2.5 * WER) of an ASR transcript against the target text (CER for zh/ja/ko)."""
+    """exp(-2.5 * WER) of an ASR transcript against the target text (CER for zh/ja/ko). Nothing recognised
+    scores MAX_ERROR_RATE, as in the seed (its empty-transcript WER 5.0), not the 1.0 of all words deleted:
+    a silent or garbled completion must not earn exp(-2.5) for saying nothing."""
 
     name = "WERRewardFunc"
 
@@ -53,43 +55,30 @@ class WERRewardFunc(RewardFunc):
         rates = np.full(len(batch), np.nan)
         for i, text in zip(index, texts, strict=True):
             self.last_transcripts[i] = text
-            rates[i] = asr.error_rate(text, batch.target_texts[i], batch.languages[i])
+            rates[i] = (asr.error_rate(text, batch.target_texts[i], batch.languages[i]) if text.strip()
+                        else asr.MAX_ERROR_RATE)
         return rates
 
     def reward(self, measured: np.ndarray) -> np.ndarray:
         return np.exp(-2.5 * measured)
 
 
-class SIMRewardFunc(RewardFunc):
-    """(cos + 1) / 2 of speaker embeddings, voice prompt vs completion. Reference embeddings are cached:
-    every prompt is shared by `num_generations` completions and recurs across steps."""
+class SimilarityRewardFunc(RewardFunc):
+    """(cos + 1) / 2 of speaker embeddings, voice prompt vs completion (reference embeddings cached)."""
 
-    name = "SIMRewardFunc"
+    name = "SimilarityRewardFunc"
     needs_reference_audio = True
 
     def __init__(self, encoder: speaker.SpeakerEncoder, cache_size: int = 4096):
         self.encoder = encoder
-        self.cache_size = cache_size
-        self._reference_cache: OrderedDict[str, np.ndarray] = OrderedDict()
-
-    def reference_embeddings(self, batch: RewardBatch) -> np.ndarray:
-        missing = list(dict.fromkeys(k for k in batch.reference_keys if k not in self._reference_cache))
-        if missing:
-            first = {k: batch.reference_keys.index(k) for k in missing}
-            embeddings = self.encoder.embed([batch.references[first[k]] for k in missing], batch.sample_rate)
-            for key, row in zip(missing, embeddings, strict=True):
-                self._reference_cache[key] = row
-        for key in batch.reference_keys:
-            self._reference_cache.move_to_end(key)
-        while len(self._reference_cache) > self.cache_size:
-            self._reference_cache.popitem(last=False)
-        return np.stack([self._reference_cache[k] for k in batch.reference_keys])
+        self.references = speaker.EmbeddingCache(encoder, cache_size)
 
     def measure(self, batch: RewardBatch) -> np.ndarray:
         valid = batch.valid
         completions = self.encoder.embed([w if ok else w[:0] for w, ok in zip(batch.waves, valid, strict=True)],
                                          batch.sample_rate)
-        return speaker.cosine_similarity(self.reference_embeddings(batch), completions)
+        references = self.references.embed(batch.reference_keys, batch.references, batch.sample_rate)
+        return speaker.cosine_similarity(references, completions)
 
     def reward(self, measured: np.ndarray) -> np.ndarray:
         return speaker.similarity_reward(measured)
@@ -161,15 +150,16 @@ class ScorerModels:
     asr_model_path: str | None = None
     speaker_backend: str = "resemblyzer"
     speaker_model_path: str | None = None
+    dnsmos_personalized: bool = True  # the seed's DNSMOS reward (torchmetrics, personalized=True)
     device: str = "cpu"
 
 
 REWARD_FUNCS: dict[str, Callable[[ScorerModels], RewardFunc]] = {
     "WERRewardFunc": lambda m: WERRewardFunc(asr.load_transcriber(m.asr_backend, m.asr_model_path, m.device)),
-    "SIMRewardFunc": lambda m: SIMRewardFunc(
+    "SimilarityRewardFunc": lambda m: SimilarityRewardFunc(
         speaker.load_speaker_encoder(m.speaker_backend, m.speaker_model_path, m.device)
     ),
-    "DNSMOSRewardFunc": lambda m: DNSMOSRewardFunc(quality.DNSMOS()),
+    "DNSMOSRewardFunc": lambda m: DNSMOSRewardFunc(quality.DNSMOS(personalized=m.dnsmos_personalized)),
     "DurationRewardFunc": lambda m: DurationRewardFunc(),
     "TruncationRewardFunc": lambda m: TruncationRewardFunc(),
     "RepetitionRewardFunc": lambda m: RepetitionRewardFunc(),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.rl.rewards.asr import normalize_text
+from trainer.scoring.asr import normalize_text
 
 # Speaking rate assumed when the reference is too short to measure (typical read English, chars/s).
 DEFAULT_CHARS_PER_SECOND = 14.0

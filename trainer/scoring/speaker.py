@@ -13,13 +13,14 @@ reward maps it to the lowest value instead of crashing.
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from typing import Protocol
 
 import numpy as np
 
 from trainer.data.audio import resample
 from trainer.errors import ConfigError
-from trainer.rl.rewards.model_files import local_model_dir
+from trainer.scoring.model_files import local_model_dir
 
 SPEAKER_SAMPLE_RATE = 16000
 
@@ -123,6 +124,30 @@ class WavLMEncoder:
             with self._torch.inference_mode():
                 out[chunk] = self.model(**inputs).embeddings.float().cpu().numpy()
         return _l2_normalise(out)
+
+
+class EmbeddingCache:
+    """Embeddings of reference clips by key, least recently used dropped beyond `size`: a voice prompt
+    recurs (every GRPO prompt is shared by `num_generations` completions and comes back across steps;
+    eval items share prompt wavs), so each is embedded once."""
+
+    def __init__(self, encoder: SpeakerEncoder, size: int = 4096):
+        self.encoder = encoder
+        self.size = size
+        self._rows: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def embed(self, keys: list[str], waves: list[np.ndarray], sample_rate: int) -> np.ndarray:
+        """One row per key; `waves[i]` is the clip of `keys[i]`, embedded (batched) only when not cached."""
+        first = {k: i for i, k in reversed(list(enumerate(keys))) if k not in self._rows}
+        if first:
+            rows = self.encoder.embed([waves[i] for i in first.values()], sample_rate)
+            self._rows.update(zip(first, rows, strict=True))
+        out = np.stack([self._rows[k] for k in keys])
+        for key in keys:
+            self._rows.move_to_end(key)
+        while len(self._rows) > self.size:
+            self._rows.popitem(last=False)
+        return out
 
 
 def load_speaker_encoder(backend: str, model_path: str | None = None, device: str = "cpu") -> SpeakerEncoder:

@@ -20,7 +20,7 @@ import numpy as np
 
 from trainer.data.audio import resample
 from trainer.errors import ConfigError
-from trainer.rl.rewards.model_files import local_model_dir
+from trainer.scoring.model_files import local_model_dir
 
 ASR_SAMPLE_RATE = 16000
 CER_LANGUAGES = frozenset({"zh", "ja", "ko", "yue"})
