@@ -23,7 +23,7 @@ from trainer.model.attention import use_packed_attention
 from trainer.model.build import build_speechlm
 from trainer.model.prompt import PromptFormat
 from trainer.train import checkpoint
-from trainer.train.lora import apply_lora, merge_lora_state_dict
+from trainer.train.lora import added_token_rows, apply_lora, merge_lora_state_dict
 from trainer.train.objective import SpeechLMObjective
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -193,21 +193,34 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(long_data_dir, tmp_path):
 def test_lora_run_exports_merged_weights(data_dir, tmp_path):
     config = sft_config(data_dir, tmp_path, max_steps=4)
     config["modeling"]["lora"] = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    config["checkpointing"]["save_steps"] = 4
     assert main(["sft", "--config", str(_write_config(tmp_path / "l.json", config))]) == 0
-    base, _, _ = build_speechlm("tiny", 64, seed=7)
+    base, _, vocab = build_speechlm("tiny", 64, seed=7)
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "t" / "final_model")
     assert not torch.equal(tuned.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
     assert torch.equal(tuned.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    # The rows the SpeechLM added (random init) trained, the text rows stayed frozen, in the final model
+    # and through the serving export of a checkpoint (the tiny preset's head is tied to these rows).
+    export = tmp_path / "serve"
+    assert main(["export", "--checkpoint_path", str(tmp_path / "t" / "checkpoints" / "step_4"),
+                 "--output_path", str(export)]) == 0
+    added = torch.tensor(added_token_rows(vocab))
+    text = torch.tensor(sorted(set(range(vocab.audio_offset)) - set(added.tolist())))
+    for model in (tuned, AutoModelForCausalLM.from_pretrained(export)):
+        for get in (lambda m: m.get_input_embeddings().weight, lambda m: m.get_output_embeddings().weight):
+            new, old = get(model).detach(), get(base).detach()
+            assert (new[added] != old[added]).any(dim=1).all()
+            assert torch.equal(new[text], old[text])
 
 
 def test_merge_lora_state_dict_matches_peft():
-    lm, _, _ = build_speechlm("tiny", 64, seed=1)
+    lm, _, vocab = build_speechlm("tiny", 64, seed=1)
     lora = LoraConfig(enabled=True, r=4, alpha=16, target_modules="all-linear")
-    peft_model = apply_lora(lm, lora)
+    peft_model = apply_lora(lm, lora, vocab)
     for name, p in peft_model.named_parameters():
-        if "lora_B" in name:
+        if "lora_B" in name or "trainable_tokens_delta" in name:
             torch.nn.init.normal_(p, std=0.1)
-    merged = merge_lora_state_dict(peft_model.state_dict(), lora)
+    merged = merge_lora_state_dict(peft_model.state_dict(), lora, added_token_rows(vocab))
     reference = peft_model.merge_and_unload().state_dict()
     assert merged.keys() == reference.keys()
     for key in reference:

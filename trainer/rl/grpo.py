@@ -70,10 +70,6 @@ FLAGS = {
 HF_CHECKPOINT_PREFIX = "checkpoint-"  # what transformers' Trainer writes; published as step_<N>
 
 
-def run_url(config: TrainerConfig) -> str:
-    return io.join(config.training.output_dir, config.training.run_name)
-
-
 def resolve_codec(config: TrainerConfig) -> str:
     rl = config.rlhf_training
     if rl.codec_model_path:
@@ -279,7 +275,7 @@ def _guard_prompts(config: TrainerConfig, prompt_format: PromptFormat):
 def run(config: TrainerConfig) -> int:
     validate(config)
     rl, t = config.rlhf_training, config.training
-    run = run_url(config)
+    run = checkpoint.run_url(config.training)
     metrics.serve(config.metrics.port)
     scalars = metrics.ScalarLog(io.join(run, "metrics.jsonl"), "rlhf")
     device = "cuda" if torch.cuda.is_available() else "cpu"
