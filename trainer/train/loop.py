@@ -57,6 +57,14 @@ def validate(config: TrainerConfig) -> None:
         log.warning("bf16 on CPU is slow and its numerics differ from GPU; use precision fp32 for CPU runs")
 
 
+def compile_layers(lm: torch.nn.Module, backend: str = "inductor") -> None:
+    """Compile each decoder layer: one graph for every layer and every (rows, length, documents) shape,
+    from dynamic shapes without duck sizing; per-document attention runs eager inside it."""
+    torch.fx.experimental._config.use_duck_shape = False
+    for layer in lm.model.layers:
+        layer.compile(dynamic=True, backend=backend)
+
+
 @dataclass
 class StepStats:
     loss: float
@@ -102,7 +110,7 @@ class SFTTrainer:
         self.backend = resolve_backend(p.attn_implementation, self.device)
         use_packed_attention(self.base_lm)
         if t.compile_model:
-            self._compile_layers()
+            compile_layers(self.base_lm)
 
         prompt = PromptFormat(self.tokenizer, self.vocab, p.enable_text_normalization)
         common = dict(
@@ -149,12 +157,6 @@ class SFTTrainer:
         if self.config.checkpointing.resume == "auto" and not self.t.dry_run:
             return checkpoint.latest_checkpoint(self.run_url)
         return None
-
-    def _compile_layers(self) -> None:
-        # One graph for every layer and every (rows, length) shape: dynamic shapes without duck sizing.
-        torch.fx.experimental._config.use_duck_shape = False
-        for layer in self.base_lm.model.layers:
-            layer.compile(dynamic=True)
 
     def _report_data(self) -> None:
         for data in (self.train_data, self.val_data):
