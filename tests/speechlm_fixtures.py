@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +76,23 @@ def sft_config(data: Path, out: Path, **training) -> dict:
         "val_weighted_datasets": {str(data): 1.0},
         "metrics": {"port": 0},
     }
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(json.dumps(config))
+    return path
+
+
+def run_losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    """step -> `key` from a run's metrics.jsonl (the last record wins: a resumed run re-logs steps)."""
+    from trainer.metrics import read_scalars
+
+    return {r["step"]: r[key] for r in read_scalars(str(run_dir / "metrics.jsonl")) if key in r}
+
+
+def torchrun(config: Path, nproc: int, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`tts-train sft` under torchrun on CPU (gloo), one thread per rank."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+           "-m", "trainer", "sft", "--config", str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)

@@ -1,7 +1,6 @@
 """`tts-train sft` on CPU: packed attention exactness, loss falls, DDP/FSDP parity, kill/resume,
 SIGTERM, HF round trip, LoRA merge, bad configs."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from speechlm_fixtures import REPO, sft_config, write_vectorized
+from speechlm_fixtures import REPO, run_losses, sft_config, torchrun, write_config, write_vectorized
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.cli import main
@@ -23,7 +22,7 @@ from trainer.model.attention import use_packed_attention
 from trainer.model.build import build_speechlm
 from trainer.model.prompt import PromptFormat
 from trainer.train import checkpoint
-from trainer.train.lora import apply_lora, merge_lora_state_dict
+from trainer.train.lora import added_token_rows, apply_lora, merge_lora_state_dict
 from trainer.train.objective import SpeechLMObjective
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -34,27 +33,17 @@ def data_dir(tmp_path_factory):
     return write_vectorized(tmp_path_factory.mktemp("vec"))
 
 
-def _write_config(path: Path, config: dict) -> Path:
-    path.write_text(json.dumps(config))
-    return path
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss (the last record wins: a resumed run re-logs steps after its checkpoint)."""
-    return {r["step"]: r["loss"] for r in read_scalars(str(run_dir / "metrics.jsonl")) if "loss" in r}
-
-
 @pytest.fixture(scope="module")
 def reference_run(data_dir, tmp_path_factory):
     """One uninterrupted 20-step single-process run (global batch: 2 rows of 256 tokens)."""
     out = tmp_path_factory.mktemp("ref")
-    cfg = _write_config(out / "sft.json", sft_config(data_dir, out))
+    cfg = write_config(out / "sft.json", sft_config(data_dir, out))
     assert main(["sft", "--config", str(cfg)]) == 0
     return out / "t"
 
 
 @pytest.mark.parametrize("prompt_format", ["inworld", "llasa"])
-def test_packed_row_loss_equals_per_sample_losses(data_dir, prompt_format):
+def test_packed_row_loss_equals_per_samplerun_losses(data_dir, prompt_format):
     torch.manual_seed(0)
     lm, tokenizer, vocab = build_speechlm("tiny", 64, prompt_format, seed=0)
     use_packed_attention(lm)
@@ -95,7 +84,7 @@ def test_audio_vocab_loss_is_softmax_over_the_audio_rows(data_dir):
 
 def test_loss_falls_and_outputs_load_with_from_pretrained(reference_run):
     records = read_scalars(str(reference_run / "metrics.jsonl"))
-    losses = _losses(reference_run)
+    losses = run_losses(reference_run)
     assert sorted(losses) == list(range(1, 21))
     assert losses[20] < 0.7 * losses[1]
     assert any("eval_loss" in r for r in records)
@@ -112,19 +101,13 @@ def test_loss_falls_and_outputs_load_with_from_pretrained(reference_run):
     assert out.shape[1] > prompt["input_ids"].shape[1]
 
 
-def _torchrun(config: Path, nproc: int) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-           "-m", "trainer", "sft", "--config", str(config)]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
-
-
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(strategy, reference_run, data_dir, tmp_path):
     # 2 ranks x 1 row = the reference's global batch of 2 rows, in the same order.
-    cfg = _write_config(tmp_path / "sft.json", sft_config(data_dir, tmp_path, strategy=strategy, batch_size=1))
-    proc = _torchrun(cfg, 2)
+    cfg = write_config(tmp_path / "sft.json", sft_config(data_dir, tmp_path, strategy=strategy, batch_size=1))
+    proc = torchrun(cfg, 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ref, got = _losses(reference_run), _losses(tmp_path / "t")
+    ref, got = run_losses(reference_run), run_losses(tmp_path / "t")
     assert sorted(got) == sorted(ref)
     for step in ref:  # fp32 gloo all-reduce vs local sum: summation order only
         assert got[step] == pytest.approx(ref[step], rel=1e-4), step
@@ -141,7 +124,7 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
     while time.time() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
-        if max(_losses(run_dir), default=0) >= step:
+        if max(run_losses(run_dir), default=0) >= step:
             return
         time.sleep(0.02)
     raise AssertionError(f"step {step} not reached")
@@ -157,12 +140,12 @@ def _slow_config(data_dir: Path, out: Path, **training) -> dict:
     return sft_config(data_dir, out, batch_size=2, pack_length=2048, **training)
 
 
-def test_sigkill_then_resume_gives_identical_losses(long_data_dir, tmp_path):
+def test_sigkill_then_resume_gives_identicalrun_losses(long_data_dir, tmp_path):
     data_dir = long_data_dir
     straight = tmp_path / "straight"
-    assert main(["sft", "--config", str(_write_config(tmp_path / "a.json", _slow_config(data_dir, straight)))]) == 0
+    assert main(["sft", "--config", str(write_config(tmp_path / "a.json", _slow_config(data_dir, straight)))]) == 0
     killed = tmp_path / "killed"
-    cfg = _write_config(tmp_path / "b.json", _slow_config(data_dir, killed))
+    cfg = write_config(tmp_path / "b.json", _slow_config(data_dir, killed))
     proc = _start(cfg)
     _wait_for_step(killed / "t", 12, proc)
     proc.send_signal(signal.SIGKILL)
@@ -170,7 +153,7 @@ def test_sigkill_then_resume_gives_identical_losses(long_data_dir, tmp_path):
     assert not (killed / "t" / "final_model").exists()
     assert [s for s, _ in checkpoint.complete_checkpoints(str(killed / "t"))] == [10]
     assert main(["sft", "--config", str(cfg)]) == 0  # resume: auto
-    ref, got = _losses(straight / "t"), _losses(killed / "t")
+    ref, got = run_losses(straight / "t"), run_losses(killed / "t")
     assert sorted(got) == list(range(1, 21))
     for step in range(11, 21):
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=0), step
@@ -180,12 +163,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(long_data_dir, tmp_path):
     data_dir = long_data_dir
     config = _slow_config(data_dir, tmp_path, max_steps=200)
     config["checkpointing"]["save_steps"] = 1000
-    proc = _start(_write_config(tmp_path / "c.json", config))
+    proc = _start(write_config(tmp_path / "c.json", config))
     _wait_for_step(tmp_path / "t", 2, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, proc.stderr.read()[-2000:]
     saved = checkpoint.complete_checkpoints(str(tmp_path / "t"))
-    assert len(saved) == 1 and saved[0][0] == max(_losses(tmp_path / "t"))
+    assert len(saved) == 1 and saved[0][0] == max(run_losses(tmp_path / "t"))
     state = json.loads((Path(saved[0][1]) / "resume" / "state.json").read_text())
     assert state["step"] == saved[0][0]
 
@@ -193,21 +176,34 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(long_data_dir, tmp_path):
 def test_lora_run_exports_merged_weights(data_dir, tmp_path):
     config = sft_config(data_dir, tmp_path, max_steps=4)
     config["modeling"]["lora"] = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    assert main(["sft", "--config", str(_write_config(tmp_path / "l.json", config))]) == 0
-    base, _, _ = build_speechlm("tiny", 64, seed=7)
+    config["checkpointing"]["save_steps"] = 4
+    assert main(["sft", "--config", str(write_config(tmp_path / "l.json", config))]) == 0
+    base, _, vocab = build_speechlm("tiny", 64, seed=7)
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "t" / "final_model")
     assert not torch.equal(tuned.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
     assert torch.equal(tuned.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    # The rows the SpeechLM added (random init) trained, the text rows stayed frozen, in the final model
+    # and through the serving export of a checkpoint (the tiny preset's head is tied to these rows).
+    export = tmp_path / "serve"
+    assert main(["export", "--checkpoint_path", str(tmp_path / "t" / "checkpoints" / "step_4"),
+                 "--output_path", str(export)]) == 0
+    added = torch.tensor(added_token_rows(vocab))
+    text = torch.tensor(sorted(set(range(vocab.audio_offset)) - set(added.tolist())))
+    for model in (tuned, AutoModelForCausalLM.from_pretrained(export)):
+        for get in (lambda m: m.get_input_embeddings().weight, lambda m: m.get_output_embeddings().weight):
+            new, old = get(model).detach(), get(base).detach()
+            assert (new[added] != old[added]).any(dim=1).all()
+            assert torch.equal(new[text], old[text])
 
 
 def test_merge_lora_state_dict_matches_peft():
-    lm, _, _ = build_speechlm("tiny", 64, seed=1)
+    lm, _, vocab = build_speechlm("tiny", 64, seed=1)
     lora = LoraConfig(enabled=True, r=4, alpha=16, target_modules="all-linear")
-    peft_model = apply_lora(lm, lora)
+    peft_model = apply_lora(lm, lora, vocab)
     for name, p in peft_model.named_parameters():
-        if "lora_B" in name:
+        if "lora_B" in name or "trainable_tokens_delta" in name:
             torch.nn.init.normal_(p, std=0.1)
-    merged = merge_lora_state_dict(peft_model.state_dict(), lora)
+    merged = merge_lora_state_dict(peft_model.state_dict(), lora, added_token_rows(vocab))
     reference = peft_model.merge_and_unload().state_dict()
     assert merged.keys() == reference.keys()
     for key in reference:
@@ -215,7 +211,7 @@ def test_merge_lora_state_dict_matches_peft():
 
 
 def test_dry_run_computes_one_loss_without_training(data_dir, tmp_path, capsys):
-    cfg = _write_config(tmp_path / "d.json", sft_config(data_dir, tmp_path))
+    cfg = write_config(tmp_path / "d.json", sft_config(data_dir, tmp_path))
     assert main(["sft", "--config", str(cfg), "--dry_run"]) == 0
     out = capsys.readouterr().out
     plan = json.loads(out[out.index("{"):])
@@ -237,7 +233,7 @@ def test_dry_run_computes_one_loss_without_training(data_dir, tmp_path, capsys):
 def test_bad_configs_fail_before_training(edit, message, data_dir, tmp_path, capsys):
     config = sft_config(data_dir, tmp_path)
     edit(config, data_dir)
-    assert main(["sft", "--config", str(_write_config(tmp_path / "bad.json", config))]) == 2
+    assert main(["sft", "--config", str(write_config(tmp_path / "bad.json", config))]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "t" / "metrics.jsonl").exists()
 
@@ -246,7 +242,7 @@ def test_codes_beyond_codebook_fail_before_training(tmp_path, capsys):
     data = write_vectorized(tmp_path / "vec", codebook_size=128, info_codebook_size=64)
     (data / "dataset_info.json").unlink()
     config = sft_config(data, tmp_path)
-    assert main(["sft", "--config", str(_write_config(tmp_path / "bad.json", config))]) == 2
+    assert main(["sft", "--config", str(write_config(tmp_path / "bad.json", config))]) == 2
     assert "outside modeling.parameters.codebook_size" in capsys.readouterr().err
 
 
@@ -259,13 +255,3 @@ def test_checkpoint_publish_to_object_store_and_ignore_incomplete():
     fs.pipe_file("/runs/x/checkpoints/step_9/a.txt", b"partial")  # a save killed before its marker
     assert checkpoint.latest_checkpoint(run) == "memory://runs/x/checkpoints/step_5"
     assert fs.cat_file("/runs/x/checkpoints/step_5/a.txt") == b"a"
-
-
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (gpu extra)")
-def test_deepspeed_zero2_matches_one_process(reference_run, data_dir, tmp_path):
-    cfg = _write_config(tmp_path / "sft.json", sft_config(data_dir, tmp_path, strategy="deepspeed", batch_size=1))
-    proc = _torchrun(cfg, 2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ref, got = _losses(reference_run), _losses(tmp_path / "t")
-    for step in ref:
-        assert got[step] == pytest.approx(ref[step], rel=1e-3), step

@@ -20,6 +20,7 @@ import torch
 from trainer import io
 from trainer.config import TrainerConfig
 from trainer.errors import ConfigError, StageError
+from trainer.train import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +118,12 @@ def _common(config: TrainerConfig, stage: str, run_dir: str) -> dict[str, Any]:
 
 
 def sft_plan(config: TrainerConfig) -> dict[str, Any]:
-    from trainer.train.loop import run_url
 
     t = config.training
     problems: list[str] = []
     if t.precision == "fp16":
         problems.append("training.precision=fp16 is not supported for SFT (no loss scaling); use bf16 or fp32")
-    plan = _common(config, "sft", run_url(config))
+    plan = _common(config, "sft", checkpoint.run_url(config.training))
     plan["model"] = _sft_model(config, problems)
     plan["data"] = _datasets(config, problems)
     plan["batch"] = {"batch_size": t.batch_size, "gradient_accumulation_steps": t.gradient_accumulation_steps,
@@ -163,7 +163,7 @@ def rlhf_plan(config: TrainerConfig) -> dict[str, Any]:
 
     rl, t = config.rlhf_training, config.training
     problems: list[str] = []
-    plan = _common(config, "rlhf", grpo.run_url(config))
+    plan = _common(config, "rlhf", checkpoint.run_url(config.training))
     base = rl.base_model_dir
     plan["model"] = {"base_model_dir": base, "exists": bool(base) and io.exists(base)}
     if not base:

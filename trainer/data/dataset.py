@@ -128,6 +128,12 @@ class Batch:
     def labelled_tokens(self) -> int:
         return int((self.targets != IGNORE_INDEX).sum())
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copy (the DataLoader calls this with `pin_memory=True`) so `to` can be asynchronous."""
+        names = ("input_ids", "position_ids", "doc_ids", "targets")
+        pinned = {k: getattr(self, k).pin_memory() for k in names}
+        return Batch(**pinned, real_tokens=self.real_tokens, num_samples=self.num_samples)
+
     def to(self, device: torch.device) -> Batch:
         names = ("input_ids", "position_ids", "doc_ids", "targets")
         move = {k: getattr(self, k).to(device, non_blocking=True) for k in names}
@@ -218,12 +224,15 @@ class PackedData:
                     f"{self.split} data fills {len(self.rows(epoch))} rows: fewer than batch_size x world "
                     f"({self.batch_size} x {self.world_size}); use more data or a smaller batch/pack_length"
                 )
-            rows = self.rows(epoch)
             while batch < n:
-                first = (batch * self.world_size + self.rank) * self.batch_size
-                yield self.collate(rows[first : first + self.batch_size]), SamplerState(epoch, batch + 1)
+                yield self.collate(self.micro_batch_rows(epoch, batch)), SamplerState(epoch, batch + 1)
                 batch += 1
             epoch, batch = epoch + 1, 0
+
+    def micro_batch_rows(self, epoch: int, batch: int) -> list[list[tuple[int, int]]]:
+        """This rank's rows of micro-batch `batch` of `epoch` (ranks take consecutive rows)."""
+        first = (batch * self.world_size + self.rank) * self.batch_size
+        return self.rows(epoch)[first : first + self.batch_size]
 
     def eval_batches(self) -> Iterator[Batch]:
         """All rows of epoch 0 once, split across ranks; every rank yields the same number of batches
@@ -243,8 +252,9 @@ class PackedData:
         if self.packing:
             length = self.pack_length
         else:
-            longest = max((sum(len(e.input_ids) for e in row) for row in examples), default=1)
-            length = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+            longest = max((sum(len(e.input_ids) for e in row) for row in examples), default=0)
+            # At least one token: a rank's eval padding rows are empty, and a (rows, 0) batch cannot run.
+            length = max(1, -(-longest // PAD_MULTIPLE)) * PAD_MULTIPLE
         shape = (len(rows), length)
         input_ids = torch.full(shape, self.prompt.vocab.pad_token_id, dtype=torch.long)
         position_ids = torch.zeros(shape, dtype=torch.long)

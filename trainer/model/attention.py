@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import itertools
 from typing import Any
 
 import torch
@@ -75,14 +74,35 @@ def build_attention_inputs(doc_ids: torch.Tensor, backend: str) -> dict[str, Any
 
         mask = create_block_mask(same_doc_causal, batch, None, length, length, device=doc_ids.device)
         return {"attention_mask": mask}
-    # Document spans per row as Python ints (one host sync per batch, not per layer).
+    # Document spans as one CPU tensor [documents, 3] of (row, start, end), row-major (one host sync
+    # per batch, not per layer). A tensor, not a Python list: a compiled layer treats its size as
+    # dynamic, where it would guard on a list's length and recompile for every new span count.
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    spans = []
-    for row in starts.cpu().tolist():
-        bounds = [i for i, start in enumerate(row) if start] + [length]
-        spans.append(list(itertools.pairwise(bounds)))
-    return {"doc_spans": spans}
+    row, begin = torch.nonzero(starts.cpu(), as_tuple=True)
+    end = torch.full_like(begin, length)
+    end[:-1] = torch.where(row[1:] == row[:-1], begin[1:], length)
+    return {"doc_spans": torch.stack([row, begin, end], dim=1)}
+
+
+@torch.compiler.disable
+def _per_document_sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: torch.Tensor, dropout: float,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Causal SDPA on each document's slice -> [B, L, Hq, D]. Eager even inside a compiled layer: the
+    number of SDPA calls depends on the data, so tracing it would give one graph per span layout."""
+    batch, heads, length, dim = query.shape
+    gqa = key.shape[1] != heads
+    pieces = [
+        F.scaled_dot_product_attention(
+            query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e],
+            dropout_p=dropout, is_causal=e - s > 1, scale=scaling, enable_gqa=gqa,
+        )
+        for b, s, e in spans.tolist()
+    ]
+    # Spans tile every row in order, so their concatenation is the rows back to back.
+    return torch.cat(pieces, dim=2).transpose(1, 2).reshape(batch, length, heads, dim)
 
 
 def packed_attention(
@@ -111,18 +131,7 @@ def packed_attention(
         return out.reshape(batch, length, heads, dim), None
     spans = kwargs.get("doc_spans")
     if spans is not None:
-        gqa = key.shape[1] != heads
-        rows = [
-            torch.cat([
-                F.scaled_dot_product_attention(
-                    query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e],
-                    dropout_p=dropout, is_causal=e - s > 1, scale=scaling, enable_gqa=gqa,
-                )
-                for s, e in row_spans
-            ], dim=2)
-            for b, row_spans in enumerate(spans)
-        ]
-        return torch.cat(rows).transpose(1, 2).contiguous(), None
+        return _per_document_sdpa(query, key, value, spans, dropout, scaling), None
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         out = _compiled_flex()(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None

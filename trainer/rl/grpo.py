@@ -78,10 +78,6 @@ FLAGS = {
 HF_CHECKPOINT_PREFIX = "checkpoint-"  # what transformers' Trainer writes; published as step_<N>
 
 
-def run_url(config: TrainerConfig) -> str:
-    return io.join(config.training.output_dir, config.training.run_name)
-
-
 def resolve_codec(config: TrainerConfig) -> str:
     rl = config.rlhf_training
     if rl.codec_model_path:
@@ -294,7 +290,7 @@ def run(config: TrainerConfig) -> int:
     rl, t = config.rlhf_training, config.training
     if t.use_wandb and t.project_name:
         os.environ["WANDB_PROJECT"] = t.project_name  # read by transformers' WandbCallback
-    run = run_url(config)
+    run = checkpoint.run_url(config.training)
     metrics.serve(config.metrics.port)
     scalars = metrics.ScalarLog(io.join(run, "metrics.jsonl"), "rlhf")
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -20,11 +20,17 @@ from pathlib import Path
 import torch.distributed as dist
 
 from trainer import distributed, io
+from trainer.config import TrainingConfig
 
 CHECKPOINTS = "checkpoints"
 RESUME = "resume"
 FINAL_MODEL = "final_model"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def run_url(training: TrainingConfig) -> str:
+    """`<output_dir>/<run_name>`: where a training run (SFT or GRPO) writes everything."""
+    return io.join(training.output_dir, training.run_name)
 
 
 def checkpoint_url(run_url: str, step: int) -> str:

@@ -12,33 +12,32 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 
 from trainer import distributed, io, metrics
 from trainer.config import TrainerConfig
 from trainer.data.dataset import Batch, PackedData, SamplerState
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, StageError
 from trainer.model.attention import resolve_backend, use_packed_attention
 from trainer.model.build import build_speechlm, save_speechlm
 from trainer.model.prompt import PromptFormat
 from trainer.train import checkpoint, telemetry
-from trainer.train.lora import apply_lora, merge_lora_state_dict
+from trainer.train.lora import added_token_rows, apply_lora, merge_lora_state_dict
 from trainer.train.objective import SpeechLMObjective
 from trainer.train.parallel import build_strategy
 from trainer.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
-
-
-def run_url(config: TrainerConfig) -> str:
-    return io.join(config.training.output_dir, config.training.run_name)
 
 
 def validate(config: TrainerConfig) -> None:
@@ -58,22 +57,22 @@ def validate(config: TrainerConfig) -> None:
         log.warning("bf16 on CPU is slow and its numerics differ from GPU; use precision fp32 for CPU runs")
 
 
+def compile_layers(lm: torch.nn.Module, backend: str = "inductor") -> None:
+    """Compile each decoder layer: one graph for every layer and every (rows, length, documents) shape,
+    from dynamic shapes without duck sizing; per-document attention runs eager inside it."""
+    torch.fx.experimental._config.use_duck_shape = False
+    for layer in lm.model.layers:
+        layer.compile(dynamic=True, backend=backend)
+
+
 @dataclass
 class StepStats:
     loss: float
+    lr: float  # the learning rate this step's update used
     real_tokens: int
     labelled_tokens: int
     sum_sq_lengths: int
     stop: bool
-
-
-def _doc_lengths_sq(batch: Batch) -> int:
-    """Sum over samples of length^2 (attention FLOPs), padding excluded."""
-    total = 0
-    for row in batch.doc_ids:
-        counts = torch.bincount(row)
-        total += int((counts[:-1].double() ** 2).sum()) if batch.real_tokens else 0
-    return total
 
 
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
@@ -92,7 +91,7 @@ class SFTTrainer:
         distributed.init(t.process_group_timeout_s)
         self.device = distributed.device()
         self.world = distributed.world_size()
-        self.run_url = run_url(config)
+        self.run_url = checkpoint.run_url(t)
         self.resume_url, self.weights_only = self._resume_source()
         torch.manual_seed(t.seed)
         self.strategy = build_strategy(t.strategy, t, self.device, config.modeling.lora.enabled)
@@ -107,13 +106,13 @@ class SFTTrainer:
             lm.load_state_dict(weights, strict=False)  # tied head is absent from the file
         self.base_lm = lm
         if config.modeling.lora.enabled:
-            lm = apply_lora(lm, config.modeling.lora)
+            lm = apply_lora(lm, config.modeling.lora, self.vocab)
         if t.gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.backend = resolve_backend(p.attn_implementation, self.device)
         use_packed_attention(self.base_lm)
         if t.compile_model:
-            self._compile_layers()
+            compile_layers(self.base_lm)
 
         prompt = PromptFormat(self.tokenizer, self.vocab, p.enable_text_normalization,
                               label_speech_start=p.loss_vocab == "full")
@@ -171,12 +170,6 @@ class SFTTrainer:
             return explicit, False
         return own, False
 
-    def _compile_layers(self) -> None:
-        # One graph for every layer and every (rows, length) shape: dynamic shapes without duck sizing.
-        torch.fx.experimental._config.use_duck_shape = False
-        for layer in self.base_lm.model.layers:
-            layer.compile(dynamic=True)
-
     def _report_data(self) -> None:
         for data in (self.train_data, self.val_data):
             if data is None:
@@ -202,13 +195,36 @@ class SFTTrainer:
         return wandb.init(name=self.t.run_name, project=self.t.project_name,
                           config=self.config.model_dump(mode="json"))
 
+    def _resharded_sampler(self, state: dict) -> SamplerState:
+        """The saved data position for this run's layout. Ranks take consecutive rows, so the position
+        is a number of rows consumed in the epoch; another world size or batch size continues exactly
+        there when its rows per micro-batch divide that number, and is refused otherwise (it would
+        skip or repeat data)."""
+        saved = SamplerState(**state["sampler"])
+        old_world, old_batch = state["world_size"], state.get("batch_size", self.t.batch_size)
+        old, new = old_world * old_batch, self.world * self.t.batch_size
+        if old == new:
+            return saved
+        consumed = saved.batch * old
+        if consumed % new:
+            raise ConfigError(
+                f"resume from {self.resume_url}: the checkpoint was written by {old_world} process(es) x "
+                f"batch_size {old_batch} after {consumed} rows of epoch {saved.epoch}; {self.world} process(es) "
+                f"x batch_size {self.t.batch_size} = {new} rows per micro-batch cannot continue exactly there "
+                f"(data would be skipped or repeated). Resume with a world size x batch_size that divides "
+                f"{consumed}, or start a new run"
+            )
+        log.warning("resuming %d process(es) x %d rows from a %d x %d checkpoint: continuing at row %d of epoch %d",
+                    self.world, self.t.batch_size, old_world, old_batch, consumed, saved.epoch)
+        return SamplerState(saved.epoch, consumed // new)
+
     def _load_resume(self) -> None:
         local = checkpoint.local_copy(self.resume_url)
-        self.strategy.load_resume(self.module, self.optimizer, local / checkpoint.RESUME)
         state = json.loads((local / checkpoint.RESUME / "state.json").read_text())
+        self.sampler = self._resharded_sampler(state)
+        self.strategy.load_resume(self.module, self.optimizer, local / checkpoint.RESUME)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
-        self.sampler = SamplerState(**state["sampler"])
         rng = torch.load(local / checkpoint.RESUME / "rng.pt", weights_only=False)
         torch.set_rng_state(rng["cpu"])
         if torch.cuda.is_available() and rng.get("cuda") is not None:
@@ -232,14 +248,37 @@ class SFTTrainer:
                 ce_sum, _ = self.module(batch)
             self.strategy.backward(self.module, ce_sum * scale)
             loss_sum += ce_sum.detach().double()
+        lr = self.optimizer.param_groups[0]["lr"]
         self.grad_norm = self.strategy.step(self.module, self.optimizer)
-        self.scheduler.step()
+        self.scheduler.step()  # sets the next update's rate
         real = sum(b.real_tokens for b in micro)
-        sum_sq = sum(_doc_lengths_sq(b) for b in micro)
+        sum_sq = sum(telemetry.doc_lengths_sq(b.doc_ids, b.targets) for b in micro)
         total_loss, real, sum_sq, stop = _all_reduce(
             [float(loss_sum), real, sum_sq, float(self._stop_requested)], self.device
         )
-        return StepStats(total_loss / max(global_labelled, 1.0), int(real), int(global_labelled), int(sum_sq), stop > 0)
+        return StepStats(
+            total_loss / max(global_labelled, 1.0), lr, int(real), int(global_labelled), int(sum_sq), stop > 0
+        )
+
+    def micro_batches(self) -> Iterator[tuple[Batch, SamplerState]]:
+        """This rank's training micro-batches from the resume position on, epoch after epoch, each with
+        the position after it. `training.num_workers` DataLoader workers collate (read codes, format
+        prompts, pack) ahead of the training thread, in order; pinned memory on GPU."""
+        data, epoch, start = self.train_data, self.sampler.epoch, self.sampler.batch
+        if self.t.num_workers:
+            # Workers fork after the tokenizer's thread pool was used; keep them single-threaded.
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        while True:
+            n = data.batches_per_epoch(epoch)
+            if n == 0:
+                raise StageError(f"epoch {epoch} of the training data fills fewer rows than batch_size x world")
+            loader = DataLoader(
+                [data.micro_batch_rows(epoch, b) for b in range(start, n)], batch_size=None,
+                collate_fn=data.collate, num_workers=self.t.num_workers, pin_memory=self.device.type == "cuda",
+            )
+            for b, batch in enumerate(loader, start):
+                yield batch, SamplerState(epoch, b + 1)
+            epoch, start = epoch + 1, 0
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -265,7 +304,7 @@ class SFTTrainer:
         metrics.serve(self.config.metrics.port)
         t = self.t
         accum = t.gradient_accumulation_steps
-        batches = self.train_data.iterate(self.sampler)
+        batches = self.micro_batches()
         started = time.perf_counter()
         first_step = self.step
         log.info("training %d steps from step %d (%s, %d process(es), attention %s)",
@@ -296,7 +335,7 @@ class SFTTrainer:
         return 0
 
     def _record(self, stats: StepStats, elapsed: float, started: float, first_step: int) -> None:
-        lr = self.scheduler.get_last_lr()[0]
+        lr = stats.lr
         tps = stats.real_tokens / elapsed if elapsed > 0 else 0.0
         flops = self.flops.flops(stats.real_tokens, stats.labelled_tokens, stats.sum_sq_lengths)
         mfu = flops / elapsed / (self.peak * self.world) if self.peak and elapsed > 0 else 0.0
@@ -337,7 +376,7 @@ class SFTTrainer:
         if state is None:
             return None
         if self.config.modeling.lora.enabled:
-            state = merge_lora_state_dict(state, self.config.modeling.lora)
+            state = merge_lora_state_dict(state, self.config.modeling.lora, added_token_rows(self.vocab))
         if self.base_lm.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         return state
@@ -358,7 +397,7 @@ class SFTTrainer:
             if distributed.is_main():
                 (resume / "state.json").write_text(json.dumps({
                     "step": self.step, "sampler": self.sampler.to_dict(), "scheduler": self.scheduler.state_dict(),
-                    "world_size": self.world,
+                    "world_size": self.world, "batch_size": self.t.batch_size,
                 }))
                 torch.save({"cpu": torch.get_rng_state(),
                             "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
+from trainer.model.prompt import IGNORE_INDEX
+
 TRAIN_LOSS = Gauge("speechlm_train_loss", "Training loss (mean CE over labelled audio tokens) of the last step")
 EVAL_LOSS = Gauge("speechlm_eval_loss", "Validation loss of the last evaluation")
 TOKENS = Counter("speechlm_train_tokens_total", "Real (non-padding) tokens trained on, all ranks")
@@ -55,3 +57,15 @@ class FlopCounter:
 
     def flops(self, real_tokens: int, labelled_tokens: int, sum_sq_lengths: int) -> float:
         return 6.0 * (self.body * real_tokens + self.head * labelled_tokens + self.attn * sum_sq_lengths)
+
+
+def doc_lengths_sq(doc_ids: torch.Tensor, targets: torch.Tensor) -> int:
+    """Sum of length^2 over the samples of a batch (attention work). Padding is told apart as the
+    document without labels (every sample has some: its codes and speech-end), so a row filled to the
+    last token keeps all its samples."""
+    total = 0
+    for docs, labels in zip(doc_ids, targets, strict=True):
+        lengths = torch.bincount(docs)
+        labelled = torch.bincount(docs, weights=(labels != IGNORE_INDEX).double(), minlength=len(lengths))
+        total += int((lengths[labelled > 0].double() ** 2).sum())
+    return total

@@ -1,16 +1,16 @@
 """Parallel strategies (torchtitan style: one small module each), chosen by `training.strategy`.
 
-Every strategy offers the same surface to the loop: `setup` (wrap + optimizer), `sync` (gradient
-sync only on the last micro-batch), `backward`, `step` (clip + optimizer step), `full_state_dict`
-(collective; the causal LM's full weights on rank 0 for the HF export), `save_resume`/`load_resume`
-(collective; optimizer and, where sharded, model state).
+Every strategy offers the same surface to the loop, the `Strategy` protocol below.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from pathlib import Path
+from typing import Protocol
 
 import torch
+from torch import nn
 
 from trainer.config import TrainingConfig
 from trainer.errors import ConfigError
@@ -18,7 +18,43 @@ from trainer.errors import ConfigError
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
 
 
-def build_strategy(name: str, training: TrainingConfig, device: torch.device, lora: bool) -> Any:
+class Strategy(Protocol):
+    name: str
+    # True when the resume state holds the model weights too (sharded strategies); else they come
+    # from the checkpoint's HF directory (or the LoRA adapter file).
+    resume_has_model: bool
+    # Autocast dtype for the forward, None where the strategy casts the model itself.
+    autocast_dtype: torch.dtype | None
+
+    def setup(self, objective: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Wrap the objective; return it and the torch optimizer the LR scheduler drives."""
+        ...
+
+    def sync(self, module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward+backward; gradients are synchronised on the `last` one."""
+        ...
+
+    def backward(self, module: nn.Module, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of `loss` (already scaled for accumulation); never steps."""
+        ...
+
+    def step(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        """Clip, step the optimizer, zero the gradients; returns the gradient norm before clipping."""
+        ...
+
+    def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor] | None:
+        """Collective: the causal LM's full weights on rank 0 (None elsewhere) for the HF export."""
+        ...
+
+    def save_resume(self, module: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+        """Collective: optimizer and, where sharded, model state into `directory`."""
+        ...
+
+    def load_resume(self, module: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+        ...
+
+
+def build_strategy(name: str, training: TrainingConfig, device: torch.device, lora: bool) -> Strategy:
     if name == "ddp":
         from trainer.train.parallel.ddp import DDPStrategy
 

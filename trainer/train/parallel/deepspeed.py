@@ -1,5 +1,6 @@
-"""DeepSpeed ZeRO-2/3 (`training.deepspeed_zero_stage`). DeepSpeed is an optional dependency (the
-`gpu` extra): it is imported only when this strategy is chosen, with a clear error when missing."""
+"""DeepSpeed ZeRO-2/3 (`training.deepspeed_zero_stage`). DeepSpeed is in the `gpu` and `dev` extras
+(it runs on CPU over gloo, so CI tests it); it is imported only when this strategy is chosen, with a
+clear error when missing."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def _import_deepspeed():
     except ImportError as err:
         raise ConfigError(
             "training.strategy=deepspeed needs the deepspeed package (pip install 'speechlm-tts-trainer[gpu]' "
-            f"or deepspeed>=0.16): {err}"
+            f"or deepspeed>=0.19.8): {err}"
         ) from None
     return deepspeed
 
@@ -42,6 +43,9 @@ class DeepSpeedStrategy:
         return {
             "train_micro_batch_size_per_gpu": t.batch_size,
             "gradient_accumulation_steps": t.gradient_accumulation_steps,
+            # The loop owns the accumulation boundary: one `engine.step()` per optimizer step, after
+            # all micro-batches' backwards (no micro-step counting inside the engine).
+            "managed_gradient_accumulation": False,
             "gradient_clipping": t.max_grad_norm,
             "bf16": {"enabled": t.precision == "bf16"},
             "zero_optimization": {"stage": t.deepspeed_zero_stage, "overlap_comm": True, "contiguous_gradients": True,
@@ -52,19 +56,20 @@ class DeepSpeedStrategy:
     def setup(self, objective: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer]:
         objective.to(self.device)
         optimizer = adamw(trainable(objective), self.training, self.device)
-        engine, optimizer, _, _ = self.deepspeed.initialize(model=objective, optimizer=optimizer, config=self.config())
+        engine, _, _, _ = self.deepspeed.initialize(model=objective, optimizer=optimizer, config=self.config())
+        # The LR scheduler drives the torch AdamW: the ZeRO wrapper the engine returns is no
+        # torch.optim.Optimizer, and it reads its learning rates from this optimizer's param groups.
         return engine, optimizer
 
     def sync(self, module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()  # the engine counts micro-batches itself
+        return contextlib.nullcontext()  # ZeRO reduces/partitions per backward; `step` is the boundary
 
     def backward(self, module: nn.Module, loss: torch.Tensor) -> None:
-        # The loop already scales the loss for accumulation; undo the engine's own 1/accum scaling. The
-        # engine must see backward+step per micro-batch: it steps the optimizer on the boundary only.
-        module.backward(loss * self.training.gradient_accumulation_steps)
-        module.step()
+        # The loop already scales the loss for accumulation: no second 1/accum from the engine.
+        module.backward(loss, scale_wrt_gas=False)
 
     def step(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        module.step()  # reduce, clip (gradient_clipping), update, zero the gradients
         norm = module.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
 
