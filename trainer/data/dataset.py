@@ -24,7 +24,7 @@ from trainer.data.mixing import epoch_picks
 from trainer.data.packing import PackingStats, pack_rows, packing_stats, single_rows
 from trainer.data.shards import DATASET_INFO, read_jsonl, shard_files, shard_ids
 from trainer.errors import ConfigError, StageError
-from trainer.model.prompt import IGNORE_INDEX, PromptFormat
+from trainer.model.prompt import DEFAULT_LANGUAGE, IGNORE_INDEX, PromptFormat
 
 log = logging.getLogger(__name__)
 # Unpacked rows are padded to a multiple of this: few distinct shapes, little padding.
@@ -61,6 +61,7 @@ class VectorizedSplit:
         self.codes: list[np.ndarray] = []
         self.index: list[np.ndarray] = []
         texts: list[str] = []
+        languages: list[str] = []
         for files in parts:
             codes = _open_npy(io.join(self.url, files.codes), cache)
             index = np.asarray(_open_npy(io.join(self.url, files.index), cache), dtype=np.int64)
@@ -70,7 +71,10 @@ class VectorizedSplit:
             self.codes.append(codes)
             self.index.append(index)
             texts.extend(str(r["transcript"]) for r in records)
+            # Each transcript is normalised by its own sample's language (the seed's rule).
+            languages.extend(str(r.get("language") or DEFAULT_LANGUAGE) for r in records)
         self.texts = texts
+        self.languages = languages
         self._part_start = np.cumsum([0] + [len(i) - 1 for i in self.index])
         self.num_codes = np.concatenate([np.diff(i) for i in self.index]) if self.index else np.zeros(0, int)
         info_url = io.join(self.url, DATASET_INFO)
@@ -165,7 +169,7 @@ class PackedData:
         self.lengths = []
         self.keep = []
         for ds in self.datasets:
-            texts = [prompt.clean_text(t) for t in ds.texts]
+            texts = [prompt.clean_text(t, lang) for t, lang in zip(ds.texts, ds.languages, strict=True)]
             text_len = np.array([len(ids) for ids in prompt.tokenizer(texts, add_special_tokens=False)["input_ids"]])
             lengths = overhead + text_len.astype(np.int64) + ds.num_codes
             keep = (lengths <= self.max_len) & (ds.num_codes > 0)
@@ -229,7 +233,12 @@ class PackedData:
 
     def collate(self, rows: list[list[tuple[int, int]]]) -> Batch:
         examples = [
-            [self.prompt.training_example(self.datasets[d].texts[k], self.datasets[d].sample_codes(k)) for d, k in row]
+            [
+                self.prompt.training_example(
+                    self.datasets[d].texts[k], self.datasets[d].sample_codes(k), self.datasets[d].languages[k]
+                )
+                for d, k in row
+            ]
             for row in rows
         ]
         if self.packing:

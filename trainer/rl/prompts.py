@@ -18,7 +18,7 @@ from trainer.data.mixing import epoch_picks
 from trainer.data.shards import read_shard, shard_ids
 from trainer.errors import ConfigError, StageError
 from trainer.model.prompt import PromptFormat
-from trainer.rl.rewards.asr import normalize_text
+from trainer.rl.rewards.asr import normalize_for_wer
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,8 @@ class RlPrompt:
     reference_key: str  # identifies the reference across steps (caches its audio and embedding)
     reference_text: str
     target_text: str
-    language: str
+    language: str  # of the target text (what is spoken and scored)
+    reference_language: str
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,12 @@ def build_prompts(
                 if not language_allowed(reference.language, allowed_languages):
                     skipped["language"] += 1
                     continue
-                if not len(reference.codes) or not normalize_text(target.text, target.language):
+                if not len(reference.codes) or not normalize_for_wer(target.text, target.language):
                     skipped["empty"] += 1
                     continue
-                ids = prompt_format.inference_prompt(target.text, reference.text, reference.codes)
+                ids = prompt_format.inference_prompt(
+                    target.text, reference.text, reference.codes, target.language, reference.language
+                )
                 if len(ids) > max_prompt_length:
                     skipped["too_long"] += 1
                     continue
@@ -95,7 +98,7 @@ def build_prompts(
                     RlPrompt(
                         prompt=prompt_format.render(ids), prompt_codes=[int(c) for c in reference.codes],
                         reference_key=reference.key, reference_text=reference.text, target_text=target.text,
-                        language=target.language,
+                        language=target.language, reference_language=reference.language,
                     )
                 )
         pools.append(pool)
@@ -115,7 +118,10 @@ def build_prompts(
 
 def check_round_trip(prompt: RlPrompt, prompt_format: PromptFormat) -> None:
     """TRL re-tokenizes the prompt text; it must give back exactly the ids the model was trained on."""
-    ids = prompt_format.inference_prompt(prompt.target_text, prompt.reference_text, np.asarray(prompt.prompt_codes))
+    ids = prompt_format.inference_prompt(
+        prompt.target_text, prompt.reference_text, np.asarray(prompt.prompt_codes), prompt.language,
+        prompt.reference_language,
+    )
     again = prompt_format.tokenizer(prompt.prompt, add_special_tokens=False)["input_ids"]
     if list(again) != ids.tolist():
         raise StageError(
