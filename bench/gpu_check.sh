@@ -10,6 +10,8 @@
 #       bash bench/gpu_check.sh [--out FILE]          # default FILE: gpu_check_results.txt
 #     installs .whl/*.whl into /tmp/site (no index, no deps: the machine has no network), puts it
 #     first on PYTHONPATH, then runs the checks. A check that fails is recorded and the next runs.
+#     Each check has a time limit; they add up to 9 minutes, so one 10-minute device command holds it
+#     (e.g. carry .whl, command `bash bench/gpu_check.sh --out $OUT/gpu_check_results.txt`).
 #   CPU smoke run (tiny shapes, every branch except the CUDA-only ones; what CI tests):
 #       bash bench/gpu_check.sh --smoke --out /tmp/smoke.txt
 #
@@ -33,13 +35,14 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-# Pinned versions the checks import that the GPU image lacks or has in another version (its
-# transformers 5.x and huggingface-hub 1.x are newer than the stack we ship and test).
+# The versions of the dev venv (constraints/) that the checks import and the GPU image lacks or has in
+# another version: its transformers 5.x / huggingface-hub 1.x are newer than the stack we ship and test.
+# Found by tracing the imports of a --smoke run against the image's package list.
 PINS=(
-  transformers==4.57.6 tokenizers==0.22.1 huggingface-hub==0.36.0
-  pydantic==2.12.5 pydantic-core==2.41.5 annotated-types==0.7.0 typing-inspection==0.4.2
-  vector-quantize-pytorch==1.27.19 einx==0.3.0 frozendict==2.4.7
-  soundfile==0.13.1 soxr==1.0.0 num2words==0.5.14 docopt==0.6.2
+  transformers==4.57.6 tokenizers==0.22.2 huggingface-hub==0.36.2
+  pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+  vector-quantize-pytorch==1.32.0 einx==0.4.3 frozendict==2.5.1 torch-einops-utils==0.2.0 loguru==0.7.3
+  soundfile==0.14.0 soxr==1.1.0 num2words==0.5.14 docopt==0.6.2
 )
 
 if [ "${MODE:-}" = fetch ]; then
@@ -71,7 +74,7 @@ run() {
   local name="$1" limit="$2"; shift 2
   echo "=== $name ($(date -u +%H:%M:%S)): $*" | tee -a "$OUT_FILE"
   local start=$SECONDS
-  timeout "$limit" "$@" 2>&1 | grep -v -e '^WARNING' -e 'warnings.warn' | tee -a "$OUT_FILE"
+  timeout "$limit" "$@" 2>&1 | tee -a "$OUT_FILE"
   local rc=${PIPESTATUS[0]}
   echo "--- $name: exit $rc in $((SECONDS - start)) s" | tee -a "$OUT_FILE"
   [ "$rc" = 0 ] || FAILED+=("$name")
@@ -88,18 +91,18 @@ if [ "$SMOKE" = 1 ]; then
   run sft_throughput 600 "$PY" bench/sft_throughput.py --device cpu --attention sdpa --samples 200 \
     --pack_length 512 --rows 2 --baseline_batch 4 --steps 2 --warmup 1
   run train_checks 900 "$PY" bench/train_checks.py --steps 3
-  run codec_encode 300 "$PY" bench/codec_encode.py --preset tiny --device cpu --clips 4 --batch-size 16
-  run infer_rtf 300 "$PY" bench/infer_rtf.py --device cpu --max_new_tokens 20 --repeats 1
+  run codec_encode 600 "$PY" bench/codec_encode.py --preset tiny --device cpu --clips 2 --batch-size 16
+  run infer_rtf 600 "$PY" bench/infer_rtf.py --device cpu --max_new_tokens 20 --repeats 1
 else
   DEVICE=cuda
   ATTENTION=flex,sdpa
   if "$PY" -c "import flash_attn" 2>/dev/null; then ATTENTION=$ATTENTION,flash_attention_2; fi
-  run sft_throughput 300 "$PY" bench/sft_throughput.py --preset llama-3.2-1b --device cuda \
+  run sft_throughput 270 "$PY" bench/sft_throughput.py --preset llama-3.2-1b --device cuda \
     --codebook_size 65536 --pack_length 16384 --rows 1 --baseline_batch 8 --steps 8 --warmup 3 \
     --attention "$ATTENTION"
-  run train_checks 150 "$PY" bench/train_checks.py --steps 20
-  run codec_encode 90 "$PY" bench/codec_encode.py --preset full --device cuda --clips 64 --batch-size 16
-  run infer_rtf 90 "$PY" bench/infer_rtf.py --preset llama-3.2-1b --codec_preset full --device cuda \
+  run train_checks 120 "$PY" bench/train_checks.py --steps 20
+  run codec_encode 75 "$PY" bench/codec_encode.py --preset full --device cuda --clips 64 --batch-size 16
+  run infer_rtf 75 "$PY" bench/infer_rtf.py --preset llama-3.2-1b --codec_preset full --device cuda \
     --max_new_tokens 500 --repeats 3
 fi
 

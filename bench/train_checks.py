@@ -81,8 +81,8 @@ def main() -> int:
 
             loads = AutoModelForCausalLM.from_pretrained(final) is not None
         bf16_gap, fsdp_gap = _gap(fp32, bf16), _gap(bf16, fsdp)
-        print(f"bf16 vs fp32: max relative loss gap {bf16_gap:.4f} over {len(fp32)} steps (bound {BF16_TOLERANCE})")
-        print(f"fsdp vs single (bf16): max relative loss gap {fsdp_gap:.4f} (bound {FSDP_TOLERANCE}); "
+        print(f"bf16 vs fp32: max relative loss gap {bf16_gap:.2e} over {len(fp32)} steps (bound {BF16_TOLERANCE})")
+        print(f"fsdp vs single (bf16): max relative loss gap {fsdp_gap:.2e} (bound {FSDP_TOLERANCE}); "
               f"exported model loads: {loads}")
         ok = bf16_gap <= BF16_TOLERANCE and fsdp_gap <= FSDP_TOLERANCE and loads
         print("train checks:", "PASS" if ok else "FAIL")
