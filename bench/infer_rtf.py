@@ -63,7 +63,7 @@ def main() -> None:
     codes = sum(r[2] for r in runs)
     print(f"model {args.preset} codec {args.codec_preset} device {args.device} {dtype}: {args.repeats} runs, "
           f"{audio:.1f} s of audio ({codes} codes) in {wall:.2f} s")
-    print(f"RTF {wall / audio:.3f} (wall / audio seconds), {codes / wall:.0f} codes/s")
+    print(f"RTF {wall / audio:.3f} (wall / audio seconds), {codes / wall:.1f} codes/s")
 
 
 if __name__ == "__main__":
