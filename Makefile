@@ -7,7 +7,7 @@ PIP := $(BIN)/pip
 CONSTRAINTS := constraints/cpu-dev.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test test-slow lint demo bench manifests clean
+.PHONY: help install test test-slow test-latest lint demo bench manifests clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-12s %s\n", $$1, $$2}'
@@ -31,6 +31,20 @@ test: $(STAMP)  ## run the fast test suite (what CI runs)
 
 test-slow: $(STAMP)  ## run the slow tests too
 	$(BIN)/pytest -m 'not gpu'
+
+# Drift check: the tests that touch transformers/trl/peft/accelerate/datasets, once more in a second venv
+# with the newest versions pyproject.toml's ranges admit (only torch pinned), so a new release inside
+# a range that breaks us shows up in CI rather than in a user's `pip install .`.
+LATEST_VENV := .venv-latest
+LATEST_TESTS := tests/test_model.py tests/test_prompt.py tests/test_export.py tests/test_sft.py tests/test_grpo.py
+
+test-latest:  ## the transformers/trl/peft tests against the newest versions the ranges admit
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/pip install -q -c constraints/latest.txt -e '.[dev]'
+	$(LATEST_VENV)/bin/pip list 2>/dev/null | grep -iE '^(torch|transformers|trl|peft|accelerate|datasets|tokenizers) '
+	$(LATEST_VENV)/bin/pytest -q $(LATEST_TESTS)
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check .

@@ -1,7 +1,8 @@
 """SFT step throughput: our trainer's step vs a seed-style baseline, same model and samples, one run.
 
     python bench/sft_throughput.py                                   # CPU, tiny preset (< 2 min)
-    python bench/sft_throughput.py --preset llama-3.2-1b --device cuda --pack_length 16384
+    python bench/sft_throughput.py --preset llama-3.2-1b --device cuda --codebook_size 65536 \
+        --pack_length 16384 --rows 1 --attention flex,sdpa          # one baseline, two attention paths
 
 Ours: packed rows, per-sample attention (packed attention backend), loss only at labelled positions
 over the audio head, chunked. Baseline (the seed): per-batch right padding, HF forward with SDPA and a
@@ -106,12 +107,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--loss_vocab", default="audio", choices=["audio", "full"])
+    parser.add_argument("--attention", default="auto",
+                        help="comma-separated packed-attention backends to time against the one baseline "
+                             "(auto, sdpa, flex, flash_attention_2)")
+    parser.add_argument("--samples", type=int, default=4000)
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lm, _, vocab = build_speechlm(args.preset, args.codebook_size, seed=0)
     lm.to(device)
-    examples = [formatted(vocab, t, c) for t, c in samples(4000, args.codebook_size, 0)]
+    examples = [formatted(vocab, t, c) for t, c in samples(args.samples, args.codebook_size, 0)]
     enabled = dtype != torch.float32
     autocast = torch.autocast(device.type, dtype=dtype, enabled=enabled)
     real_total = sum(len(x) for x, _ in examples)
@@ -133,7 +138,23 @@ def main() -> None:
                                    args.warmup, args.steps, device)
 
     use_packed_attention(lm)
-    backend = resolve_backend("auto", device)
+    results = []
+    for requested in args.attention.split(","):
+        backend = resolve_backend(requested.strip(), device)
+        tps, peak_gib, mfu = _time_ours(lm, vocab, backend, opt, autocast, examples, args, device)
+        results.append((backend, tps, peak_gib, mfu))
+    print(f"model {args.preset} ({sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M params), device {device}, "
+          f"{dtype}, loss_vocab {args.loss_vocab}, {len(examples)} samples ({real_total} tokens)")
+    print(f"{'variant':<58} {'real tok/s':>11} {'peak GiB':>9}")
+    print(f"{'baseline: padded mb' + str(args.baseline_batch) + ', SDPA + pad mask, full-vocab':<58} "
+          f"{base_tps:>11.0f} {base_peak:>9.2f}")
+    for backend, tps, peak_gib, mfu in results:
+        name = f"ours: packed {args.rows}x{args.pack_length}, {backend} per-sample attn, sliced head"
+        print(f"{name:<58} {tps:>11.0f} {peak_gib:>9.2f}   MFU {mfu}   ratio {tps / base_tps:.2f}x")
+
+
+def _time_ours(lm, vocab, backend, opt, autocast, examples, args, device) -> tuple[float, float, str]:
+    """Real tokens/s, peak GiB and MFU of our step with one packed-attention backend."""
     objective = SpeechLMObjective(lm, vocab, backend, args.loss_vocab, 4096)
     counter = FlopCounter(lm, args.codebook_size + 1 if args.loss_vocab == "audio" else vocab.vocab_size)
     flops = []
@@ -149,18 +170,11 @@ def main() -> None:
         flops.append(counter.flops(batch.real_tokens, int(n), int(sum(float((c**2).sum()) for c in counts))))
         return batch.real_tokens
 
-    ours_tps, ours_peak, ours_s = timed(our_step, packed_batches(examples, args.pack_length, args.rows,
-                                                                 vocab.pad_token_id), args.warmup, args.steps, device)
+    tps, peak_gib, seconds = timed(our_step, packed_batches(examples, args.pack_length, args.rows,
+                                                            vocab.pad_token_id), args.warmup, args.steps, device)
     peak = peak_flops(device)
-    mfu = f"{100 * sum(flops[args.warmup:]) / ours_s / peak:.1f}%" if peak else "n/a"
-    print(f"model {args.preset} ({sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M params), device {device}, "
-          f"{dtype}, attention {backend}, loss_vocab {args.loss_vocab}, {len(examples)} samples ({real_total} tokens)")
-    print(f"{'variant':<44} {'real tok/s':>11} {'peak GiB':>9}")
-    print(f"{'baseline: padded mb' + str(args.baseline_batch) + ', SDPA + pad mask, full-vocab':<44} "
-          f"{base_tps:>11.0f} {base_peak:>9.2f}")
-    print(f"{'ours: packed ' + str(args.rows) + 'x' + str(args.pack_length) + ', per-sample attn, sliced head':<44} "
-          f"{ours_tps:>11.0f} {ours_peak:>9.2f}   MFU {mfu}")
-    print(f"ratio ours/baseline: {ours_tps / base_tps:.2f}x")
+    mfu = f"{100 * sum(flops[args.warmup:]) / seconds / peak:.1f}%" if peak else "n/a"
+    return tps, peak_gib, mfu
 
 
 if __name__ == "__main__":

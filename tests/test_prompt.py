@@ -5,7 +5,6 @@ import pytest
 
 from trainer.model.build import build_speechlm
 from trainer.model.prompt import IGNORE_INDEX, PromptFormat
-from trainer.model.text_normalization import normalize_text, number_to_words, ordinal_to_words
 
 
 @pytest.fixture(scope="module", params=["inworld", "llasa"])
@@ -75,13 +74,9 @@ def test_codes_out_of_range_rejected(fmt):
         fmt.training_example("x", np.array([256]))
 
 
-def test_text_normalisation():
-    assert normalize_text("It\u2019s  the 3rd \u201ctest\u201d \u2014 21 items, 2.5% off.") == (
-        "It's the third \"test\" - twenty-one items, two point five percent off."
-    )
-    assert number_to_words(1205) == "one thousand two hundred five"
-    assert ordinal_to_words(40) == "fortieth" and ordinal_to_words(12) == "twelfth"
-    assert normalize_text("call 123456") == "call 123456"  # out of range: left as written
+def test_prompt_text_is_normalised(fmt):
+    ids = fmt.prefix_ids("It\u2019s  the 3rd \u201ctest\u201d \u2014 21 items, 2.5% off.")
+    assert "It's the third \"test\" - twenty one items, two point five percent off." in fmt.render(ids)
 
 
 def test_normalisation_can_be_disabled():

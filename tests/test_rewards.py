@@ -15,7 +15,7 @@ from trainer.data.audio import read_audio
 from trainer.errors import ConfigError
 from trainer.rl.rewards import RewardBatch, RewardScorer, ScorerModels, build_reward_funcs
 from trainer.rl.rewards.rules import duration_reward, repetition_reward
-from trainer.scoring.asr import MAX_ERROR_RATE, corpus_error_rate, error_rate, load_transcriber, normalize_text
+from trainer.scoring.asr import MAX_ERROR_RATE, corpus_error_rate, error_rate, load_transcriber, normalize_for_wer
 from trainer.scoring.quality import DNSMOS
 from trainer.scoring.speaker import EmbeddingCache, cosine_similarity, load_speaker_encoder
 
@@ -53,7 +53,7 @@ def test_error_rate_normalises_and_uses_cer_for_cjk():
     assert error_rate("a b c d e f g h i j k l", "one") == 5.0  # clipped
     assert error_rate("你好世界", "你好，世界。", "zh") == 0.0
     assert math.isclose(error_rate("你好世", "你好世界", "zh"), 0.25)
-    assert normalize_text("It's  fine, OK?") == "its fine ok"
+    assert normalize_for_wer("It's  fine, OK?") == "its fine ok"
     assert corpus_error_rate(["a b", "c"], ["a b", "c d"]) == pytest.approx(1 / 4)
     with pytest.raises(ValueError):
         error_rate("x", " ,. ")

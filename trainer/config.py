@@ -377,6 +377,8 @@ class InferConfig(Section):
     prompt_wav_path: str | None = None
     prompt_transcription: str | None = None
     text: str | None = None
+    # Language of the text (and of the prompt transcription): picks the text normalisation rules.
+    language: str = "en"
     output_path: str = "output.wav"
     use_vllm: bool = False
     # Longer texts are split at sentence boundaries into chunks of at most this many characters.

@@ -27,7 +27,7 @@ from trainer.data.mixing import epoch_picks
 from trainer.data.packing import PackingStats, pack_rows, packing_stats, single_rows
 from trainer.data.shards import DATASET_INFO, bounds_of, open_codes, read_index, read_jsonl, shard_files, shard_ids
 from trainer.errors import ConfigError, StageError
-from trainer.model.prompt import IGNORE_INDEX, PromptFormat
+from trainer.model.prompt import DEFAULT_LANGUAGE, IGNORE_INDEX, PromptFormat
 
 log = logging.getLogger(__name__)
 # Unpacked rows are padded to a multiple of this: few distinct shapes, little padding.
@@ -59,6 +59,7 @@ class VectorizedSplit:
         texts: list[str] = []
         rejected: list[bool] = []
         reasons: dict[str, int] = {}
+        languages: list[str] = []
         for files in parts:
             codes = open_codes(io.join(self.url, files.codes), cache)
             records = read_jsonl(io.join(self.url, files.samples))
@@ -66,12 +67,15 @@ class VectorizedSplit:
             self.codes.append(codes)
             self.bounds.append(bounds_of(index, len(records), len(codes), f"{self.url}/{files.index}"))
             texts.extend(str(r["transcript"]) for r in records)
+            # Each transcript is normalised by its own sample's language (the seed's rule).
+            languages.extend(str(r.get("language") or DEFAULT_LANGUAGE) for r in records)
             for record in records if dataset_filter is not None else ():
                 rejection = check_sample(record, dataset_filter)
                 rejected.append(rejection is not None)
                 if rejection:
                     reasons[rejection.reason] = reasons.get(rejection.reason, 0) + 1
         self.texts = texts
+        self.languages = languages
         # Samples the `dataset` filters reject at load (never trained on).
         self.rejected = np.array(rejected, dtype=bool) if dataset_filter is not None else np.zeros(len(texts), bool)
         if reasons:
@@ -178,7 +182,7 @@ class PackedData:
         self.lengths = []
         self.keep = []
         for ds in self.datasets:
-            texts = [prompt.clean_text(t) for t in ds.texts]
+            texts = [prompt.clean_text(t, lang) for t, lang in zip(ds.texts, ds.languages, strict=True)]
             text_len = np.array([len(ids) for ids in prompt.tokenizer(texts, add_special_tokens=False)["input_ids"]])
             lengths = overhead + text_len.astype(np.int64) + ds.num_codes
             fits = (lengths <= self.max_len) & (ds.num_codes > 0)
@@ -246,7 +250,12 @@ class PackedData:
 
     def collate(self, rows: list[list[tuple[int, int]]]) -> Batch:
         examples = [
-            [self.prompt.training_example(self.datasets[d].texts[k], self.datasets[d].sample_codes(k)) for d, k in row]
+            [
+                self.prompt.training_example(
+                    self.datasets[d].texts[k], self.datasets[d].sample_codes(k), self.datasets[d].languages[k]
+                )
+                for d, k in row
+            ]
             for row in rows
         ]
         if self.packing:

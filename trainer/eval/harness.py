@@ -155,7 +155,8 @@ def run(config: TrainerConfig) -> int:
         start = time.perf_counter()
         try:
             wave, sr = synth.synthesize(
-                it["target_text"], prompt.samples, prompt.sample_rate, it["prompt_text"], cfg.sampling
+                it["target_text"], prompt.samples, prompt.sample_rate, it["prompt_text"], cfg.sampling,
+                it["language"],
             )
         except Exception as err:  # one bad item must not lose the whole evaluation
             log.warning("item %s: synthesis failed: %s", it["id"], err)

@@ -32,6 +32,8 @@ from trainer.model.vocab import AudioVocab
 IGNORE_INDEX = -100
 INSTRUCTION = "Convert the text to speech:"
 TEXT = object()  # marks where the (normalised) text goes in a template
+# Language of text that comes without a tag (the manifest default of the GRPO prompts and eval lists).
+DEFAULT_LANGUAGE = "en"
 
 
 @dataclass(frozen=True)
@@ -102,23 +104,28 @@ class PromptFormat:
             self._piece_cache[piece] = self.tokenizer.encode(piece, add_special_tokens=False)
         return self._piece_cache[piece]
 
-    def clean_text(self, text: str) -> str:
-        return normalize_text(text) if self.normalize else text
+    def clean_text(self, text: str, language: str | None = DEFAULT_LANGUAGE) -> str:
+        """The text the model reads: normalised by the sample's language (or whitespace only)."""
+        return normalize_text(text, language) if self.normalize else " ".join(text.split())
 
-    def prefix_ids(self, text: str) -> list[int]:
+    def prefix_ids(self, text: str, language: str | None = DEFAULT_LANGUAGE) -> list[int]:
         """Ids up to and including speech-start for `text` (already the full text to speak)."""
+        return self._prefix(self.clean_text(text, language))
+
+    def _prefix(self, clean: str) -> list[int]:
         ids: list[int] = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
         for piece in self.spec.template:
             if piece is TEXT:
-                ids.extend(self.tokenizer.encode(self.clean_text(text), add_special_tokens=False))
+                ids.extend(self.tokenizer.encode(clean, add_special_tokens=False))
             else:
                 ids.extend(self._piece(piece))
         return ids
 
-    def training_example(self, text: str, codes: np.ndarray) -> TrainingExample:
+    def training_example(self, text: str, codes: np.ndarray, language: str | None = DEFAULT_LANGUAGE
+                         ) -> TrainingExample:
         if len(codes) == 0:
             raise ValueError("a training example needs at least one audio code")
-        prefix = self.prefix_ids(text)
+        prefix = self.prefix_ids(text, language)
         speech = [*self.vocab.code_ids(codes).tolist(), self.vocab.speech_end_id]
         input_ids = np.asarray(prefix + speech, dtype=np.int64)
         labels = input_ids.copy()
@@ -126,11 +133,15 @@ class PromptFormat:
         return TrainingExample(input_ids, labels)
 
     def inference_prompt(
-        self, target_text: str, ref_text: str | None = None, ref_codes: np.ndarray | None = None
+        self, target_text: str, ref_text: str | None = None, ref_codes: np.ndarray | None = None,
+        language: str | None = DEFAULT_LANGUAGE, ref_language: str | None = None,
     ) -> np.ndarray:
-        """Zero-shot prompt: text = reference transcript + target text, reference codes prefilled."""
-        text = f"{self.clean_text(ref_text)} {self.clean_text(target_text)}" if ref_text else target_text
-        ids = self.prefix_ids(text)
+        """Zero-shot prompt: text = reference transcript + target text, reference codes prefilled. Each
+        text is normalised by its own language (`ref_language` defaults to `language`)."""
+        text = self.clean_text(target_text, language)
+        if ref_text:
+            text = f"{self.clean_text(ref_text, language if ref_language is None else ref_language)} {text}"
+        ids = self._prefix(text)
         if ref_codes is not None and len(ref_codes):
             ids += self.vocab.code_ids(ref_codes).tolist()
         return np.asarray(ids, dtype=np.int64)

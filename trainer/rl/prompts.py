@@ -20,7 +20,7 @@ from trainer.data.shards import read_shard, shard_ids
 from trainer.errors import ConfigError, StageError
 from trainer.model.prompt import PromptFormat
 from trainer.rl.rollout import server_prompt_text
-from trainer.scoring.asr import normalize_text
+from trainer.scoring.asr import normalize_for_wer
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,8 @@ class RlPrompt:
     reference_key: str  # identifies the reference across steps (caches its audio and embedding)
     reference_text: str
     target_text: str
-    language: str
+    language: str  # of the target text (what is spoken and scored)
+    reference_language: str
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,12 @@ def build_prompts(
                 continue
             for i, reference in enumerate(group):
                 target = group[(i + 1) % len(group)]
-                if not len(reference.codes) or not normalize_text(target.text, target.language):
+                if not len(reference.codes) or not normalize_for_wer(target.text, target.language):
                     skipped["empty"] += 1
                     continue
-                ids = prompt_format.inference_prompt(target.text, reference.text, reference.codes)
+                ids = prompt_format.inference_prompt(
+                    target.text, reference.text, reference.codes, target.language, reference.language
+                )
                 if len(ids) > max_prompt_length:
                     skipped["too_long"] += 1
                     continue
@@ -102,7 +105,7 @@ def build_prompts(
                     RlPrompt(
                         prompt=prompt_format.render(ids), prompt_codes=[int(c) for c in reference.codes],
                         reference_key=reference.key, reference_text=reference.text, target_text=target.text,
-                        language=target.language,
+                        language=target.language, reference_language=reference.language,
                     )
                 )
         pools.append(pool)
@@ -125,7 +128,10 @@ def check_round_trip(prompt: RlPrompt, prompt_format: PromptFormat, vllm_server:
     """The prompt text must tokenise back to exactly the ids the model was trained on, as TRL tokenises
     it (no special tokens added: what the policy is scored on) and, for server rollouts, as a vLLM server
     does (special tokens added, to the text `SpeechVLLMClient` sends: what rollouts are sampled from)."""
-    ids = prompt_format.inference_prompt(prompt.target_text, prompt.reference_text, np.asarray(prompt.prompt_codes))
+    ids = prompt_format.inference_prompt(
+        prompt.target_text, prompt.reference_text, np.asarray(prompt.prompt_codes), prompt.language,
+        prompt.reference_language,
+    )
     tokenizer = prompt_format.tokenizer
     seen = {"TRL": tokenizer(prompt.prompt, add_special_tokens=False)["input_ids"]}
     if vllm_server:

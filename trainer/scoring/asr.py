@@ -7,7 +7,8 @@ Backends (local files only, never a hub download):
   batched `generate` over padded log-mel features.
 
 Error rates follow the seed: lower-cased, punctuation stripped, whitespace collapsed (jiwer transforms);
-CER instead of WER for languages written without spaces between words (zh, ja, ko).
+CER instead of WER for languages written without spaces between words (zh, ja, ko). Both sides are first
+put in the spoken form the TTS model reads (numbers as words), so a correct "three" for "3" is no error.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from trainer.data.audio import resample
 from trainer.errors import ConfigError
+from trainer.model.text_normalization import normalize_text
 from trainer.scoring.model_files import local_model_dir
 
 ASR_SAMPLE_RATE = 16000
@@ -51,8 +53,10 @@ def uses_cer(language: str | None) -> bool:
     return (language or "").lower().split("-")[0] in CER_LANGUAGES
 
 
-def normalize_text(text: str, language: str | None = "en") -> str:
-    """The form both sides of an error rate are compared in (for logging transcripts)."""
+def normalize_for_wer(text: str, language: str | None = "en") -> str:
+    """The form both sides of an error rate are compared in: the spoken form the TTS model was given
+    (`normalize_text` of that language, so "3" and "three" match), lower-cased, without punctuation."""
+    text = normalize_text(text, language)
     if uses_cer(language):
         return "".join(_CHAR_NORMALIZER(text)[0]) if text.strip() else ""
     return " ".join(_WORD_NORMALIZER(text)[0]) if text.strip() else ""
@@ -61,23 +65,26 @@ def normalize_text(text: str, language: str | None = "en") -> str:
 def error_rate(hypothesis: str, reference: str, language: str | None = "en") -> float:
     """WER (or CER for zh/ja/ko) of one transcript, clipped to MAX_ERROR_RATE. An empty hypothesis
     scores 1.0 (every word deleted); an empty reference is a caller error."""
-    if not normalize_text(reference, language):
+    ref, hyp = normalize_for_wer(reference, language), normalize_for_wer(hypothesis, language)
+    if not ref:
         raise ValueError(f"reference text has no words after normalisation: {reference!r}")
-    if not normalize_text(hypothesis, language):
+    if not hyp:
         return 1.0
     transform = _CHAR_NORMALIZER if uses_cer(language) else _WORD_NORMALIZER
     measure = jiwer.cer if uses_cer(language) else jiwer.wer
-    rate = measure(reference, hypothesis, reference_transform=transform, hypothesis_transform=transform)
+    rate = measure(ref, hyp, reference_transform=transform, hypothesis_transform=transform)
     return float(min(rate, MAX_ERROR_RATE))
 
 
 def corpus_error_rate(hypotheses: list[str], references: list[str], language: str | None = "en") -> float:
     """Corpus-level WER/CER: total edits over total reference words (what Seed-TTS-eval reports)."""
-    pairs = [(h, r) for h, r in zip(hypotheses, references, strict=True) if normalize_text(r, language)]
+    normalized = [(normalize_for_wer(h, language), normalize_for_wer(r, language))
+                  for h, r in zip(hypotheses, references, strict=True)]
+    pairs = [(h, r) for h, r in normalized if r]
     if not pairs:
         raise ValueError("no reference text left after normalisation")
     transform = _CHAR_NORMALIZER if uses_cer(language) else _WORD_NORMALIZER
-    hyps = [h if normalize_text(h, language) else "<empty>" for h, _ in pairs]
+    hyps = [h or "<empty>" for h, _ in pairs]
     refs = [r for _, r in pairs]
     measure = jiwer.cer if uses_cer(language) else jiwer.wer
     return float(measure(refs, hyps, reference_transform=transform, hypothesis_transform=transform))

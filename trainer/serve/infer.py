@@ -26,6 +26,7 @@ FLAGS = {
     "prompt_wav_path": "infer.prompt_wav_path",
     "prompt_transcription": "infer.prompt_transcription",
     "text": "infer.text",
+    "language": "infer.language",
     "output_path": "infer.output_path",
     "use_vllm": "infer.use_vllm",
     "seed": "infer.sampling.seed",
@@ -70,7 +71,7 @@ def run(config: TrainerConfig) -> int:
     start = time.perf_counter()
     result = synth.generate(
         text, None if prompt is None else prompt.samples, None if prompt is None else prompt.sample_rate,
-        cfg.prompt_transcription, cfg.sampling,
+        cfg.prompt_transcription, cfg.sampling, language=cfg.language,
     )
     elapsed = time.perf_counter() - start
     write_wav(cfg.output_path, result.wave, result.sample_rate)

@@ -24,7 +24,7 @@ from trainer import io
 from trainer.config import SamplingConfig
 from trainer.errors import ConfigError
 from trainer.model.build import load_speechlm
-from trainer.model.prompt import PromptFormat
+from trainer.model.prompt import DEFAULT_LANGUAGE, PromptFormat
 from trainer.serve import layout
 
 log = logging.getLogger(__name__)
@@ -140,12 +140,15 @@ class Synthesizer:
 
     # -------------------------------------------------------------------------------- synthesis
     def synthesize(self, text: str, prompt_wave: np.ndarray | None, prompt_sample_rate: int | None,
-                   prompt_text: str | None, sampling: SamplingConfig | None = None) -> tuple[np.ndarray, int]:
-        result = self.generate(text, prompt_wave, prompt_sample_rate, prompt_text, sampling)
+                   prompt_text: str | None, sampling: SamplingConfig | None = None,
+                   language: str | None = DEFAULT_LANGUAGE) -> tuple[np.ndarray, int]:
+        result = self.generate(text, prompt_wave, prompt_sample_rate, prompt_text, sampling, language)
         return result.wave, result.sample_rate
 
     def generate(self, text: str, prompt_wave: np.ndarray | None, prompt_sample_rate: int | None,
-                 prompt_text: str | None, sampling: SamplingConfig | None = None) -> Synthesis:
+                 prompt_text: str | None, sampling: SamplingConfig | None = None,
+                 language: str | None = DEFAULT_LANGUAGE) -> Synthesis:
+        """`language` (of the text and the prompt transcription) picks the text normalisation."""
         sampling = sampling or SamplingConfig()
         check_inputs(text, prompt_wave, prompt_text, self.max_text_chars)
         prompt_codes = (
@@ -153,7 +156,7 @@ class Synthesizer:
             else np.zeros(0, dtype=np.int64)
         )
         chunks = split_text(text, self.max_chunk_chars)
-        prompts = [self.prompt_format.inference_prompt(c, prompt_text, prompt_codes) for c in chunks]
+        prompts = [self.prompt_format.inference_prompt(c, prompt_text, prompt_codes, language) for c in chunks]
         # One bound per batch: the shortest chunk's, so no chunk is forced past its own text.
         min_tokens = min(self.min_new_tokens(c, sampling) for c in chunks)
         generated = (self._generate_vllm(prompts, sampling, min_tokens) if self._vllm

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.scoring.asr import normalize_text
+from trainer.scoring.asr import normalize_for_wer
 
 # Speaking rate assumed when the reference is too short to measure (typical read English, chars/s).
 DEFAULT_CHARS_PER_SECOND = 14.0
@@ -19,7 +19,7 @@ REPETITION_NGRAM = 6
 
 def spoken_chars(text: str, language: str | None) -> int:
     """Characters that take time to say: normalised text without spaces."""
-    return len(normalize_text(text, language).replace(" ", ""))
+    return len(normalize_for_wer(text, language).replace(" ", ""))
 
 
 def speaking_rate(text: str, seconds: float, language: str | None) -> float:
