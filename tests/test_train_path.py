@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from speechlm_fixtures import run_losses, sft_config, torchrun, write_config, write_vectorized
+from transformers import AutoModelForCausalLM
 
 from trainer.cli import main
 from trainer.config import TrainerConfig
@@ -18,6 +19,7 @@ from trainer.model.build import build_speechlm
 from trainer.model.prompt import PromptFormat
 from trainer.train import telemetry
 from trainer.train.loop import SFTTrainer, compile_layers
+from trainer.train.lora import added_token_rows
 from trainer.train.objective import SpeechLMObjective
 
 
@@ -59,6 +61,29 @@ def test_resume_refuses_a_layout_that_cannot_continue_exactly(one_rank_run, data
     err = capsys.readouterr().err
     assert "1 process(es) x batch_size 2 after 4 rows of epoch 1" in err and "skipped or repeated" in err
     assert not (tmp_path / "t" / "metrics.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------- LoRA under FSDP
+def test_fsdp_lora_trains_added_rows_and_its_sharded_state_exports_them(data_dir, tmp_path):
+    config = sft_config(data_dir, tmp_path, strategy="fsdp", batch_size=1, max_steps=4)
+    config["checkpointing"]["save_steps"] = 4
+    config["modeling"]["lora"] = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    proc = torchrun(write_config(tmp_path / "f.json", config), 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = tmp_path / "t" / "checkpoints" / "step_4" / "resume" / "sharded"
+    assert main(["export", "--checkpoint_path", str(sharded), "--output_path", str(tmp_path / "serve")]) == 0
+    base, _, vocab = build_speechlm("tiny", 64, seed=7)
+    added = torch.tensor(added_token_rows(vocab))
+    text = torch.arange(min(added.tolist()))
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "t" / "final_model")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "serve")
+    old = base.get_input_embeddings().weight.detach()
+    for model in (final, exported):
+        new = model.get_input_embeddings().weight.detach()
+        assert (new[added] != old[added]).any(dim=1).all()
+        assert torch.equal(new[text], old[text])
+    for name, weight in final.state_dict().items():
+        assert torch.allclose(weight, exported.state_dict()[name], atol=1e-6), name
 
 
 # ----------------------------------------------------------------------------- eval, no packing

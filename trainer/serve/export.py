@@ -33,7 +33,7 @@ from trainer.errors import ConfigError, StageError
 from trainer.model.build import load_speechlm, save_speechlm
 from trainer.model.vocab import SPEECHLM_FILE
 from trainer.serve import layout
-from trainer.train.lora import merge_lora_state_dict
+from trainer.train.lora import added_token_rows, merge_lora_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +149,12 @@ def load_deepspeed(url: str) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(local), tag=tag)
 
 
-def align_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module, lora: LoraConfig
-                     ) -> dict[str, torch.Tensor]:
-    """Merge LoRA weights, strip wrapper prefixes and tied duplicates so `state` loads into `model`."""
+def align_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module, lora: LoraConfig,
+                     token_rows: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Merge LoRA weights (and the token rows LoRA training trained, `token_rows`), strip wrapper
+    prefixes and tied duplicates so `state` loads into `model`."""
     if any(".lora_A." in k for k in state):
-        state = merge_lora_state_dict(state, lora)
+        state = merge_lora_state_dict(state, lora, token_rows)
     expected = model.state_dict()
     anchor = next(name for name, p in model.named_parameters() if p is model.get_input_embeddings().weight)
     owner = next((k for k in state if k.endswith(anchor)), None)
@@ -228,7 +229,7 @@ def export(config: TrainerConfig) -> str:
         base = _base_model(cfg, url)
         model, tokenizer, vocab = load_speechlm(base)
         loaders = {"state_file": _load_state_file, "fsdp": _load_fsdp, "deepspeed": load_deepspeed}
-        state = align_state_dict(loaders[kind](url), model, config.modeling.lora)
+        state = align_state_dict(loaders[kind](url), model, config.modeling.lora, added_token_rows(vocab))
         model.load_state_dict(state, strict=False)
     codec_url = _codec_source(cfg, url, base)
     with io.staged_dir(cfg.output_path) as staging:
