@@ -43,6 +43,7 @@ test-latest:  ## the transformers/trl/peft tests against the newest versions the
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install -q --upgrade pip
 	$(LATEST_VENV)/bin/pip install -q -c constraints/latest.txt -e '.[dev]'
+	$(LATEST_VENV)/bin/pip install -q --no-deps resemblyzer==0.1.4
 	$(LATEST_VENV)/bin/pip list 2>/dev/null | grep -iE '^(torch|transformers|trl|peft|accelerate|datasets|tokenizers) '
 	$(LATEST_VENV)/bin/pytest -q $(LATEST_TESTS)
 

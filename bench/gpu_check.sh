@@ -5,7 +5,7 @@
 #       bash bench/gpu_check.sh --fetch-wheels
 #     downloads the pinned pure-Python dependencies the GPU machine lacks (and the versions our pins
 #     need where it has others: transformers 4.57, its tokenizers/huggingface-hub) as py3.12 x86-64
-#     wheels into .whl/ (keep .whl/ out of git: `echo /.whl/ >> .git/info/exclude`).
+#     wheels into .whl/ (git-ignored; about 20 MB, so it fits the 64 MiB a device call carries).
 #   Step 2, on the GPU machine (torch + CUDA there; nothing else of ours), with .whl/ copied along:
 #       bash bench/gpu_check.sh [--out FILE]          # default FILE: gpu_check_results.txt
 #     installs .whl/*.whl into /tmp/site (no index, no deps: the machine has no network), puts it
@@ -58,7 +58,8 @@ if [ "${MODE:-}" = fetch ]; then
   exit 0
 fi
 
-if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+# The wheels are the GPU machine's (py3.12); a smoke run uses the dev venv as it is.
+if [ "$SMOKE" = 0 ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$WHEELS"/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD

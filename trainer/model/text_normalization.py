@@ -23,6 +23,7 @@ module does not understand (e.g. "1.2.3", "3.5" in German) is left as written ra
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ def normalize_text(text: str, language: str | None) -> str:
 
 
 # ---------------------------------------------------------------------------------- numbers, any style
+@functools.cache
 def _number_token(style: NumberStyle) -> re.Pattern[str]:
     """A numeric token in `style`, not glued to letters or to another digit group; a minus sign only
     where it cannot be a hyphen ("-5", "(-5", not "COVID-19" or "1-2")."""
