@@ -105,8 +105,9 @@ class PromptFormat:
         return self._piece_cache[piece]
 
     def clean_text(self, text: str, language: str | None = DEFAULT_LANGUAGE) -> str:
-        """The text the model reads: normalised by the sample's language (or whitespace only)."""
-        return normalize_text(text, language) if self.normalize else " ".join(text.split())
+        """The text the model reads: normalised by the sample's language, or verbatim (as the reference's
+        no-op normaliser feeds it, so `inworld` prompts match it token for token)."""
+        return normalize_text(text, language) if self.normalize else text
 
     def prefix_ids(self, text: str, language: str | None = DEFAULT_LANGUAGE) -> list[int]:
         """Ids up to and including speech-start for `text` (already the full text to speak)."""
