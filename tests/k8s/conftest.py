@@ -1,7 +1,8 @@
 """Fixtures of the `k8s` suite: one real control plane per session (harness.py) with the simulated
 operator/scheduler/kubelet (sim.py), the CRDs applied, and helpers to run kubectl, helm and ttsctl.
 
-Every test here is marked `k8s` (deselected by `make test`; `make test-k8s` runs them)."""
+Every module here sets `pytestmark = pytest.mark.k8s` (deselected by `make test`; `make test-k8s` runs
+them)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,6 @@ sys.path.insert(0, str(REPO / "tests"))
 from k8s_schemas.validate import tool
 
 CHART = REPO / "charts" / "tts-training"
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(item.fspath).parents:
-            item.add_marker(pytest.mark.k8s)
 
 
 @pytest.fixture(scope="session")
@@ -66,9 +60,9 @@ class Tools:
         return env
 
     def run(self, cmd: list[str], kubeconfig: Path | None = None, timeout: float = 180,
-            **kwargs) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                              env=self.env(kubeconfig), **kwargs)
+            cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                              env=self.env(kubeconfig))
 
     def kubectl(self, *args: str, kubeconfig: Path | None = None, check: bool = True) -> str:
         result = self.run([tool("kubectl"), *args], kubeconfig)
@@ -84,8 +78,8 @@ class Tools:
         return result
 
     def ttsctl(self, *args: str, kubeconfig: Path | None = None, timeout: float = 180,
-               **kwargs) -> subprocess.CompletedProcess[str]:
-        return self.run([sys.executable, "-m", "controller.cli", *args], kubeconfig, timeout=timeout, **kwargs)
+               cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+        return self.run([sys.executable, "-m", "controller.cli", *args], kubeconfig, timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(scope="session")

@@ -253,8 +253,8 @@ class Cluster:
             time.sleep(0.3)
         raise RuntimeError(f"no token for ServiceAccount {namespace}/{name}")
 
-    def audit_requests(self, user: str) -> set[tuple[str, str, str]]:
-        """(apiGroup, resource[/subresource], verb) of every request `user` made (from the audit log)."""
+    def audit_requests(self, user: str) -> set[tuple[str, str, str, int]]:
+        """(apiGroup, resource[/subresource], verb, HTTP code) of every request `user` made (audit log)."""
         seen = set()
         for line in self.audit_log.read_text().splitlines():
             event = json.loads(line)
@@ -262,7 +262,8 @@ class Cluster:
             if event.get("user", {}).get("username") != user or not ref or event.get("stage") != "ResponseComplete":
                 continue
             resource = ref.get("resource", "") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
-            seen.add((ref.get("apiGroup", ""), resource, event["verb"]))
+            code = event.get("responseStatus", {}).get("code", 0)
+            seen.add((ref.get("apiGroup", ""), resource, event["verb"], code))
         return seen
 
     def apply_crds(self) -> None:

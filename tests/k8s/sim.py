@@ -51,12 +51,14 @@ class JobState:
     since: float = field(default_factory=time.time)
     pods: list[tuple[str, str]] = field(default_factory=list)  # (replica type, pod name)
     created: set[str] = field(default_factory=set)
+    restarted: bool = False
     warned: set[str] = field(default_factory=set)
 
 
 class Sim:
     """Outcomes are set per job name before the job is created: `outcome[name] = "Failed"`; the default
-    is Succeeded. "Pending" never schedules; "Hold" runs until `release(name)`."""
+    is Succeeded. "Pending" never schedules; "Hold" runs until `release(name)`; "Restart" replaces the
+    master pod once while running, then succeeds."""
 
     def __init__(self, cluster: Cluster, run_s: float = 0.6):
         self.cluster = cluster
@@ -142,6 +144,14 @@ class Sim:
             if outcome == "Hold" and name not in self.released:
                 return
             if time.time() - state.since < self.run_s:
+                return
+            if outcome == "Restart" and not state.restarted:
+                # The master container died and the operator recreated its pod (a new incarnation).
+                state.restarted = True
+                master = next(pod for rtype, pod in state.pods if rtype == "Master")
+                self.core.delete_namespaced_pod(master, ns, grace_period_seconds=0)
+                state.created.discard(master)
+                state.phase = "created"
                 return
             failed = outcome == "Failed"
             for _rtype, pod in state.pods:
