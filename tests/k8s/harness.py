@@ -84,16 +84,33 @@ def kubeconfig(server: str, ca: Path, token: str, namespace: str = "default", us
 
 
 def for_1_20(crd: dict[str, Any]) -> dict[str, Any]:
-    """Kubernetes 1.20 has no CEL (`x-kubernetes-validations`) and rejects `default: ""` where the CRD's
-    structural defaulting cannot prune it: drop both (the suite does not rely on either)."""
-    def clean(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: clean(v) for k, v in node.items()
-                    if k != "x-kubernetes-validations" and not (k == "default" and v == "")}
+    """Kubernetes 1.20 has no CEL (`x-kubernetes-validations`): drop those rules. It also validates a
+    `default: ""` as null against `type: string` (the prometheus-operator CRDs fail on it), except that a
+    list-map key must keep its default (the PyTorchJob CRD's imagePullSecrets names): drop the others."""
+    def clean(node: Any, map_keys: frozenset[str] = frozenset()) -> Any:
         if isinstance(node, list):
             return [clean(v) for v in node]
-        return node
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for key, value in node.items():
+            if key == "x-kubernetes-validations":
+                continue
+            if key == "properties":
+                out[key] = {name: _drop_empty_default(clean(schema), keep=name in map_keys)
+                            for name, schema in value.items()}
+            elif key == "items" and isinstance(value, dict):
+                out[key] = clean(value, frozenset(node.get("x-kubernetes-list-map-keys", ())))
+            else:
+                out[key] = clean(value)
+        return out
     return clean(crd)
+
+
+def _drop_empty_default(schema: Any, keep: bool) -> Any:
+    if isinstance(schema, dict) and schema.get("default") == "" and not keep:
+        return {k: v for k, v in schema.items() if k != "default"}
+    return schema
 
 
 class Cluster:
@@ -253,13 +270,15 @@ class Cluster:
             time.sleep(0.3)
         raise RuntimeError(f"no token for ServiceAccount {namespace}/{name}")
 
-    def audit_requests(self, user: str) -> set[tuple[str, str, str, int]]:
-        """(apiGroup, resource[/subresource], verb, HTTP code) of every request `user` made (audit log)."""
+    def audit_requests(self, user: str, namespace: str) -> set[tuple[str, str, str, int]]:
+        """(apiGroup, resource[/subresource], verb, HTTP code) of every request `user` made in `namespace`
+        (from the audit log)."""
         seen = set()
         for line in self.audit_log.read_text().splitlines():
             event = json.loads(line)
             ref = event.get("objectRef")
-            if event.get("user", {}).get("username") != user or not ref or event.get("stage") != "ResponseComplete":
+            if (event.get("user", {}).get("username") != user or not ref or ref.get("namespace") != namespace
+                    or event.get("stage") != "ResponseComplete"):
                 continue
             resource = ref.get("resource", "") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
             code = event.get("responseStatus", {}).get("code", 0)
@@ -270,11 +289,19 @@ class Cluster:
         docs = [for_1_20(yaml.safe_load((CRD_DIR / name).read_text())) for name in CRD_FILES]
         path = self.dir / "crds.yaml"
         path.write_text(yaml.safe_dump_all(docs))
-        subprocess.run(self.kubectl_cmd("apply", "--server-side", "-f", str(path)), check=True,
-                       capture_output=True, text=True)
-        subprocess.run(self.kubectl_cmd("wait", "--for=condition=Established", "--timeout=60s",
-                                        *[f"crd/{d['metadata']['name']}" for d in docs]),
-                       check=True, capture_output=True, text=True)
+        cmd = self.kubectl_cmd("apply", "--server-side", "-f", str(path))
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"kubectl apply of the CRDs: {result.stderr[-3000:]}")
+        established = '{.status.conditions[?(@.type=="Established")].status}'
+        for doc in docs:
+            name = doc["metadata"]["name"]
+            deadline = time.time() + 60
+            while subprocess.run(self.kubectl_cmd("get", "crd", name, "-o", f"jsonpath={established}"),
+                                 capture_output=True, text=True).stdout != "True":
+                if time.time() > deadline:
+                    raise RuntimeError(f"CRD {name} not established after 60 s")
+                time.sleep(0.3)
 
 
 def _http_ok(url: str, ctx: ssl.SSLContext | None = None, token: str | None = None) -> bool:
@@ -290,9 +317,9 @@ def main() -> int:
     sys.path.insert(0, str(REPO / "tests"))
     workdir = Path(tempfile.mkdtemp(prefix="tts-k8s-"))
     cluster = Cluster(workdir, binaries()).start()
-    cluster.apply_crds()
-    print(f"export KUBECONFIG={cluster.kubeconfig}   (Ctrl-C stops the cluster)", flush=True)
     try:
+        cluster.apply_crds()
+        print(f"export KUBECONFIG={cluster.kubeconfig}   (Ctrl-C stops the cluster)", flush=True)
         signal.pause()
     except KeyboardInterrupt:
         pass

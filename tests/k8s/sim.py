@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,12 +110,20 @@ class Sim:
         while not self._stop.is_set():
             try:
                 jobs = self.custom.list_cluster_custom_object("kubeflow.org", "v1", "pytorchjobs")["items"]
-                for job in jobs:
-                    self._step(job)
-                self._kubelet_pass()
-            except Exception as err:  # keep simulating; the tests read `errors` when something hangs
-                self.errors.append(repr(err))
+                steps = [lambda job=job: self._step(job) for job in jobs]
+            except Exception as err:
+                steps = []
+                self._record(err)
+            for step in [*steps, self._kubelet_pass]:
+                try:
+                    step()
+                except Exception as err:  # keep simulating; the tests read `errors` when something hangs
+                    self._record(err)
             time.sleep(TICK_S)
+
+    def _record(self, err: Exception) -> None:
+        detail = f"{err.status} {_message(err)}" if isinstance(err, ApiException) else repr(err)
+        self.errors.append(f"{detail} at {traceback.format_exc().splitlines()[-3].strip()}")
 
     def _step(self, job: dict[str, Any]) -> None:
         meta = job["metadata"]
@@ -136,7 +145,7 @@ class Sim:
         if state.phase == "scheduling":
             for _rtype, pod in state.pods:
                 self._bind_and_run(ns, pod)
-            self._set_conditions(job, [("Created", "True", "PyTorchJobCreated", ""),
+            self._set_conditions(job, [("Created", "True", "PyTorchJobCreated", f"PyTorchJob {name} is created."),
                                        ("Running", "True", "PyTorchJobRunning", f"PyTorchJob {name} is running.")],
                                  start=True)
             state.phase, state.since = "running", time.time()
@@ -159,8 +168,9 @@ class Sim:
             final = ("Failed", "True", "PyTorchJobFailed", f"PyTorchJob {name} is failed because 1 Master "
                      "replica(s) failed.") if failed else \
                 ("Succeeded", "True", "PyTorchJobSucceeded", f"PyTorchJob {name} is successfully completed.")
-            self._set_conditions(job, [("Created", "True", "PyTorchJobCreated", ""),
-                                       ("Running", "False", "PyTorchJobRunning", ""), final], complete=True)
+            self._set_conditions(job, [("Created", "True", "PyTorchJobCreated", f"PyTorchJob {name} is created."),
+                                       ("Running", "False", "PyTorchJobRunning", f"PyTorchJob {name} ended."),
+                                       final], complete=True)
             state.phase, state.since = "done", time.time()
         if state.phase == "done":
             ttl = job["spec"].get("runPolicy", {}).get("ttlSecondsAfterFinished")

@@ -260,6 +260,7 @@ def test_pending_job_reports_scheduler_events_after_the_spec_timeout(tools, sim,
     spec = spec_copy(workdir, "pend1", pendingTimeoutSeconds=2)
     sim.outcome["pend1-codec"] = "Pending"
     run = popen(tools, as_sa, workdir, "run", str(spec), "--backend", "kubeflow")
+    wait_job(tools, "pend1-codec", "Created")
     wait = popen(tools, as_sa, workdir, "wait", "pend1", "-n", NS, "--backend", "kubeflow")
     try:
         for proc in (run, wait):
@@ -285,6 +286,16 @@ def test_missing_service_account_is_reported_before_submitting(tools, sim, as_sa
     assert result.returncode == 1
     assert "serviceaccount 'nobody' not found in namespace 'tts'" in result.stderr
     assert job_json(tools, "nosa1-codec") is None
+
+
+def test_forbidden_namespace_names_the_verb_and_resource(tools, sim, as_sa, workdir):
+    # The chart's Role is namespaced: the same ServiceAccount may do nothing in `default`.
+    spec = spec_copy(workdir, "forbid1", namespace="default")
+    result = ttsctl(tools, as_sa, workdir, "run", str(spec), "--backend", "kubeflow")
+    assert result.returncode == 1
+    assert "forbidden: you may not get pytorchjobs.kubeflow.org in namespace 'default'" in result.stderr
+    assert "kubectl auth can-i get pytorchjobs.kubeflow.org -n default" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_rlhf_trainer_restart_restarts_the_rollout_server(tools, sim, as_sa, workdir):
@@ -323,7 +334,7 @@ def test_rbac_grants_exactly_what_ttsctl_and_helm_test_use(tools, cluster, sim, 
     # Runs last in this module: the audit log then holds every request of the pipeline tests above.
     tools.helm("upgrade", "tts", str(CHART), "-n", NS, "--reuse-values", "--set", "stages.vectorize.enabled=true")
     assert "Phase:          Succeeded" in tools.helm("test", "tts", "-n", NS, timeout=180).stdout
-    used = cluster.audit_requests(f"system:serviceaccount:{NS}:tts-trainer")
+    used = cluster.audit_requests(f"system:serviceaccount:{NS}:tts-trainer", NS)
     denied = {u for u in used if u[3] == 403}
     assert denied == set(), f"the chart's Role refused: {sorted(denied)}"
     needed = {(group, resource, verb) for group, resource, verb, _ in used if (group, resource) not in SELF_REVIEWS}
