@@ -135,20 +135,23 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_wait(args: argparse.Namespace) -> int:
     run, backend = _run_ref(args)
+    summary = backend.run_status(run)
     while True:
-        summary = backend.run_status(run)
         active = [s for s in summary.stages if not s.phase.done]
         if not active:
             # A local pipeline starts its next stage right after one ends: look once more.
             time.sleep(1.0)
-            summary = backend.run_status(run)
+            try:
+                summary = backend.run_status(run)
+            except BackendError:
+                break  # every job already removed (ttlSecondsAfterFinished): the last look stands
             if all(s.phase.done for s in summary.stages):
                 break
             continue
         ended = backend.wait(run, active[0].stage, notify=lambda msg: print(f"... {msg}", flush=True))
+        # The job may be gone by now (cancelled, TTL): keep what wait saw rather than look it up again.
+        summary.stages = [ended if s.stage == ended.stage else s for s in summary.stages]
         if ended.phase is not Phase.SUCCEEDED:
-            # The job may be gone (cancelled, TTL): report what wait saw rather than look it up again.
-            summary.stages = [ended if s.stage == ended.stage else s for s in summary.stages]
             break
     print(f"run {summary.run}: {summary.phase.value}")
     for stage in summary.stages:

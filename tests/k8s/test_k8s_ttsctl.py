@@ -192,16 +192,26 @@ def test_cancel_ends_a_running_pipeline(tools, sim, as_sa, workdir):
     assert out.count("no PyTorchJob") == 0
 
 
-def test_wait_ends_when_the_ttl_removes_the_job(tools, sim, as_sa, workdir):
+def job_gets(cluster, name: str) -> int:
+    """How often the API server has answered a `get` of this PyTorchJob (the audit log)."""
+    return sum(1 for line in cluster.audit_log.read_text().splitlines()
+               if f'"name":"{name}"' in line and '"verb":"get"' in line and '"ResponseComplete"' in line)
+
+
+def test_wait_ends_when_the_ttl_removes_the_job(tools, cluster, sim, as_sa, workdir):
     # Regression #2 (TTL): the job finished and was deleted before `wait` saw its end.
     spec = spec_copy(workdir, "ttl1", ttlSecondsAfterFinished=0)
     sim.outcome["ttl1-vectorize"] = "Hold"
     submit = ttsctl(tools, as_sa, workdir, "submit", str(spec), "vectorize", "--backend", "kubeflow")
     assert submit.returncode == 0, submit.stderr
     wait_job(tools, "ttl1-vectorize", "Running")
+    gets = job_gets(cluster, "ttl1-vectorize")
     wait = popen(tools, as_sa, workdir, "wait", str(spec), "--backend", "kubeflow")
     try:
-        time.sleep(1.0)
+        deadline = time.time() + 60
+        while job_gets(cluster, "ttl1-vectorize") < gets + 2:  # `wait` is polling the job
+            assert time.time() < deadline and wait.poll() is None, "ttsctl wait never polled the job"
+            time.sleep(0.2)
         sim.release("ttl1-vectorize")
         out, _ = wait.communicate(timeout=60)
     finally:
