@@ -7,7 +7,7 @@ PIP := $(BIN)/pip
 CONSTRAINTS := constraints/cpu-dev.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test test-slow test-latest lint demo bench manifests clean
+.PHONY: help install test test-k8s test-slow test-latest lint demo bench manifests clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-12s %s\n", $$1, $$2}'
@@ -28,6 +28,10 @@ install: $(STAMP)  ## create .venv and install the project (editable, dev extras
 
 test: $(STAMP)  ## run the fast test suite (what CI runs)
 	$(BIN)/pytest
+
+test-k8s: $(STAMP)  ## the Kubernetes suite on a real kube-apiserver 1.20 (built once into ~/.cache/tts-k8s)
+	bash .ci/build-kube-apiserver.sh >/dev/null
+	$(BIN)/pytest -m k8s tests/k8s
 
 test-slow: $(STAMP)  ## run the slow tests too
 	$(BIN)/pytest -m 'not gpu'

@@ -49,7 +49,16 @@ def _stage_list(value: str | None) -> list[str] | None:
 
 
 def _backend(args: argparse.Namespace, namespace: str | None = None) -> Backend:
-    return get_backend(args.backend, namespace or args.namespace, echo=not getattr(args, "quiet", False))
+    return get_backend(args.backend, args.namespace or namespace, echo=not getattr(args, "quiet", False))
+
+
+def _run_ref(args: argparse.Namespace) -> tuple[str, Backend]:
+    """RUN is a run name or its spec file; the namespace: --namespace/$TTSCTL_NAMESPACE, else the spec's,
+    else the kubeconfig context's (as kubectl), else `default`."""
+    if args.run.endswith((".yaml", ".yml")) or os.path.isfile(args.run):
+        spec = load_spec(args.run)
+        return spec.name, _backend(args, spec.cluster.namespace)
+    return args.run, _backend(args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -101,7 +110,8 @@ def _submit_local(args: argparse.Namespace, run_name: str, stage: str, backend: 
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    summary = _backend(args).run_status(args.run)
+    run, backend = _run_ref(args)
+    summary = backend.run_status(run)
     print(f"run {summary.run} ({summary.backend}): {summary.phase.value}")
     for stage in summary.stages:
         took = f" [{stage.duration_s:.0f}s]" if stage.duration_s is not None else ""
@@ -110,32 +120,39 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    backend = _backend(args)
+    run, backend = _run_ref(args)
     stage = args.stage
     if stage is None:
-        stages = backend.run_status(args.run).stages
+        stages = backend.run_status(run).stages
         if not stages:
-            raise BackendError(f"run {args.run!r} has no stages yet")
+            raise BackendError(f"run {run!r} has no stages yet")
         stage = stages[-1].stage
-    for line in backend.logs(args.run, stage, follow=args.follow, workers=args.workers):
+    for line in backend.logs(run, stage, follow=args.follow, workers=args.workers):
         sys.stdout.write(line)
         sys.stdout.flush()
     return 0
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    backend = _backend(args)
+    run, backend = _run_ref(args)
+    summary = backend.run_status(run)
     while True:
-        summary = backend.run_status(args.run)
         active = [s for s in summary.stages if not s.phase.done]
         if not active:
             # A local pipeline starts its next stage right after one ends: look once more.
             time.sleep(1.0)
-            summary = backend.run_status(args.run)
+            try:
+                summary = backend.run_status(run)
+            except BackendError:
+                break  # every job already removed (ttlSecondsAfterFinished): the last look stands
             if all(s.phase.done for s in summary.stages):
                 break
             continue
-        backend.wait(args.run, active[0].stage, notify=lambda msg: print(f"... {msg}", flush=True))
+        ended = backend.wait(run, active[0].stage, notify=lambda msg: print(f"... {msg}", flush=True))
+        # The job may be gone by now (cancelled, TTL): keep what wait saw rather than look it up again.
+        summary.stages = [ended if s.stage == ended.stage else s for s in summary.stages]
+        if ended.phase is not Phase.SUCCEEDED:
+            break
     print(f"run {summary.run}: {summary.phase.value}")
     for stage in summary.stages:
         print(f"  {stage.describe()}")
@@ -143,8 +160,9 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    stopped = _backend(args).cancel(args.run)
-    print(f"cancelled {args.run}: stopped {', '.join(stopped) if stopped else 'nothing (no stage was running)'}")
+    run, backend = _run_ref(args)
+    done = backend.cancel(run)
+    print(f"cancelled {run}: {', '.join(done) if done else 'nothing (no stage was running)'}")
     return 0
 
 
@@ -179,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     backend_opts = argparse.ArgumentParser(add_help=False)
     backend_opts.add_argument("--backend", choices=BACKENDS, default=os.environ.get("TTSCTL_BACKEND", "local"),
                               help="where stages run (default: $TTSCTL_BACKEND or local)")
-    backend_opts.add_argument("--namespace", default=os.environ.get("TTSCTL_NAMESPACE", "default"),
-                              help="Kubernetes namespace for run commands (kubeflow; default $TTSCTL_NAMESPACE)")
+    backend_opts.add_argument("-n", "--namespace", default=os.environ.get("TTSCTL_NAMESPACE"),
+                              help="Kubernetes namespace (kubeflow; default: $TTSCTL_NAMESPACE, else the spec's "
+                                   "cluster.namespace, else the kubeconfig context's)")
 
     p = sub.add_parser("run", parents=[backend_opts], help="run the stages in order, each after the previous")
     p.add_argument("spec")
@@ -198,11 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
                              ("wait", cmd_wait, "block until the run ends (exit 1 if a stage failed)"),
                              ("cancel", cmd_cancel, "stop every running stage of a run")):
         p = sub.add_parser(name, parents=[backend_opts], help=text)
-        p.add_argument("run")
+        p.add_argument("run", help="run name, or its spec file (which also gives the namespace)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("logs", parents=[backend_opts], help="print a stage's log (default: the latest stage)")
-    p.add_argument("run")
+    p.add_argument("run", help="run name, or its spec file (which also gives the namespace)")
     p.add_argument("--stage", choices=STAGE_ORDER)
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the stage ends")
     p.add_argument("--workers", action="store_true", help="every pod, not only the master (kubeflow)")
@@ -227,6 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`ttsctl logs ... | head`): stop quietly, as a SIGPIPE'd tool would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

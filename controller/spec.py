@@ -156,7 +156,8 @@ class Workspace(Model):
 
 class Cluster(Model):
     namespace: str = "default"
-    serviceAccount: str | None = None
+    # The chart's ServiceAccount (charts/tts-training serviceAccount.name) has the same default.
+    serviceAccount: str | None = "tts-trainer"
     # Kueue LocalQueue: adds the `kueue.x-k8s.io/queue-name` label.
     queue: str | None = None
     priorityClass: str | None = None
@@ -175,6 +176,11 @@ class Cluster(Model):
     processGroupTimeoutSeconds: int = Field(1800, gt=0)
     # A job Pending longer than this gets its pod events reported (FailedScheduling, ...).
     pendingTimeoutSeconds: int = Field(600, gt=0)
+    # Trainer pods: SIGTERM (preemption, cancel, drain) -> finish the current step, save a checkpoint,
+    # exit; SIGKILL after this long. Budget for a 1B model: a step (up to ~1 min at long sequence
+    # lengths) + a full checkpoint (~15 GB of weights and Adam state: ~30 s on a local SSD/PVC, ~2-3 min
+    # to an object store at ~100 MB/s) + margin. Kubernetes' own default, 30 s, loses the save.
+    terminationGracePeriodSeconds: int = Field(300, ge=0)
 
     @field_validator("namespace")
     @classmethod

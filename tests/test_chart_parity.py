@@ -90,7 +90,9 @@ def values_for(spec: PipelineSpec) -> dict[str, Any]:
         "secrets": {k: (v.model_dump() if v else {}) for k, v in cluster.secrets},
         "jobs": {"backoffLimit": cluster.backoffLimit, "ttlSecondsAfterFinished": cluster.ttlSecondsAfterFinished,
                  "activeDeadlineSeconds": cluster.activeDeadlineSeconds, "shmSize": cluster.shmSize,
-                 "processGroupTimeoutSeconds": cluster.processGroupTimeoutSeconds},
+                 "processGroupTimeoutSeconds": cluster.processGroupTimeoutSeconds,
+                 "terminationGracePeriodSeconds": cluster.terminationGracePeriodSeconds,
+                 "pendingTimeoutSeconds": cluster.pendingTimeoutSeconds},
         "stages": {
             **{name: _stage_values(spec, getattr(stages, name))
                for name in ("codec", "vectorize", "merge", "sft", "export", "eval")},

@@ -231,3 +231,20 @@ def test_example_pipeline_renders_and_validates():
         assert object_errors(obj) == [], (obj["kind"], obj["metadata"]["name"])
     sft = by_kind_name(objects, "PyTorchJob", "demo-sft")
     assert sft["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+
+
+@pytest.mark.parametrize(("grace", "torchrun"), [(None, "290"), (60, "54"), (0, "0")])
+def test_trainer_pods_get_the_checkpoint_grace_period(tmp_path, grace, torchrun):
+    # Issue 14 #8: pods had Kubernetes' default 30 s (and torchrun its own 30 s) to save on SIGTERM.
+    data = spec_dict(tmp_path)
+    if grace is not None:
+        data["cluster"]["terminationGracePeriodSeconds"] = grace
+    objects = render.render_dicts(load_spec(write_spec(tmp_path, data)))
+    job = by_kind_name(objects, "PyTorchJob", "t1-sft")
+    for replica in ("Master", "Worker"):
+        pod = job["spec"]["pytorchReplicaSpecs"][replica]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == (300 if grace is None else grace)
+        assert env_of(trainer_container(job, replica))["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == torchrun
+    # The rollout server saves nothing: it keeps the Kubernetes default.
+    rollout = by_kind_name(objects, "Deployment", "t1-rollout")
+    assert "terminationGracePeriodSeconds" not in rollout["spec"]["template"]["spec"]

@@ -96,7 +96,8 @@ class Backend(ABC):
 
     @abstractmethod
     def cancel(self, run_name: str) -> list[str]:
-        """Stop every running stage of the run; returns what was stopped."""
+        """Stop every running stage of the run; returns what it did, one phrase per stage
+        ("stopped sft", "deleted vectorize (Succeeded)")."""
 
     @abstractmethod
     def list_runs(self) -> list[RunSummary]: ...

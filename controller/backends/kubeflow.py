@@ -26,6 +26,8 @@ from controller.render import meta, stage_objects, to_dict
 from controller.spec import PipelineSpec
 
 POLL_S = 10.0
+# Deleting a finished job before replacing it: its pods and ConfigMap go first (foreground deletion).
+REPLACE_TIMEOUT_S = 120.0
 RESTART_ANNOTATION = "speechlm.io/trainer-restart"
 PYTORCHJOBS = "pytorchjobs.kubeflow.org"
 
@@ -35,7 +37,8 @@ class KubeflowBackend(Backend):
 
     def __init__(self, namespace: str, training_client: TrainingClient | None = None,
                  apps_api: k8s.AppsV1Api | None = None, networking_api: k8s.NetworkingV1Api | None = None,
-                 caller: ApiCaller | None = None, poll_s: float = POLL_S, pending_timeout_s: float = 600.0):
+                 caller: ApiCaller | None = None, poll_s: float = POLL_S, pending_timeout_s: float = 600.0,
+                 notify: Callable[[str], None] = print):
         self.namespace = namespace
         if training_client is None:
             try:
@@ -49,31 +52,78 @@ class KubeflowBackend(Backend):
         self.apps = apps_api or k8s.AppsV1Api(api_client)
         self.net = networking_api or k8s.NetworkingV1Api(api_client)
         self.call = caller or ApiCaller(namespace)
+        self.custom = self.tc.custom_api
         self.poll_s = poll_s
         self.pending_timeout_s = pending_timeout_s
+        self.notify = notify
+        self._accounts_checked: set[str] = set()
 
     # ------------------------------------------------------------------ submit
     def submit(self, spec: PipelineSpec, run: StageRun) -> StageStatus:
         self.pending_timeout_s = spec.cluster.pendingTimeoutSeconds
         name = meta.job_name(spec, run.name)
+        replaced = ""
         try:
-            self._get_job(name)
-            return self._attached(spec.name, run.name)
+            job = self._get_job(name)
+            previous = self._job_status(run.name, job)
+            if not previous.phase.done:
+                return self._attached(spec.name, run.name)
+            # A finished job of the same run and stage is an earlier attempt: running the stage again
+            # (`run --from`, `submit`) means a new job, not the old result.
+            self._replace(job, previous)
+            replaced = f"replaced the earlier {previous.phase.value} job"
         except NotFound:
             pass
+        self._check_service_account(spec)
         objects = stage_objects(spec, run)
-        self._apply_config_map(to_dict(objects.config_map))
+        config_map = to_dict(objects.config_map)
+        self._apply_config_map(config_map)
         try:
             self.call("create", PYTORCHJOBS, self.tc.create_job, job=objects.job, namespace=self.namespace)
         except Conflict:
             return self._attached(spec.name, run.name)  # created concurrently by another submit
-        if objects.rollout:
-            owner = self._owner_reference(name)
-            for obj in objects.rollout:
-                body = to_dict(obj)
-                body["metadata"]["ownerReferences"] = [owner]
-                self._replace_or_create(body)
-        return StageStatus(run.name, Phase.PENDING, "Created", f"PyTorchJob {self.namespace}/{name}")
+        owner = self._owner_reference(name)
+        # Owned by the job: garbage collected with it (cancel, ttlSecondsAfterFinished).
+        config_map["metadata"]["ownerReferences"] = [owner]
+        self.call("update", "configmaps", self.core.replace_namespaced_config_map,
+                  config_map["metadata"]["name"], self.namespace, config_map)
+        for obj in objects.rollout:
+            body = to_dict(obj)
+            body["metadata"]["ownerReferences"] = [owner]
+            self._replace_or_create(body)
+        return StageStatus(run.name, Phase.PENDING, replaced or "Created", f"PyTorchJob {self.namespace}/{name}")
+
+    def _replace(self, job: Any, previous: StageStatus) -> None:
+        """Delete a finished job and wait until it and what it owns (pods, ConfigMap) are gone."""
+        name = job.metadata.name
+        self.notify(f"{previous.stage}: replacing the {previous.phase.value} PyTorchJob {self.namespace}/{name}")
+        with contextlib.suppress(NotFound):
+            self.call("delete", PYTORCHJOBS, self.custom.delete_namespaced_custom_object, "kubeflow.org", "v1",
+                      self.namespace, "pytorchjobs", name, propagation_policy="Foreground")
+        deadline = time.time() + REPLACE_TIMEOUT_S
+        while time.time() < deadline:
+            try:
+                self._get_job(name)
+            except NotFound:
+                return
+            time.sleep(min(self.poll_s, 1.0))
+        raise BackendError(f"the finished PyTorchJob {self.namespace}/{name} was not deleted within "
+                           f"{REPLACE_TIMEOUT_S:.0f}s (is the garbage collector running?); delete it with "
+                           f"kubectl -n {self.namespace} delete pytorchjob {name}, then retry")
+
+    def _check_service_account(self, spec: PipelineSpec) -> None:
+        """Pods of a missing ServiceAccount are never created: the job would wait forever. Say so first."""
+        account = spec.cluster.serviceAccount
+        if not account or account in self._accounts_checked:
+            return
+        try:
+            self.call("get", "serviceaccounts", self.core.read_namespaced_service_account, account, self.namespace)
+        except NotFound:
+            raise BackendError(
+                f"serviceaccount {account!r} not found in namespace {self.namespace!r}: install the chart "
+                f"(helm install ... charts/tts-training -n {self.namespace}; its ServiceAccount is "
+                f"{account!r} by default) or set cluster.serviceAccount to an existing one") from None
+        self._accounts_checked.add(account)
 
     def _attached(self, run_name: str, stage: str) -> StageStatus:
         status = self.status(run_name, stage)
@@ -137,7 +187,10 @@ class KubeflowBackend(Backend):
         reason = "Suspended" if "Suspended" in conditions else "Created" if "Created" in conditions else "Submitted"
         message = "waiting for Kueue admission" if reason == "Suspended" else ""
         waiting_s = time.time() - created.timestamp() if created else 0.0
-        if waiting_s > self.pending_timeout_s:
+        # The spec's cluster.pendingTimeoutSeconds travels on the job, so `status`/`wait` honour it too.
+        annotated = (job.metadata.annotations or {}).get(meta.PENDING_TIMEOUT_ANNOTATION)
+        timeout = float(annotated) if annotated and annotated.isdigit() else self.pending_timeout_s
+        if waiting_s > timeout:
             events = self.pod_events(job.metadata.name)
             message = f"pending for {waiting_s / 60:.0f} min" + (f"; {events}" if events else "")
         return StageStatus(stage, Phase.PENDING, reason, message, created.timestamp() if created else None)
@@ -179,7 +232,14 @@ class KubeflowBackend(Backend):
         master = None
         restarts = 0
         while True:
-            status = self.status(run_name, stage)
+            try:
+                status = self._job_status(stage, self._get_job(job_name))
+            except NotFound:
+                if stage == "rlhf":
+                    self._delete_rollout(run_name)
+                return StageStatus(stage, Phase.FAILED, "Deleted",
+                                   f"PyTorchJob {self.namespace}/{job_name} no longer exists (cancelled, or removed "
+                                   f"by ttlSecondsAfterFinished before its end was seen)")
             if status.phase is Phase.PENDING and status.message and not reported_pending:
                 notify(status.message)
                 reported_pending = True
@@ -226,6 +286,11 @@ class KubeflowBackend(Backend):
         if not pods:
             status = self.status(run_name, stage)
             raise BackendError(f"no pods for {job_name} yet ({status.describe()})")
+        unscheduled = [p.metadata.name for p in pods if not p.spec.node_name]
+        if unscheduled:
+            events = self.pod_events(job_name)
+            raise BackendError(f"{', '.join(unscheduled)}: Pending, not scheduled on a node yet, so no log: "
+                               f"{events or 'no scheduler events yet'}")
         for pod in sorted(pods, key=lambda p: p.metadata.name):
             prefix = f"[{pod.metadata.name}] " if workers else ""
             if follow:
@@ -242,7 +307,7 @@ class KubeflowBackend(Backend):
 
     def failure_hint(self, run_name: str, stage: str, lines: int = 20) -> str:
         job_name = f"{run_name}-{stage}"
-        hint = [f"logs: ttsctl logs {run_name} --stage {stage} --backend kubeflow "
+        hint = [f"logs: ttsctl logs {run_name} --stage {stage} --backend kubeflow --namespace {self.namespace} "
                 f"(kubectl -n {self.namespace} logs -l training.kubeflow.org/job-name={job_name})"]
         try:
             tail = list(self.logs(run_name, stage))[-lines:]
@@ -254,15 +319,16 @@ class KubeflowBackend(Backend):
         return "\n".join(hint)
 
     def cancel(self, run_name: str) -> list[str]:
-        stopped = []
+        """Delete every job of the run (their pods, ConfigMaps and rollout server go with them)."""
+        done = []
         for job in self._managed_jobs():
             labels = job.metadata.labels or {}
             if labels.get(meta.RUN_LABEL) != run_name:
                 continue
-            if not self._job_status(labels.get(meta.STAGE_LABEL, ""), job).phase.done:
-                stopped.append(labels.get(meta.STAGE_LABEL, job.metadata.name))
+            stage = labels.get(meta.STAGE_LABEL, job.metadata.name)
+            phase = self._job_status(stage, job).phase
             with contextlib.suppress(NotFound):
                 self.call("delete", PYTORCHJOBS, self.tc.delete_job, job.metadata.name, namespace=self.namespace)
+            done.append(f"deleted {stage} ({phase.value})" if phase.done else f"stopped {stage} ({phase.value})")
         self._delete_rollout(run_name)
-        return stopped
-
+        return done

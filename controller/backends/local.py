@@ -257,7 +257,7 @@ class LocalBackend(Backend):
                 if entry["phase"] == Phase.RUNNING.value and (run_name, stage) not in self._procs:
                     entry.update(phase=Phase.FAILED.value, reason="Cancelled",
                                  message="stopped by ttsctl cancel", finished=time.time())
-        return stopped
+        return [f"stopped {stage}" for stage in stopped]
 
     @staticmethod
     def _kill_group(pid: int) -> None:

@@ -14,6 +14,9 @@ QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # Istio sidecars keep a finished pod alive (the job never completes) and break log calls.
 POD_ANNOTATIONS = {"sidecar.istio.io/inject": "false"}
 
+# On each PyTorchJob: cluster.pendingTimeoutSeconds, read back by `ttsctl status/wait`.
+PENDING_TIMEOUT_ANNOTATION = "speechlm.io/pending-timeout-seconds"
+
 CONFIG_MOUNT = "/config"
 
 
@@ -48,6 +51,10 @@ def labels(spec: PipelineSpec, stage: str, component: str) -> dict[str, str]:
 
 def annotations(spec: PipelineSpec) -> dict[str, str] | None:
     return dict(spec.cluster.annotations) or None
+
+
+def job_annotations(spec: PipelineSpec) -> dict[str, str]:
+    return {**spec.cluster.annotations, PENDING_TIMEOUT_ANNOTATION: str(spec.cluster.pendingTimeoutSeconds)}
 
 
 def pod_annotations(spec: PipelineSpec) -> dict[str, str]:

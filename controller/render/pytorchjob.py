@@ -11,6 +11,7 @@ from controller.render.config_map import rollout_address
 from controller.spec import PipelineSpec
 
 CONTAINER = "pytorch"  # the operator finds the training container by this name
+SHUTDOWN_MARGIN_S = 10
 
 
 def nproc_per_node(run: StageRun) -> str:
@@ -36,8 +37,16 @@ def trainer_env(spec: PipelineSpec, run: StageRun) -> list[k8s.V1EnvVar]:
     if run.name == "rlhf":
         host, port, group_port = rollout_address(spec)
         env |= {"TTS_VLLM_HOST": host, "TTS_VLLM_PORT": str(port), "TTS_VLLM_GROUP_PORT": str(group_port)}
+    # torchrun SIGKILLs its workers this long after forwarding SIGTERM (default 30 s): give them the pod's
+    # grace period, less a little for torchrun's own exit.
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(shutdown_timeout(spec))
     env |= run.settings.env
     return pod.credential_env(spec) + pod.plain_env(env)
+
+
+def shutdown_timeout(spec: PipelineSpec) -> int:
+    grace = spec.cluster.terminationGracePeriodSeconds
+    return max(0, grace - min(SHUTDOWN_MARGIN_S, grace // 10))
 
 
 def _template(spec: PipelineSpec, run: StageRun) -> k8s.V1PodTemplateSpec:
@@ -62,10 +71,12 @@ def _template(spec: PipelineSpec, run: StageRun) -> k8s.V1PodTemplateSpec:
             name=meta.config_map_name(spec, run.name))),
         *pod.common_volumes(spec),
     ]
+    pod_spec = pod.pod_spec(spec, [container], volumes)
+    pod_spec.termination_grace_period_seconds = spec.cluster.terminationGracePeriodSeconds
     return k8s.V1PodTemplateSpec(
         metadata=k8s.V1ObjectMeta(labels=meta.labels(spec, run.name, "trainer"),
                                   annotations=meta.pod_annotations(spec)),
-        spec=pod.pod_spec(spec, [container], volumes),
+        spec=pod_spec,
     )
 
 
@@ -91,7 +102,7 @@ def pytorch_job(spec: PipelineSpec, run: StageRun) -> kf.KubeflowOrgV1PyTorchJob
             name=meta.job_name(spec, run.name),
             namespace=cluster.namespace,
             labels=job_labels,
-            annotations=meta.annotations(spec),
+            annotations=meta.job_annotations(spec),
         ),
         spec=kf.KubeflowOrgV1PyTorchJobSpec(
             nproc_per_node=nproc_per_node(run),
