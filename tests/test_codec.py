@@ -120,7 +120,7 @@ def test_loading_garbage_fails_clearly(tmp_path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         Codec.load(str(tmp_path / "nope"))
     torch.save({"weights": {}}, tmp_path / "x.pt")
-    with pytest.raises(ConfigError, match="neither our codec checkpoint"):
+    with pytest.raises(ConfigError, match="neither a codec checkpoint"):
         Codec.load(str(tmp_path / "x.pt"))
 
 

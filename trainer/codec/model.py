@@ -22,7 +22,7 @@ from torch import nn
 
 from trainer import io
 from trainer.codec.acoustic_encoder import AcousticEncoder
-from trainer.codec.decoder import ISTFTHead, Upsampler, VocosBackbone
+from trainer.codec.decoder import InworldUpsampler, ISTFTHead, Upsampler, VocosBackbone
 from trainer.codec.quantizer import FSQ
 from trainer.codec.semantic import SemanticAdapter, SemanticFeatures
 from trainer.config import CodecModelConfig
@@ -97,8 +97,9 @@ class Codec(nn.Module):
         if "decoder" in self.components:
             self.fc_post_a = nn.Linear(config.quantizer_dim, config.decoder_dim)
             self.backbone = VocosBackbone(config.decoder_dim, config.decoder_layers, config.decoder_heads)
+            upsampler = InworldUpsampler if config.upsampler == "inworld" else Upsampler
             self.upsampler = (
-                Upsampler(config.decoder_dim, config.upsample_factors, config.upsample_kernel_sizes)
+                upsampler(config.decoder_dim, config.upsample_factors, config.upsample_kernel_sizes)
                 if config.upsample_factors
                 else None
             )
