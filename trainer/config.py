@@ -286,6 +286,7 @@ class CodecTrainConfig(Section):
     resume: bool = True
     # Clips whose loss is measured before and after training (eval_mel_loss in metrics.jsonl).
     eval_clips: int = Field(4, gt=0)
+    # Processes decoding and cropping training audio ahead of the step (0: in the training process).
     num_workers: int = Field(0, ge=0)
 
 
