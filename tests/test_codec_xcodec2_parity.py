@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from test_codec_xcodec2 import as_xcodec2_name
 
@@ -121,7 +122,10 @@ def test_tiny_encoder_gives_xcodec2_codes_on_the_example_speech(tmp_path) -> Non
         "fsq_levels": [4] * 8,  # X-codec2's 65,536 codes
         "semantic": str(w2v), "semantic_dim": 32, "semantic_layer": 2,
     })
-    _parity(tmp_path, config, WAVS[::8], batch_size=16)  # 16 clips, ~4,000 frames
+    # An exact multiple of the hop, where X-codec2 pads a whole extra hop (and so adds a frame).
+    exact = tmp_path / "exact_hops.wav"
+    sf.write(exact, read_audio(str(WAVS[0])).samples[: 320 * 60], 16000, subtype="PCM_16")
+    _parity(tmp_path, config, [*WAVS[::8], exact], batch_size=16)  # 17 clips, ~4,000 frames
 
 
 @pytest.mark.slow
