@@ -24,9 +24,17 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	bash .ci/install-k8s-tools.sh
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install the project (editable, dev extras, CPU torch) + helm/kubectl
+# X-codec2's own code and the vector-quantize-pytorch release it pins, kept out of the venv: the codec
+# parity tests run them in a separate interpreter (tests/xcodec2_reference.py).
+XCODEC2_REF := .tools/xcodec2-ref
+$(XCODEC2_REF)/.installed: $(STAMP)
+	$(PIP) install -q --no-deps --upgrade --target $(XCODEC2_REF) \
+		vector-quantize-pytorch==1.17.8 xcodec2==0.1.5 einx==0.4.3 frozendict==2.4.7
+	touch $@
 
-test: $(STAMP)  ## run the fast test suite (what CI runs)
+install: $(STAMP) $(XCODEC2_REF)/.installed  ## create .venv and install the project (editable, dev extras, CPU torch) + helm/kubectl
+
+test: $(STAMP) $(XCODEC2_REF)/.installed  ## run the fast test suite (what CI runs)
 	$(BIN)/pytest
 
 test-k8s: $(STAMP)  ## the Kubernetes suite on a real kube-apiserver 1.20 (built once into ~/.cache/tts-k8s)

@@ -120,7 +120,7 @@ def test_loading_garbage_fails_clearly(tmp_path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         Codec.load(str(tmp_path / "nope"))
     torch.save({"weights": {}}, tmp_path / "x.pt")
-    with pytest.raises(ConfigError, match="neither our codec checkpoint"):
+    with pytest.raises(ConfigError, match="neither a codec checkpoint"):
         Codec.load(str(tmp_path / "x.pt"))
 
 
@@ -161,7 +161,7 @@ def test_semantic_branch_from_a_local_wav2vec2_bert_dir(tmp_path) -> None:
     codec = Codec.from_config(config)
     waves = _waves(np.random.default_rng(6), [1.0, 0.5], 16000)
     codes = codec.encode(waves, 16000)
-    assert [len(c) for c in codes] == [50, 25]
+    assert [len(c) for c in codes] == [51, 26]  # X-codec2 pads a whole hop onto exact multiples
     assert codec.semantic_model is not None
     assert not any(k.startswith("semantic_model.") for k in codec.codec_state_dict())
     codec.save(str(tmp_path / "codec"))

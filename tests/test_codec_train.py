@@ -67,7 +67,7 @@ def test_codec_train_lowers_reconstruction_loss_and_resumes(manifest: Path, tmp_
 
     codec = Codec.load(str(out / "final"))
     wave = np.sin(np.arange(8000) / 16000 * 2 * np.pi * 200).astype(np.float32)
-    assert len(codec.decode(codec.encode([wave], 16000))[0]) == 8000
+    assert len(codec.decode(codec.encode([wave], 16000))[0]) == 8000 + 320  # 25 hops + X-codec2's padding hop
 
     # Resume: a longer run starts from step 20's checkpoint, not from scratch.
     shutil.rmtree(out / "final")
@@ -89,7 +89,7 @@ def test_decoder_only_training_keeps_the_encoder_frozen(manifest: Path, tmp_path
     assert after.output_sample_rate == 48000
     wave = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
     np.testing.assert_array_equal(before.encode([wave], 16000)[0], after.encode([wave], 16000)[0])
-    assert len(after.decode(after.encode([wave], 16000))[0]) == 48000
+    assert len(after.decode(after.encode([wave], 16000))[0]) == 51 * 960  # 50 hops + X-codec2's padding hop
 
 
 def test_bad_training_inputs_fail_clearly(tmp_path, capsys) -> None:
@@ -97,3 +97,65 @@ def test_bad_training_inputs_fail_clearly(tmp_path, capsys) -> None:
     assert "codec.train.dataset_path: manifest not found" in capsys.readouterr().err
     assert main(["codec-train", "--set", "codec.train.decoder_only=true", "--set", "metrics.port=0"]) == 2
     assert "decoder_only needs codec.train.init_from" in capsys.readouterr().err
+
+
+def test_mel_term_leads_the_rms_term_at_init() -> None:
+    """At init the decoder's loudness is far off; the weighted loudness term must not drown the
+    spectral one (the reference's squared dB gave ~250 against ~38 for 15 x mel at full size)."""
+    import torch
+
+    from trainer.codec import full_codec_config, tiny_codec_config
+    from trainer.codec.losses import MultiResolutionMelLoss, rms_loss
+    from trainer.config import CodecTrainConfig
+    from trainer.data.audio import read_audio
+
+    if not MANIFEST.exists():
+        pytest.skip("example dataset not generated")
+    records = [json.loads(x) for x in MANIFEST.read_text().splitlines()[:2]]
+    wav = torch.stack([
+        torch.from_numpy(read_audio(str(MANIFEST.parent / r["wav_path"])).samples[:16000]) for r in records
+    ])
+    weights = CodecTrainConfig()
+    mel_loss = MultiResolutionMelLoss(16000)
+    torch.manual_seed(0)
+    for config in (full_codec_config(), tiny_codec_config()):
+        codec = Codec(config).train()
+        with torch.no_grad():
+            quantized, _ = codec.encode_tensor(wav)
+            fake = codec.decode_quantized(quantized)
+        mel, rms = float(mel_loss(fake, wav)), float(rms_loss(fake, wav))
+        assert weights.lambda_rms * rms < weights.lambda_mel * mel, (config.decoder_dim, mel, rms)
+
+
+def test_num_workers_read_the_audio_and_report_unreadable_files(tmp_path) -> None:
+    import torch
+
+    from trainer.codec.train import Clips, TrainingBatches
+
+    if not MANIFEST.exists():
+        pytest.skip("example dataset not generated")
+    # 4 good clips (the eval batch reads only these) then 2 bad ones, met only by the workers.
+    lines = [json.loads(x) for x in MANIFEST.read_text().splitlines()[:4]]
+    for rec in lines:
+        rec["wav_path"] = str((MANIFEST.parent / rec["wav_path"]).resolve())
+    (tmp_path / "corrupt.flac").write_bytes(b"not audio at all")
+    lines += [{**lines[0], "wav_path": "corrupt.flac"}, {**lines[0], "wav_path": "missing.flac"}]
+    manifest = tmp_path / "samples.jsonl"
+    manifest.write_text("".join(json.dumps(rec) + "\n" for rec in lines))
+
+    # Worker 0's stream is the in-process stream; worker 1 draws another one.
+    def first_batches(workers: int) -> list:
+        clips = Clips(str(manifest), 10, 16000, 50)
+        loader = torch.utils.data.DataLoader(TrainingBatches(clips, 2, 5), batch_size=None, num_workers=workers)
+        batches = iter(loader)
+        return [next(batches) for _ in range(2)]
+
+    alone, pooled = first_batches(0), first_batches(2)
+    assert torch.equal(alone[0][0], pooled[0][0]) and not torch.equal(pooled[0][0], pooled[1][0])
+
+    out = tmp_path / "run"
+    assert _train(manifest, out, 15, "codec.train.num_workers=2", "codec.train.eval_clips=1",
+                  "codec.train.disc_start_step=100") == 0
+    rows = read_scalars(str(out / "metrics.jsonl"))
+    assert rows[-1]["unreadable_files"] == 2
+    assert [r["step"] for r in rows if "mel_loss" in r][-1] == 15

@@ -44,7 +44,7 @@ KNOWN_XCODEC2_KEYS = {
 }
 
 
-def _as_xcodec2(name: str) -> str:
+def as_xcodec2_name(name: str) -> str:
     for ours, theirs in OURS_TO_XCODEC2.items():
         if name.startswith(ours):
             name = theirs + name[len(ours) :]
@@ -56,7 +56,7 @@ def _as_xcodec2(name: str) -> str:
 
 def write_xcodec2_checkpoint(codec: Codec, path, drop: str | None = None, decoder_only: bool = False) -> None:
     """A Lightning-style checkpoint in X-codec2's key layout, with the extras such files carry."""
-    state = {_as_xcodec2(k): v for k, v in codec.codec_state_dict().items()}
+    state = {as_xcodec2_name(k): v for k, v in codec.codec_state_dict().items()}
     if decoder_only:  # smaller file for the failure case; a decoder load never reads encoder keys
         state = {k: v for k, v in state.items() if k.startswith(("generator.", "fc_post_a."))}
     state["generator.quantizer.layers.0._levels"] = torch.tensor([4] * 8)  # older library buffers

@@ -230,6 +230,10 @@ class CodecModelConfig(Section):
     # Super-resolution decoder: transposed-conv strides before the iSTFT head (e.g. [3, 2] for 48 kHz).
     upsample_factors: list[int] = []
     upsample_kernel_sizes: list[int] = []
+    # "full_width": each stage keeps decoder_dim channels (crops the transposed conv to factor x T);
+    # "inworld": the reference trainer's UpSamplerBlock (halves the channels per weight-normed stage,
+    # padding (k - factor) // 2, then a linear back to decoder_dim); its trained codecs load as this.
+    upsampler: Literal["full_width", "inworld"] = "full_width"
 
     @property
     def codebook_size(self) -> int:
@@ -266,6 +270,15 @@ class CodecModelConfig(Section):
             raise ValueError("fsq_levels must be a non-empty list of integers >= 2")
         if any(k < f for k, f in zip(self.upsample_kernel_sizes, self.upsample_factors, strict=False)):
             raise ValueError("each upsample kernel size must be >= its upsample factor")
+        if self.upsampler == "inworld" and self.upsample_factors:
+            if len(self.upsample_kernel_sizes) != len(self.upsample_factors):
+                raise ValueError("upsampler 'inworld' needs one upsample_kernel_sizes entry per upsample factor")
+            narrowest = self.decoder_dim >> len(self.upsample_factors)
+            if narrowest << len(self.upsample_factors) != self.decoder_dim or narrowest % 32:
+                raise ValueError(
+                    f"upsampler 'inworld' halves decoder_dim {self.decoder_dim} per stage down to {narrowest}, "
+                    "which must stay a whole multiple of 32 (the GroupNorm groups)"
+                )
         return self
 
 
@@ -312,6 +325,7 @@ class CodecTrainConfig(Section):
     resume: bool = True
     # Clips whose loss is measured before and after training (eval_mel_loss in metrics.jsonl).
     eval_clips: int = Field(4, gt=0)
+    # Processes decoding and cropping training audio ahead of the step (0: in the training process).
     num_workers: int = Field(0, ge=0)
 
 

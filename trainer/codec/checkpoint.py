@@ -1,4 +1,5 @@
-"""Reading codec checkpoints: our directory / model.pt, or an original X-codec2 Lightning .ckpt."""
+"""Reading codec checkpoints: our directory / model.pt, an original X-codec2 Lightning .ckpt, or a
+decoder the Inworld reference trainer wrote (its model_config.json + final_model.pt / checkpoint_<N>.pt)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from pydantic import ValidationError
 
 from trainer import io
-from trainer.codec import xcodec2
+from trainer.codec import inworld, xcodec2
 from trainer.config import CodecModelConfig, format_validation_error
 from trainer.errors import ConfigError
 
@@ -35,9 +36,9 @@ def _torch_load(url: str) -> Any:
         return torch.load(_stdio.BytesIO(data), map_location="cpu", weights_only=False)
 
 
-def _read_config(url: str) -> CodecModelConfig:
+def _read_config(url: str, raw: Any) -> CodecModelConfig:
     try:
-        return CodecModelConfig.model_validate(io.read_json(url))
+        return CodecModelConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(f"{url}: {format_validation_error(err)}") from None
 
@@ -83,10 +84,16 @@ def read_codec_state(
         raise ConfigError(f"codec checkpoint not found: {url}")
     if io.isdir(url):
         model_url, config_url = io.join(url, MODEL_FILE), io.join(url, CONFIG_FILE)
+        if not io.exists(model_url):  # a directory the Inworld reference trainer wrote
+            reference = inworld.latest_checkpoint_name(io.listdir(url))
+            model_url = io.join(url, reference) if reference else model_url
     else:
         model_url, config_url = url, io.join(url.rstrip("/").rsplit("/", 1)[0], CONFIG_FILE)
     if not io.exists(model_url):
-        raise ConfigError(f"{url}: no {MODEL_FILE} in the codec directory")
+        raise ConfigError(
+            f"{url}: no {MODEL_FILE} (nor the reference trainer's {inworld.FINAL_CHECKPOINT} / "
+            "checkpoint_<step>.pt) in the codec directory"
+        )
     obj = _torch_load(model_url)
     if xcodec2.is_xcodec2_checkpoint(obj):
         config = xcodec2.xcodec2_config(semantic_model_path)
@@ -94,14 +101,18 @@ def read_codec_state(
         return config, state, ["encoder", "decoder"], f"X-codec2 checkpoint {url}"
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         if not io.exists(config_url):
-            raise ConfigError(f"{url}: {CONFIG_FILE} is missing beside {MODEL_FILE}")
-        config = _read_config(config_url)
+            raise ConfigError(f"{url}: {CONFIG_FILE} is missing beside {model_url.rsplit('/', 1)[-1]}")
+        raw = io.read_json(config_url)
+        if inworld.is_inworld_config(raw):
+            state = inworld.to_codec_state_dict(obj["model"])
+            return inworld.codec_config(raw, config_url), state, ["decoder"], f"Inworld reference codec {model_url}"
+        config = _read_config(config_url, raw)
         if semantic_model_path:
             config = config.model_copy(update={"semantic": semantic_model_path})
         return config, obj["model"], list(obj.get("components", ["encoder", "decoder"])), f"codec checkpoint {url}"
     raise ConfigError(
-        f"{url} is neither our codec checkpoint ({{'model': state_dict}}) nor an X-codec2 Lightning "
-        "checkpoint (top-level 'state_dict' with CodecEnc./generator. keys)"
+        f"{url} is neither a codec checkpoint ({{'model': state_dict}}, ours or the reference trainer's) nor an "
+        "X-codec2 Lightning checkpoint (top-level 'state_dict' with CodecEnc./generator. keys)"
     )
 
 

@@ -1,5 +1,6 @@
 """The decoder: X-codec2's Vocos-style backbone (conv + ResNet + Transformer), an optional
-super-resolution upsampler (Inworld's 24/48 kHz decoders), and the iSTFT head.
+super-resolution upsampler for 24/48 kHz output (ours at full width, or the Inworld reference's), and
+the iSTFT head.
 
 Names follow X-codec2's `generator.backbone.*` / `generator.head.*` so checkpoints map by prefix.
 Batched decode passes `lengths` (valid frames per item): convolutions see zeros, GroupNorm statistics
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
 from trainer.codec.acoustic_encoder import zero_beyond
 
@@ -177,6 +179,42 @@ class Upsampler(nn.Module):
         for stage in self.stages:
             h, lengths = stage(h, lengths)
         return h.transpose(1, 2), lengths
+
+
+class InworldUpsampler(nn.Module):
+    """The Inworld reference trainer's super-resolution upsampler (its `UpSamplerBlock`), so the 24/48 kHz
+    decoders it trains load and decode here: stage i is a weight-normed transposed conv from
+    dim / 2^i to dim / 2^(i+1) channels (kernel k, stride u, padding (k - u) // 2) and a ResNet block
+    (no dropout); then a linear from dim / 2^n back to dim and swish.
+
+    With an odd k - u a stage emits u x T + 1 frames, as the reference does; the surplus tail frames
+    are carried through the later stages (so every other frame matches the reference) and cut at the
+    end, so audio stays exactly len(codes) x samples-per-token long.
+    """
+
+    def __init__(self, dim: int, factors: list[int], kernel_sizes: list[int]):
+        super().__init__()
+        self.factors = factors
+        self.upsample_layers = nn.ModuleList()
+        self.resnet_blocks = nn.ModuleList()
+        for i, (factor, kernel) in enumerate(zip(factors, kernel_sizes, strict=True)):
+            conv = nn.ConvTranspose1d(dim >> i, dim >> (i + 1), kernel, factor, padding=(kernel - factor) // 2)
+            self.upsample_layers.append(weight_norm(conv))
+            self.resnet_blocks.append(ResnetBlock(dim >> (i + 1), dropout=0.0))
+        self.out_proj = nn.Linear(dim >> len(factors), dim)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None):
+        """x (B, T, dim) -> (B, T * prod(factors), dim) and the lengths at that rate."""
+        h = x.transpose(1, 2)
+        steps, valid = x.shape[1], lengths
+        for up, block, factor in zip(self.upsample_layers, self.resnet_blocks, self.factors, strict=True):
+            h = up(zero_beyond(h, valid))
+            surplus = up.kernel_size[0] - factor - 2 * up.padding[0]  # 1 where k - u is odd
+            valid = None if valid is None else valid * factor + surplus
+            h = block(zero_beyond(h, valid), valid)
+            steps *= factor
+        out_lengths = None if lengths is None else lengths * (steps // x.shape[1])
+        return _swish(self.out_proj(h[..., :steps].transpose(1, 2))), out_lengths
 
 
 class ISTFT(nn.Module):

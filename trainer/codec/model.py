@@ -22,7 +22,7 @@ from torch import nn
 
 from trainer import io
 from trainer.codec.acoustic_encoder import AcousticEncoder
-from trainer.codec.decoder import ISTFTHead, Upsampler, VocosBackbone
+from trainer.codec.decoder import InworldUpsampler, ISTFTHead, Upsampler, VocosBackbone
 from trainer.codec.quantizer import FSQ
 from trainer.codec.semantic import SemanticAdapter, SemanticFeatures
 from trainer.config import CodecModelConfig
@@ -97,8 +97,9 @@ class Codec(nn.Module):
         if "decoder" in self.components:
             self.fc_post_a = nn.Linear(config.quantizer_dim, config.decoder_dim)
             self.backbone = VocosBackbone(config.decoder_dim, config.decoder_layers, config.decoder_heads)
+            upsampler = InworldUpsampler if config.upsampler == "inworld" else Upsampler
             self.upsampler = (
-                Upsampler(config.decoder_dim, config.upsample_factors, config.upsample_kernel_sizes)
+                upsampler(config.decoder_dim, config.upsample_factors, config.upsample_kernel_sizes)
                 if config.upsample_factors
                 else None
             )
@@ -195,11 +196,12 @@ class Codec(nn.Module):
     def encode(
         self, waves: Sequence[np.ndarray], sample_rates: Sequence[int] | int, batch_size: int = 16
     ) -> list[np.ndarray]:
-        """Waveforms (any rate, mono float) -> int64 codes, one per 20 ms: ceil(duration * 50) each.
+        """Waveforms (any rate, mono float) -> int64 codes, one per 20 ms: samples // 320 + 1 each.
 
-        Items are resampled to 16 kHz, zero-padded to a whole number of hops, sorted by length and
-        encoded in batches of similar length; padding is masked so an item's codes do not depend on
-        its batch.
+        Items are resampled to 16 kHz and zero-padded by 1 to 320 samples to a whole number of hops
+        (X-codec2 and the reference vectorizer pad by `320 - n % 320`, a full hop when n is already a
+        multiple, and codes depend on it), sorted by length and encoded in batches of similar length;
+        padding is masked so an item's codes do not depend on its batch.
         """
         self._require("encoder")
         rates = [sample_rates] * len(waves) if isinstance(sample_rates, int) else list(sample_rates)
@@ -211,7 +213,7 @@ class Codec(nn.Module):
             if wave.ndim != 1 or wave.size == 0:
                 raise ValueError(f"each waveform must be a non-empty 1-D array, got shape {wave.shape}")
             wave = resample(wave, int(rate), self.input_sample_rate)
-            padded = math.ceil(len(wave) / self.hop) * self.hop
+            padded = (len(wave) // self.hop + 1) * self.hop
             prepared.append(np.pad(wave, (0, padded - len(wave))))
         results: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(prepared)
         for ids in length_buckets([len(w) for w in prepared], batch_size):

@@ -6,10 +6,14 @@ from trainer.config import CodecModelConfig
 
 
 def full_codec_config(sample_rate: int = 16000) -> CodecModelConfig:
-    """X-codec2's shape; 24 and 48 kHz select Inworld's super-resolution decoders."""
-    decoders = {16000: (320, []), 24000: (480, []), 48000: (160, [3, 2])}
-    hop, factors = decoders[sample_rate]
-    return CodecModelConfig(sample_rate=sample_rate, hop_length=hop, upsample_factors=factors)
+    """X-codec2's shape; 24 and 48 kHz select the Inworld reference's decoder layouts (48 kHz: its
+    super-resolution upsampler; kernels with an even k - factor, so no stage emits a surplus frame)."""
+    decoders = {16000: (320, [], []), 24000: (480, [], []), 48000: (160, [3, 2], [7, 4])}
+    hop, factors, kernels = decoders[sample_rate]
+    return CodecModelConfig(
+        sample_rate=sample_rate, hop_length=hop, upsample_factors=factors, upsample_kernel_sizes=kernels,
+        upsampler="inworld",
+    )
 
 
 def tiny_codec_config(sample_rate: int = 16000) -> CodecModelConfig:

@@ -1,12 +1,24 @@
-"""Finite scalar quantisation (FSQ, Mentzer et al. 2023) with X-codec2's projection layout.
+"""Finite scalar quantisation (FSQ, Mentzer et al. 2023) exactly as X-codec2 computes it.
 
-X-codec2 wraps one FSQ in vector-quantize-pytorch's `ResidualFSQ(num_quantizers=1)`, whose only
-weights are `project_in` (dim -> len(levels)) and `project_out` (len(levels) -> dim). We keep those
-names but own the quantiser: the library changed how ResidualFSQ bounds its inputs across releases
-(recent ones force `preserve_symmetry=True`), which would silently change the code <-> vector map of
-pretrained checkpoints and of every dataset already vectorised with them. This module freezes the
-original FSQ formulation (tanh bound with the even-level half-step offset, round with a
-straight-through gradient).
+X-codec2 (and the Inworld reference) quantise with vector-quantize-pytorch 1.17.8's
+`ResidualFSQ(dim, levels, num_quantizers=1)`. Its only weights are `project_in` (dim -> len(levels))
+and `project_out` (len(levels) -> dim); what that release computes, and so what every X-codec2 code
+means, is:
+
+    z        = project_in(x)                     in x's dtype (bf16 under autocast)
+    residual = bound(z)                          ResidualFSQ bounds once itself (in fp32: the
+                                                 bound's fp32 constants promote a bf16 z) ...
+    level    = round(bound(residual / 1.0))      ... and its single FSQ layer bounds again
+    vector   = level / (levels // 2)             in [-1, 1); straight-through round
+    code     = sum((vector * half + half) * basis)   half = levels // 2, basis = cumprod([1, *levels[:-1]])
+    output   = project_out(vector)
+
+    bound(z) = tanh(z + atanh(offset / half_l)) * half_l - offset,
+               half_l = (levels - 1) * 1.001 / 2, offset = 0.5 for even levels else 0
+
+The double bound is a quirk of that release (later ones dropped it and then forced
+`preserve_symmetry=True`); codes depend on it, so we own the quantiser rather than depend on a
+library whose formula moved: datasets vectorised with X-codec2 keep their meaning here.
 """
 
 from __future__ import annotations
@@ -43,8 +55,8 @@ class FSQ(nn.Module):
         return torch.tanh(z + shift) * half_l - offset
 
     def _quantize(self, z: torch.Tensor) -> torch.Tensor:
-        """Bound, round (straight-through), and scale to [-1, 1]: the normalised code vector."""
-        bounded = self._bound(z)
+        """Bound twice (see the module docstring), round (straight-through), scale to [-1, 1)."""
+        bounded = self._bound(self._bound(z))
         rounded = bounded + (bounded.round() - bounded).detach()
         return rounded / (self.levels // 2).to(z.dtype)
 

@@ -18,7 +18,12 @@ from trainer.errors import ConfigError
 
 
 class SemanticAdapter(nn.Module):
-    """X-codec2's `SemanticEncoder`: conv, residual (ReLU, conv, ReLU, conv), conv; kernel 3."""
+    """X-codec2's `SemanticEncoder`: conv, residual (ReLU, conv, ReLU, conv), conv; kernel 3.
+
+    X-codec2 writes the residual as `residual_blocks(x) + x` with a first `ReLU(inplace=True)`: the
+    in-place ReLU overwrites x before the addition reads it, so its skip path carries relu(x), not
+    x. Pretrained weights (and their codes) depend on that, so the skip here is relu(x) too.
+    """
 
     def __init__(self, dim: int, kernel_size: int = 3):
         super().__init__()
@@ -35,10 +40,11 @@ class SemanticAdapter(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, dim, T) -> (B, dim, T); `lengths` keeps padded frames at zero between convs."""
         x = self.initial_conv(zero_beyond(x, lengths))
-        h = zero_beyond(x, lengths)
-        for layer in self.residual_blocks:
+        skip = self.residual_blocks[0](x)  # relu(x): see the class docstring
+        h = zero_beyond(skip, lengths)
+        for layer in self.residual_blocks[1:]:
             h = zero_beyond(layer(h), lengths)
-        return self.final_conv(zero_beyond(h + x, lengths))
+        return self.final_conv(zero_beyond(h + skip, lengths))
 
 
 class SemanticFeatures(nn.Module):

@@ -36,6 +36,7 @@ from trainer.codec.model import Codec
 from trainer.config import CodecTrainConfig, TrainerConfig
 from trainer.data.audio import AudioError, read_audio, resample
 from trainer.errors import ConfigError, StageError
+from trainer.train.checkpoint import checkpoint_url, complete_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ UNREADABLE = Counter("speechlm_codec_unreadable_files_total", "Training files sk
 class Clips:
     """Random fixed-length crops of the manifest's audio: 16 kHz encoder input + output-rate target.
 
-    An unreadable file is logged and counted once, then never read again; training goes on.
+    An unreadable file is logged once and recorded in `bad` (path -> reason), then never read again;
+    training goes on.
     """
 
     def __init__(self, manifest_url: str, frames: int, output_rate: int, token_rate: int, min_sample_rate: int = 0):
@@ -102,7 +104,7 @@ class Clips:
         self.output_rate = output_rate
         self.in_hop = 16000 // token_rate
         self.out_hop = output_rate // token_rate
-        self.bad: set[str] = set()
+        self.bad: dict[str, str] = {}
 
     def read(self, path: str) -> tuple[np.ndarray, np.ndarray] | None:
         if path in self.bad:
@@ -110,9 +112,8 @@ class Clips:
         try:
             audio = read_audio(path)
         except AudioError as err:
-            self.bad.add(path)
-            UNREADABLE.labels(reason=err.reason).inc()
-            log.warning("skipping unreadable training file (%d so far): %s", len(self.bad), err)
+            self.bad[path] = err.reason
+            log.warning("skipping unreadable training file: %s", err)
             return None
         wav16 = resample(audio.samples, audio.sample_rate, 16000)
         return wav16, resample(audio.samples, audio.sample_rate, self.output_rate)
@@ -150,6 +151,29 @@ class Clips:
         if not xs:
             raise StageError("no readable clip for the evaluation batch")
         return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+
+class TrainingBatches(torch.utils.data.IterableDataset):
+    """Endless random training batches `(wav16, target, {path: reason} newly found unreadable)`.
+
+    Read through a DataLoader: with `codec.train.num_workers` > 0, audio is decoded and cropped in
+    worker processes, each drawing its own stream (seeded by rank and worker id); unreadable files
+    travel back with the batches, since a worker's own records and metrics never reach the trainer.
+    """
+
+    def __init__(self, clips: Clips, batch_size: int, seed: int):
+        super().__init__()
+        self.clips = clips
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(self.seed + (info.id if info is not None else 0))
+        while True:
+            known = set(self.clips.bad)
+            x, y = self.clips.batch(self.batch_size, rng)
+            yield x, y, {path: reason for path, reason in self.clips.bad.items() if path not in known}
 
 
 def codebook_usage(codes: torch.Tensor, codebook_size: int) -> dict[str, float]:
@@ -217,17 +241,8 @@ class Generator(nn.Module):
         return self.codec.decode_quantized(quantized), self.codec.quantizer.saturation_loss(latent)
 
 
-def _checkpoint_dirs(output_dir: str) -> list[tuple[int, str]]:
-    root = io.join(output_dir, "checkpoints")
-    found = []
-    for name in io.listdir(root):
-        if name.startswith("step_") and name[5:].isdigit() and io.is_complete(io.join(root, name)):
-            found.append((int(name[5:]), io.join(root, name)))
-    return sorted(found)
-
-
 def _save_checkpoint(train: CodecTrainConfig, step: int, codec: Codec, disc: nn.Module, g_opt, d_opt) -> None:
-    url = io.join(train.output_dir, "checkpoints", f"step_{step}")
+    url = checkpoint_url(train.output_dir, step)
     with io.staged_dir(url) as tmp:
         codec.save(str(Path(tmp) / "codec"))
         torch.save(
@@ -239,13 +254,13 @@ def _save_checkpoint(train: CodecTrainConfig, step: int, codec: Codec, disc: nn.
             },
             Path(tmp) / "train_state.pt",
         )
-    for _, old in _checkpoint_dirs(train.output_dir)[: -train.keep_checkpoints]:
+    for _, old in complete_checkpoints(train.output_dir)[: -train.keep_checkpoints]:
         io.remove(old, recursive=True)
     log.info("checkpoint %s", url)
 
 
 def _resume(train: CodecTrainConfig, codec: Codec, disc: nn.Module, g_opt, d_opt) -> int:
-    checkpoints = _checkpoint_dirs(train.output_dir)
+    checkpoints = complete_checkpoints(train.output_dir)
     if not train.resume or not checkpoints:
         return 0
     step, url = checkpoints[-1]
@@ -287,7 +302,6 @@ def run(config: TrainerConfig) -> int:
     device = distributed.device()
     rank, world = distributed.rank(), distributed.world_size()
     torch.manual_seed(train.seed)
-    rng = random.Random(train.seed + 1000 * rank)
     metrics.serve(config.metrics.port)
     scalars = metrics.ScalarLog(io.join(train.output_dir, "metrics.jsonl"), "codec-train")
 
@@ -314,6 +328,20 @@ def run(config: TrainerConfig) -> int:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16")
 
     eval_x, eval_y = clips.batch(train.eval_clips, None, clips.paths[: 4 * train.eval_clips])
+    unreadable: dict[str, str] = {}
+
+    def count_unreadable(found: dict[str, str]) -> None:
+        for path, reason in found.items():
+            if path not in unreadable:
+                unreadable[path] = reason
+                UNREADABLE.labels(reason=reason).inc()
+
+    count_unreadable(clips.bad)
+    loader = torch.utils.data.DataLoader(
+        TrainingBatches(clips, train.batch_size, train.seed + 1000 * rank),
+        batch_size=None, num_workers=train.num_workers, pin_memory=device.type == "cuda",
+    )
+    batches = iter(loader)
 
     def evaluate() -> float:
         codec.eval()
@@ -338,8 +366,9 @@ def run(config: TrainerConfig) -> int:
         scalars.log(0, eval_mel_loss=evaluate(), **eval_codebook())
     started, seconds_done = time.time(), 0.0
     while step < train.max_steps:
-        x, y = clips.batch(train.batch_size, rng)
-        x, y = x.to(device), y.to(device)
+        x, y, found = next(batches)
+        count_unreadable(found)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         semantic = codec.semantic_features(list(x.cpu().numpy()))
         with autocast:
             fake, saturation = generator(x, semantic)
@@ -405,8 +434,9 @@ def run(config: TrainerConfig) -> int:
                 _save_checkpoint(train, step, codec, disc, g_opt, d_opt)
             distributed.barrier()
 
+    del batches  # stops the reader workers
     if distributed.is_main():
-        scalars.log(step, eval_mel_loss=evaluate(), unreadable_files=len(clips.bad))
+        scalars.log(step, eval_mel_loss=evaluate(), unreadable_files=len(unreadable))
         codec.eval().save(io.join(train.output_dir, "final"))
         log.info("final codec at %s", io.join(train.output_dir, "final"))
     distributed.barrier()
