@@ -314,7 +314,7 @@ def run(config: TrainerConfig) -> int:
     disc = Discriminators(train.mpd_periods, train.stft_disc_fft_sizes, train.disc_channels).to(device)
     mel_loss = MultiResolutionMelLoss(model_cfg.sample_rate, tuple(train.mel_fft_sizes)).to(device)
     if train.dry_run:
-        return _dry_run(codec, disc, mel_loss, clips, train, rng, device)
+        return _dry_run(codec, disc, mel_loss, clips, train, random.Random(train.seed), device)
     g_opt = torch.optim.AdamW(params, lr=train.learning_rate, betas=(0.8, 0.99))
     d_opt = torch.optim.AdamW(disc.parameters(), lr=train.disc_learning_rate, betas=(0.8, 0.99))
     step = _resume(train, codec, disc, g_opt, d_opt)
