@@ -27,7 +27,12 @@ from trainer.rl.prompts import build_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-SEED_SFT = REPO.parent.parent / "shared" / "seed" / "reference" / "example_configs" / "sft.json"
+# The seed's own file where the shared folder sits beside the checkout (../shared), else its copy below.
+SEED_SFT = next(
+    (p for p in (REPO.parent / "shared", REPO.parent.parent / "shared")
+     if (p / "seed" / "reference" / "example_configs" / "sft.json").exists()),
+    REPO.parent / "shared",
+) / "seed" / "reference" / "example_configs" / "sft.json"
 REFERENCE_MIRROR = Path("/work/.mirror/inworld-ai+tts/repo")
 SCHEMA = json.loads((FIXTURES / "reference_schema.json").read_text())
 SECTIONS = {"TrainingConfig": "training", "CheckpointingConfig": "checkpointing", "DatasetConfig": "dataset",
@@ -52,10 +57,10 @@ SEED_SFT_JSON = {
 
 
 @pytest.fixture()
-def seed_sft(tmp_path) -> Path:
+def seed_sft(tmp_path_factory) -> Path:
     if SEED_SFT.exists():
         return SEED_SFT
-    path = tmp_path / "sft.json"
+    path = tmp_path_factory.mktemp("seed") / "sft.json"  # not in the test's tmp_path: it checks nothing is written
     path.write_text(json.dumps(SEED_SFT_JSON))
     return path
 

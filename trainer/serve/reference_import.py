@@ -39,16 +39,12 @@ from trainer.errors import ConfigError, StageError
 from trainer.model.build import PRESETS, _set_generation_ids, extend_tokenizer, save_speechlm
 from trainer.model.prompt import FORMATS
 from trainer.model.vocab import SPEECHLM_FILE, AudioVocab
+from trainer.serve import export
 from trainer.serve.export import align_state_dict, load_deepspeed, read_torch_file, ship_codec, state_dict_of
 
 log = logging.getLogger(__name__)
 
-FLAGS = {
-    "checkpoint_path": "export.checkpoint_path",
-    "output_path": "export.output_path",
-    "codec_model_path": "export.codec_model_path",
-    "base_model_path": "export.base_model_path",
-}
+FLAGS = export.FLAGS  # import reads the `export` section: same flags, same keys
 SEED_CONFIG = "training_config.json"
 # The seed's 8 tags (tts/core/constants.py); the prompt uses the inworld format's 4.
 SEED_TAGS = (
