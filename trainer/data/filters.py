@@ -2,8 +2,9 @@
 
 Two checks at vectorize: `check_record` runs on the manifest record alone (cheap, before any audio is
 read); `check_audio` runs on what the audio file really holds, because declared durations and rates are
-often wrong. `check_sample` runs both on a vectorized sample record when SFT/RLHF load a dataset (its
-duration and sample rate are the file's, measured at vectorize), as the reference filters at load.
+often wrong. `check_sample` runs the reference's load-time set (all but the speaking-rate check) on a
+vectorized sample record when SFT/RLHF load a dataset (its duration and sample rate are the file's,
+measured at vectorize), as the reference filters at load.
 Each returns None (keep) or a `Rejection` whose `reason` is a short stable tag used in rejects files,
 summaries and metric labels.
 """

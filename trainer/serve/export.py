@@ -200,13 +200,19 @@ def ship_codec(codec_url: str, staging: Path, copy: bool) -> None:
         layout.write_codec_reference(str(staging), codec_url)
 
 
-def export(config: TrainerConfig) -> str:
-    cfg = config.export
+def checkpoint_source(cfg: ExportConfig) -> str:
+    """The `export` section's checkpoint URL, once both paths are given and the checkpoint exists."""
     if not cfg.checkpoint_path or not cfg.output_path:
         raise ConfigError("--checkpoint_path and --output_path (export.*) are required")
     url = cfg.checkpoint_path.rstrip("/")
     if not io.exists(url):
         raise ConfigError(f"checkpoint not found: {url}")
+    return url
+
+
+def export(config: TrainerConfig) -> str:
+    cfg = config.export
+    url = checkpoint_source(cfg)
     from trainer.serve.reference_import import is_seed_checkpoint, seed_hint
 
     for source in (url, cfg.base_model_path):

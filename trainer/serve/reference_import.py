@@ -226,11 +226,7 @@ def _reorder_rows(model: torch.nn.Module, state: dict[str, torch.Tensor], order:
 
 def import_checkpoint(config: TrainerConfig) -> str:
     cfg = config.export
-    if not cfg.checkpoint_path or not cfg.output_path:
-        raise ConfigError("--checkpoint_path and --output_path (export.*) are required")
-    url = cfg.checkpoint_path.rstrip("/")
-    if not io.exists(url):
-        raise ConfigError(f"checkpoint not found: {url}")
+    url = export.checkpoint_source(cfg)
     if cfg.codec_model_path and not io.exists(cfg.codec_model_path):
         raise ConfigError(f"export.codec_model_path not found: {cfg.codec_model_path}")
     weights, directory = locate(url)
