@@ -7,10 +7,10 @@ PIP := $(BIN)/pip
 CONSTRAINTS := constraints/cpu-dev.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test test-k8s test-slow test-latest lint demo bench manifests clean
+.PHONY: help install test test-k8s test-slow test-latest lint demo example-models bench manifests clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-15s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	bash .ci/install-system-deps.sh
@@ -67,6 +67,15 @@ lint: $(STAMP)  ## ruff
 
 demo: $(STAMP)  ## the main job: the whole recipe on the local backend, CPU, example data
 	$(BIN)/ttsctl run example/pipeline.yaml --backend local
+
+# The shipped example models from scratch: corpus (~10 min), codec, vectorize, SFT, GRPO, eval on the
+# local backend, then copied into example/models with their provenance. CPU hours on 2 cores; every
+# stage resumes, so re-running the target after an interruption continues where it stopped.
+EXAMPLE_RUN := runs/example-models
+example-models: $(STAMP)  ## train the shipped example models from scratch (resumable; CPU hours)
+	$(BIN)/python example/make_dataset.py corpus --out $(EXAMPLE_RUN)/corpus
+	$(BIN)/ttsctl run example/models.yaml --backend local
+	$(BIN)/python example/ship_models.py --run $(EXAMPLE_RUN) --out example/models
 
 bench: $(STAMP)  ## benchmarks (CPU sizes; each prints a ratio against its baseline)
 	$(BIN)/python bench/packing.py

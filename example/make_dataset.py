@@ -252,10 +252,15 @@ def corpus_sentences(n_train: int, n_val: int, n_test: int, seed: int) -> dict[s
     return {"train": train, "val": val, "test": test}
 
 
-def write_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, workers: int) -> None:
+def write_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, workers: int, n_pairs: int = 0) -> None:
     """N training utterances in the four flite voices (distinct speakers ASR understands), plus
     held-out val/test sentences in the same voices and an eval list cloning test sentences from a
-    training clip of the same voice. Re-running with the same arguments reuses finished audio."""
+    training clip of the same voice. Re-running with the same arguments reuses finished audio.
+
+    `n_pairs` more training utterances speak two training sentences in one breath: what zero-shot
+    cloning asks of the SpeechLM (the prompt's transcript + the target text, continuing the prompt's
+    codes) is then a case it has trained on, not only single sentences. They reuse training sentences,
+    so the held-out sets stay unseen."""
     sets = corpus_sentences(n, n_val, n_test, seed)
     rng = random.Random(seed + 1)
     wav_dir = out / "wavs"
@@ -264,6 +269,11 @@ def write_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, workers:
     for split, sentences in sets.items():
         for i, text in enumerate(sentences):
             jobs.append((split, f"{split}_{i:05d}", text, rng.choice([0.9, 1.0, 1.0, 1.1]), FLITE_VOICES[i % 4]))
+    pair_rng = random.Random(seed + 2)  # its own stream: adding pairs changes no other utterance
+    for j in range(n_pairs):
+        first, second = pair_rng.sample(sets["train"], 2)
+        jobs.append(("train", f"pair_{j:05d}", f"{first} {second}", pair_rng.choice([0.9, 1.0, 1.0, 1.1]),
+                     FLITE_VOICES[j % 4]))
 
     def run(job: tuple[str, str, str, float, str]) -> dict:
         split, utt_id, text, stretch, voice = job
@@ -287,7 +297,8 @@ def write_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, workers:
         _write_atomic(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     # Prompt: the voice's training clip nearest 4 s (long enough to carry the voice, short enough to
     # leave room for the target in the context).
-    prompts = {v: min((r for r in by_split["train"] if r["speaker_id"] == v), key=lambda r: abs(r["duration"] - 4))
+    singles = [r for r in by_split["train"] if not r["id"].startswith("pair_")]
+    prompts = {v: min((r for r in singles if r["speaker_id"] == v), key=lambda r: abs(r["duration"] - 4))
                for v in FLITE_VOICES}
     eval_items = [{"id": r["id"], "prompt_wav": prompts[r["speaker_id"]]["wav_path"],
                    "prompt_text": prompts[r["speaker_id"]]["transcript"], "target_text": r["transcript"],
@@ -300,6 +311,7 @@ def write_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, workers:
     summary = {
         "seed": seed,
         "utterances": {split: len(rows) for split, rows in by_split.items()},
+        "two_sentence_training_utterances": n_pairs,
         "hours": {split: round(sum(r["duration"] for r in rows) / 3600, 3) for split, rows in by_split.items()},
         "speakers": FLITE_VOICES,
         "grammar_vocabulary_size": len(grammar_vocab),
@@ -327,10 +339,12 @@ def main(argv: list[str] | None = None) -> None:
     corpus.add_argument("--n_val", type=int, default=100)
     corpus.add_argument("--n_test", type=int, default=100)
     corpus.add_argument("--seed", type=int, default=0)
+    corpus.add_argument("--n_pairs", type=int, default=1000,
+                        help="extra training utterances of two training sentences (zero-shot cloning practice)")
     corpus.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     if args.mode == "corpus":
-        write_corpus(args.out, args.n, args.n_val, args.n_test, args.seed, args.workers)
+        write_corpus(args.out, args.n, args.n_val, args.n_test, args.seed, args.workers, args.n_pairs)
     else:
         write_example()
 

@@ -101,7 +101,13 @@ def test_save_load_round_trip_and_separate_components(codec: Codec, tmp_path) ->
     audio = codec.decode(codes)
     codec.save(str(tmp_path / "codec"))
     assert (tmp_path / "codec" / "_COMPLETE").exists()
-    for path in (tmp_path / "codec", tmp_path / "codec" / "model.pt"):
+    assert (tmp_path / "codec" / "model.safetensors").exists()
+    # A directory an older release wrote (pickled model.pt) still loads.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "model_config.json").write_bytes((tmp_path / "codec" / "model_config.json").read_bytes())
+    torch.save({"model": codec.codec_state_dict(), "components": ["encoder", "decoder"]}, legacy / "model.pt")
+    for path in (tmp_path / "codec", tmp_path / "codec" / "model.safetensors", legacy, legacy / "model.pt"):
         loaded = Codec.load(str(path))
         for a, b in zip(loaded.encode(waves, 16000), codes, strict=False):
             np.testing.assert_array_equal(a, b)

@@ -70,15 +70,23 @@ def test_corpus_sentence_sets_are_disjoint_deterministic_and_test_words_are_trai
 def test_corpus_mode_writes_manifests_audio_eval_list_and_summary(tmp_path: Path) -> None:
     make_dataset = _load_make_dataset()
     make_dataset.main(["corpus", "--out", str(tmp_path), "--n", "8", "--n_val", "2", "--n_test", "2",
-                       "--workers", "2"])
-    for split, count in (("train", 8), ("val", 2), ("test", 2)):
+                       "--n_pairs", "2", "--workers", "2"])
+    for split, count in (("train", 10), ("val", 2), ("test", 2)):
         rows = [r for _, r in read_manifest(str(tmp_path / f"{split}.jsonl"))]
         assert len(rows) == count and not any(isinstance(r, LineError) for r in rows)
         for row in rows:
             info = sf.info(resolve_wav_path(str(tmp_path / f"{split}.jsonl"), row["wav_path"]))
             assert abs(info.duration - row["duration"]) < 0.01 and info.samplerate == 16000
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["utterances"] == {"train": 8, "val": 2, "test": 2}
+    assert summary["utterances"] == {"train": 10, "val": 2, "test": 2}
+    assert summary["two_sentence_training_utterances"] == 2
+    # A pair is two training sentences in one voice, longer than either sentence alone.
+    train = {r["id"]: r for _, r in read_manifest(str(tmp_path / "train.jsonl"))}
+    singles = {r["transcript"]: r for r in train.values() if not r["id"].startswith("pair_")}
+    for pair in (train["pair_00000"], train["pair_00001"]):
+        first, second = pair["transcript"].split(". ")
+        assert f"{first}." in singles and second in singles
+        assert pair["duration"] > max(singles[f"{first}."]["duration"], singles[second]["duration"])
     assert summary["test_words_seen_in_train"] == 1.0 and summary["sentence_overlap_train_heldout"] == 0
     items = [json.loads(line) for line in (tmp_path / "eval_list.jsonl").read_text().splitlines()]
     test_rows = [r for _, r in read_manifest(str(tmp_path / "test.jsonl"))]

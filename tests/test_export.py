@@ -35,7 +35,7 @@ def _assert_serving_dir(out, codec_copied: bool = True):
     codec = layout.codec_path(str(out))
     assert codec is not None
     if codec_copied:
-        assert codec == str(out / "codec") and (out / "codec" / "model.pt").exists()
+        assert codec == str(out / "codec") and (out / "codec" / "model.safetensors").exists()
 
 
 def test_export_full_checkpoint_reloads_identically(artefacts, tmp_path):

@@ -94,7 +94,7 @@ class LoraConfig(Section):
 class ModelParameters(Section):
     codebook_size: int = Field(65536, gt=0)
     max_seq_len: int = Field(2048, gt=0)
-    # A local Hugging Face directory, or a preset name ("tiny", "llama-3.2-1b") for random init.
+    # A local Hugging Face directory, or a preset name ("tiny", "small", "llama-3.2-1b") for random init.
     model_name: str = "tiny"
     enable_text_normalization: bool = True
     prompt_format: Literal["inworld", "llasa"] = "inworld"
@@ -327,6 +327,17 @@ class CodecTrainConfig(Section):
     eval_clips: int = Field(4, gt=0)
     # Processes decoding and cropping training audio ahead of the step (0: in the training process).
     num_workers: int = Field(0, ge=0)
+    # Learning-rate schedule of generator and discriminators (factor of the learning rates per step;
+    # trainer.train.schedule): linear warmup, then constant, cosine to min_lr_ratio, or linear to 0.
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    # Held-out speech (a manifest or an eval test list) resynthesised and judged by the eval scorers
+    # (eval.asr_backend / eval.speaker_backend) every eval_steps and at the end: resynth_wer and
+    # resynth_sim in metrics.jsonl. Mel loss alone does not say whether the speech is intelligible.
+    eval_list: str | None = None
+    eval_steps: int = Field(1000, gt=0)
+    eval_items: int = Field(20, gt=0)
 
 
 class CodecConfig(Section):

@@ -1,9 +1,11 @@
-"""Reading codec checkpoints: our directory / model.pt, an original X-codec2 Lightning .ckpt, or a
-decoder the Inworld reference trainer wrote (its model_config.json + final_model.pt / checkpoint_<N>.pt)."""
+"""Reading codec checkpoints: our directory / model.safetensors (or an older release's model.pt), an
+original X-codec2 Lightning .ckpt, or a decoder the Inworld reference trainer wrote (its
+model_config.json + final_model.pt / checkpoint_<N>.pt)."""
 
 from __future__ import annotations
 
 import io as _stdio
+import json
 import logging
 import pickle
 from collections.abc import Sequence
@@ -34,6 +36,17 @@ def _torch_load(url: str) -> Any:
         # Lightning checkpoints may pickle hyper-parameter objects; only load files you trust.
         log.warning("%s holds more than tensors; unpickling it fully", url)
         return torch.load(_stdio.BytesIO(data), map_location="cpu", weights_only=False)
+
+
+def _read_safetensors(url: str) -> dict[str, Any]:
+    """Our safetensors codec file as the {"model", "components"} dict a model.pt holds."""
+    from safetensors.torch import load as load_bytes
+
+    data = io.read_bytes(url)
+    # The format's header: little-endian u64 length, then JSON whose "__metadata__" holds our strings.
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    components = json.loads(header.get("__metadata__", {}).get("components", '["encoder", "decoder"]'))
+    return {"model": load_bytes(data), "components": components}
 
 
 def _read_config(url: str, raw: Any) -> CodecModelConfig:
@@ -78,12 +91,14 @@ def read_codec_state(
     url: str, semantic_model_path: str | None = None
 ) -> tuple[CodecModelConfig, dict[str, torch.Tensor], list[str], str]:
     """(config, state dict in our names, components saved, description) of a codec checkpoint."""
-    from trainer.codec.model import CONFIG_FILE, MODEL_FILE
+    from trainer.codec.model import CONFIG_FILE, LEGACY_MODEL_FILE, MODEL_FILE
 
     if not io.exists(url):
         raise ConfigError(f"codec checkpoint not found: {url}")
     if io.isdir(url):
         model_url, config_url = io.join(url, MODEL_FILE), io.join(url, CONFIG_FILE)
+        if not io.exists(model_url):
+            model_url = io.join(url, LEGACY_MODEL_FILE)
         if not io.exists(model_url):  # a directory the Inworld reference trainer wrote
             reference = inworld.latest_checkpoint_name(io.listdir(url))
             model_url = io.join(url, reference) if reference else model_url
@@ -91,10 +106,10 @@ def read_codec_state(
         model_url, config_url = url, io.join(url.rstrip("/").rsplit("/", 1)[0], CONFIG_FILE)
     if not io.exists(model_url):
         raise ConfigError(
-            f"{url}: no {MODEL_FILE} (nor the reference trainer's {inworld.FINAL_CHECKPOINT} / "
+            f"{url}: no {MODEL_FILE} or {LEGACY_MODEL_FILE} (nor the reference trainer's {inworld.FINAL_CHECKPOINT} / "
             "checkpoint_<step>.pt) in the codec directory"
         )
-    obj = _torch_load(model_url)
+    obj = _read_safetensors(model_url) if model_url.endswith(".safetensors") else _torch_load(model_url)
     if xcodec2.is_xcodec2_checkpoint(obj):
         config = xcodec2.xcodec2_config(semantic_model_path)
         state = xcodec2.to_codec_state_dict(obj["state_dict"])

@@ -46,7 +46,7 @@ SUFFIXES: dict[str, str] = {
     ".weight_v": ".parametrizations.weight.original1",
 }
 _UNUSED_TEMB = re.compile(r"^upsampler\.resnet_blocks\.\d+\.temb_proj\.(weight|bias)$")
-# Checkpoint file names the reference writes, most preferred first (after our own model.pt).
+# Checkpoint file names the reference writes, most preferred first (after our own model.safetensors / model.pt).
 FINAL_CHECKPOINT = "final_model.pt"
 _STEP_CHECKPOINT = re.compile(r"^checkpoint_(\d+)\.pt$")
 

@@ -29,7 +29,9 @@ from trainer.config import CodecModelConfig
 from trainer.data.audio import resample
 from trainer.errors import ConfigError
 
-MODEL_FILE = "model.pt"
+MODEL_FILE = "model.safetensors"
+# Written by releases before 2026-12: read, never written.
+LEGACY_MODEL_FILE = "model.pt"
 CONFIG_FILE = "model_config.json"
 COMPONENTS = ("encoder", "decoder")
 # Parameters of the frozen Wav2Vec2-BERT live in its own directory, not in our checkpoints.
@@ -119,7 +121,7 @@ class Codec(nn.Module):
         components: Sequence[str] = COMPONENTS,
         semantic_model_path: str | None = None,
     ) -> Codec:
-        """Load our codec directory (or its model.pt) or an original X-codec2 Lightning `.ckpt`.
+        """Load our codec directory (or its model.safetensors / model.pt) or an original X-codec2 `.ckpt`.
 
         `semantic_model_path` (a local Wav2Vec2-BERT directory) overrides the one recorded in the
         config; X-codec2 checkpoints record none, so encoding with one needs it.
@@ -133,10 +135,14 @@ class Codec(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(SEMANTIC_MODEL_PREFIX)}
 
     def save(self, dir_url: str) -> None:
-        """Write `model.pt` ({"model": state_dict}) and `model_config.json`, published atomically."""
+        """Write `model.safetensors` (components in its metadata) and `model_config.json`, atomically.
+
+        safetensors, not a pickle: a codec shipped in a repository or downloaded runs no code on load."""
+        from safetensors.torch import save_file
+
         with io.staged_dir(dir_url) as tmp:
-            state = {k: v.detach().cpu() for k, v in self.codec_state_dict().items()}
-            torch.save({"model": state, "components": list(self.components)}, Path(tmp) / MODEL_FILE)
+            state = {k: v.detach().cpu().contiguous() for k, v in self.codec_state_dict().items()}
+            save_file(state, str(Path(tmp) / MODEL_FILE), metadata={"components": json.dumps(list(self.components))})
             (Path(tmp) / CONFIG_FILE).write_text(json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n")
 
     @property

@@ -37,6 +37,7 @@ from trainer.config import CodecTrainConfig, TrainerConfig
 from trainer.data.audio import AudioError, read_audio, resample
 from trainer.errors import ConfigError, StageError
 from trainer.train.checkpoint import checkpoint_url, complete_checkpoints
+from trainer.train.schedule import lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ STEP = Gauge("speechlm_codec_step", "Optimiser steps done")
 AUDIO_SECONDS = Counter("speechlm_codec_audio_seconds_total", "Seconds of audio trained on (this rank)")
 THROUGHPUT = Gauge("speechlm_codec_audio_seconds_per_second", "Training throughput (this rank)")
 CODEBOOK_USAGE = Gauge("speechlm_codec_codebook_usage", "Fraction of the codebook the eval clips use")
+RESYNTH_WER = Gauge("speechlm_codec_resynthesis_wer", "WER of the held-out list resynthesised by the codec")
+RESYNTH_SIM = Gauge("speechlm_codec_resynthesis_sim", "Speaker similarity of resynthesised to original speech")
 CODEBOOK_PERPLEXITY = Gauge("speechlm_codec_codebook_perplexity", "Perplexity of the eval clips' code histogram")
 UNREADABLE = Counter("speechlm_codec_unreadable_files_total", "Training files skipped as unreadable", ["reason"])
 
@@ -241,6 +244,39 @@ class Generator(nn.Module):
         return self.codec.decode_quantized(quantized), self.codec.quantizer.saturation_loss(latent)
 
 
+class ResynthesisEval:
+    """Held-out speech resynthesised by the codec and judged by the eval scorers (loaded on first use)."""
+
+    def __init__(self, config: TrainerConfig):
+        from trainer.eval.resynthesis import read_utterances, resynthesize, score_resynthesis
+
+        train = config.codec.train
+        self.utterances = read_utterances(train.eval_list, train.eval_items)
+        missing = [u.wav for u in self.utterances if not io.exists(u.wav)]
+        if missing:  # found now, not after the first eval_steps of training
+            raise ConfigError(f"codec.train.eval_list: {len(missing)} audio files not found, e.g. {missing[0]}")
+        self._resynthesize, self._score = resynthesize, score_resynthesis
+        # DNSMOS is left to `tts-train eval`: it would double the cost of each training-time check.
+        self.eval_config = config.eval.model_copy(update={"use_dnsmos": False})
+        self.scorers = None
+
+    def __call__(self, codec: Codec) -> dict[str, float]:
+        from trainer.eval.harness import Scorers
+
+        if self.scorers is None:
+            self.scorers = Scorers(self.eval_config)
+        codec.eval()
+        try:
+            originals, copies = self._resynthesize(codec, self.utterances)
+        finally:
+            codec.train()
+        _, aggregate = self._score(self.scorers, self.utterances, originals, copies)
+        RESYNTH_WER.set(aggregate["wer"])
+        if aggregate["sim"] is not None:
+            RESYNTH_SIM.set(aggregate["sim"])
+        return {"resynth_wer": aggregate["wer"], "resynth_sim": aggregate["sim"]}
+
+
 def _save_checkpoint(train: CodecTrainConfig, step: int, codec: Codec, disc: nn.Module, g_opt, d_opt) -> None:
     url = checkpoint_url(train.output_dir, step)
     with io.staged_dir(url) as tmp:
@@ -318,6 +354,15 @@ def run(config: TrainerConfig) -> int:
     g_opt = torch.optim.AdamW(params, lr=train.learning_rate, betas=(0.8, 0.99))
     d_opt = torch.optim.AdamW(disc.parameters(), lr=train.disc_learning_rate, betas=(0.8, 0.99))
     step = _resume(train, codec, disc, g_opt, d_opt)
+    resynthesis = ResynthesisEval(config) if train.eval_list and distributed.is_main() else None
+
+    def set_learning_rates(update: int) -> None:
+        # From the configured rates, not the groups' own: a resumed optimiser holds the last scheduled one.
+        factor = lr_factor(train.lr_scheduler, update, min(train.warmup_steps, train.max_steps), train.max_steps,
+                           train.min_lr_ratio)
+        for opt, lr in ((g_opt, train.learning_rate), (d_opt, train.disc_learning_rate)):
+            for group in opt.param_groups:
+                group["lr"] = lr * factor
 
     generator: nn.Module = Generator(codec, train.decoder_only)
     disc_step: nn.Module = disc
@@ -366,6 +411,7 @@ def run(config: TrainerConfig) -> int:
         scalars.log(0, eval_mel_loss=evaluate(), **eval_codebook())
     started, seconds_done = time.time(), 0.0
     while step < train.max_steps:
+        set_learning_rates(step)
         x, y, found = next(batches)
         count_unreadable(found)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -422,13 +468,19 @@ def run(config: TrainerConfig) -> int:
             rate = seconds_done / max(time.time() - started, 1e-9)
             THROUGHPUT.set(rate)
             usage = eval_codebook()
-            scalars.log(step, audio_seconds_per_second=rate * world, **values, **usage)
+            scalars.log(step, audio_seconds_per_second=rate * world, learning_rate=g_opt.param_groups[0]["lr"],
+                        **values, **usage)
             log.info(
                 "step %d mel %.4f gen %.4f disc %.4f codebook usage %.2f perplexity %.1f (%.1f audio-s/s)",
                 step, values["mel_loss"], values["gen_loss"], values["disc_loss"], usage["codebook_usage"],
                 usage["codebook_perplexity"], rate,
             )
             metrics.push(config.metrics.pushgateway_url, "codec-train")
+        if resynthesis is not None and step % train.eval_steps == 0 and step < train.max_steps:
+            scores = resynthesis(codec)
+            scalars.log(step, **scores)
+            log.info("step %d resynthesis of %d held-out clips: WER %.3f SIM %s", step,
+                     len(resynthesis.utterances), scores["resynth_wer"], scores["resynth_sim"])
         if step % train.save_steps == 0 and step < train.max_steps:
             if distributed.is_main():
                 _save_checkpoint(train, step, codec, disc, g_opt, d_opt)
@@ -436,7 +488,8 @@ def run(config: TrainerConfig) -> int:
 
     del batches  # stops the reader workers
     if distributed.is_main():
-        scalars.log(step, eval_mel_loss=evaluate(), unreadable_files=len(unreadable))
+        final = resynthesis(codec) if resynthesis is not None else {}
+        scalars.log(step, eval_mel_loss=evaluate(), unreadable_files=len(unreadable), **final)
         codec.eval().save(io.join(train.output_dir, "final"))
         log.info("final codec at %s", io.join(train.output_dir, "final"))
     distributed.barrier()

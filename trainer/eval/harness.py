@@ -6,6 +6,10 @@ are scored with the same scorers the GRPO rewards use (one implementation): WER/
 backend, speaker similarity (cosine of speaker embeddings, prompt vs clip), DNSMOS OVRL, and the
 real-time factor of synthesis. Writes `results.json` (per item and aggregate), the WAVs, and
 `report.html` with plots.
+
+Given a codec and no SpeechLM (`--codec_model_path` without `--model_path`), it judges the codec
+instead: each held-out clip (a manifest or a test list's `target_wav`) is encoded and decoded, and the
+copy is scored against its transcript and, for SIM, against the original (`trainer.eval.resynthesis`).
 """
 
 from __future__ import annotations
@@ -134,15 +138,83 @@ def aggregate(rows: list[dict[str, Any]], texts: list[str], languages: list[str]
     }
 
 
-def run(config: TrainerConfig) -> int:
-    cfg = config.eval
-    for key in ("model_path", "test_list", "output_dir"):
-        if not getattr(cfg, key):
-            raise ConfigError(f"eval.{key} is required")
-    items = read_test_list(cfg.test_list, cfg.max_items)
+def _output_dir(cfg: EvalConfig) -> Path:
     # Remote output dirs (gs://...) are written locally first and uploaded file by file at the end.
     out_dir = Path(io.local_path(cfg.output_dir) if io.is_local(cfg.output_dir) else tempfile.mkdtemp())
     (out_dir / "audio").mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def _publish(cfg: EvalConfig, out_dir: Path, results: dict[str, Any], plots: list[str]) -> None:
+    io.write_json_atomic(str(out_dir / "results.json"), results)
+    report.write_html(results, plots, out_dir / "report.html")
+    if not io.is_local(cfg.output_dir):
+        for file in sorted(p for p in out_dir.rglob("*") if p.is_file()):
+            io.write_bytes_atomic(io.join(cfg.output_dir, file.relative_to(out_dir).as_posix()), file.read_bytes())
+    for row_name, agg in results["aggregate"].items():
+        log.info(
+            "%s: WER %.3f  SIM %s  DNSMOS %s  RTF %s  (%d items, %d failed)", row_name, agg["wer"],
+            _maybe(agg.get("sim")), _maybe(agg.get("dnsmos")), _maybe(agg.get("rtf")), agg["items"],
+            agg.get("failed", 0),
+        )
+    print(f"eval report: {out_dir / 'report.html'}\neval results: {out_dir / 'results.json'}")
+
+
+def run_resynthesis(config: TrainerConfig) -> int:
+    """Judge the codec alone: copies (encode -> decode) of held-out speech vs their transcripts."""
+    from trainer.codec.model import Codec
+    from trainer.eval.resynthesis import read_utterances, resynthesize, score_resynthesis
+
+    cfg = config.eval
+    utterances = read_utterances(cfg.test_list, cfg.max_items)
+    out_dir = _output_dir(cfg)
+    codec = Codec.load(cfg.codec_model_path)
+    start = time.perf_counter()
+    originals, copies = resynthesize(codec, utterances)
+    elapsed = time.perf_counter() - start
+    scorers = Scorers(cfg)
+    rows, aggregate_copy = score_resynthesis(scorers, utterances, originals, copies)
+    texts, languages = [u.text for u in utterances], [u.language for u in utterances]
+    truth = scorers.score(originals, scorers.embed_references([u.wav for u in utterances], originals), texts,
+                          languages)
+    audio_seconds = sum(len(w) / sr for w, sr in originals)
+    items = []
+    for u, row, gt, (orig, orig_sr), (copy, copy_sr) in zip(utterances, rows, truth, originals, copies, strict=True):
+        row["wav"], row["duration"] = f"audio/{u.id}.wav", len(copy) / copy_sr
+        write_wav(str(out_dir / row["wav"]), copy, copy_sr)
+        gt["wav"], gt["duration"] = f"audio/{u.id}_gt.wav", len(orig) / orig_sr
+        gt["sim"] = None  # the original against itself
+        write_wav(str(out_dir / gt["wav"]), orig, orig_sr)
+        items.append({"id": u.id, "target_text": u.text, "prompt_text": "", "language": u.language,
+                      "model": row, "ground_truth": gt})
+    aggregate_copy.update(failed=0, rtf=elapsed / audio_seconds if audio_seconds else None)
+    aggregate_truth = aggregate(truth, texts, languages)
+    results: dict[str, Any] = {
+        "mode": "resynthesis",
+        "model_path": f"codec resynthesis (encode -> decode) of {cfg.test_list}",
+        "codec_path": cfg.codec_model_path,
+        "asr_backend": cfg.asr_backend,
+        "speaker_backend": cfg.speaker_backend,
+        "aggregate": {"model": aggregate_copy, "ground_truth": aggregate_truth},
+        "items": items,
+    }
+    report.plot_spectrograms([(f"resynthesis: {utterances[0].text}", *copies[0]), ("original", *originals[0])],
+                             out_dir / "spectrogram.png")
+    report.plot_histograms(items, out_dir / "histograms.png")
+    results["plots"] = ["spectrogram.png", "histograms.png"]
+    _publish(cfg, out_dir, results, results["plots"])
+    return 0
+
+
+def run(config: TrainerConfig) -> int:
+    cfg = config.eval
+    if not cfg.model_path and cfg.codec_model_path and cfg.test_list and cfg.output_dir:
+        return run_resynthesis(config)
+    for key in ("model_path", "test_list", "output_dir"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"eval.{key} is required (or eval.codec_model_path alone to judge the codec)")
+    items = read_test_list(cfg.test_list, cfg.max_items)
+    out_dir = _output_dir(cfg)
 
     from trainer.serve.synthesize import Synthesizer
 
@@ -225,18 +297,7 @@ def run(config: TrainerConfig) -> int:
     report.plot_histograms(results["items"], out_dir / "histograms.png")
     plots.append("histograms.png")
     results["plots"] = plots
-    io.write_json_atomic(str(out_dir / "results.json"), results)
-    report.write_html(results, plots, out_dir / "report.html")
-    if not io.is_local(cfg.output_dir):
-        for file in sorted(p for p in out_dir.rglob("*") if p.is_file()):
-            io.write_bytes_atomic(io.join(cfg.output_dir, file.relative_to(out_dir).as_posix()), file.read_bytes())
-
-    for row_name, agg in results["aggregate"].items():
-        log.info(
-            "%s: WER %.3f  SIM %s  DNSMOS %s  RTF %s  (%d items, %d failed)", row_name, agg["wer"],
-            _maybe(agg["sim"]), _maybe(agg["dnsmos"]), _maybe(agg["rtf"]), agg["items"], agg["failed"],
-        )
-    print(f"eval report: {out_dir / 'report.html'}\neval results: {out_dir / 'results.json'}")
+    _publish(cfg, out_dir, results, plots)
     return 0
 
 

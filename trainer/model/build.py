@@ -1,9 +1,10 @@
 """Build, save and load the SpeechLM: a Hugging Face causal LM whose vocabulary carries audio tokens.
 
 `build_speechlm` takes a LOCAL Hugging Face directory (a text LLM to extend, or an existing SpeechLM
-with `speechlm.json`) or a preset name ("tiny" for CPU tests, "llama-3.2-1b" for the LLaMA-3.2-1B
-shape), both random-init for presets. Saved directories are plain HF directories (config.json,
-model.safetensors, tokenizer.json, tokenizer_config.json) plus `speechlm.json`, loadable by
+with `speechlm.json`) or a preset name ("tiny" for CPU tests, "small" for the shipped example model,
+"llama-3.2-1b" for the LLaMA-3.2-1B shape), both random-init for presets. Saved directories are plain
+HF directories (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) plus
+`speechlm.json`, loadable by
 `AutoModelForCausalLM.from_pretrained`, `AutoTokenizer.from_pretrained` and vLLM as they are.
 """
 
@@ -47,6 +48,15 @@ def _tiny_config(vocab_size: int) -> LlamaConfig:
     )
 
 
+def _small_config(vocab_size: int) -> LlamaConfig:
+    """~8M parameters: the shipped example SpeechLM (example/models), trained on 2 CPU cores."""
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=8192, rope_theta=10000.0,
+        tie_word_embeddings=True,
+    )
+
+
 def _llama_3_2_1b_config(vocab_size: int) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -58,7 +68,11 @@ def _llama_3_2_1b_config(vocab_size: int) -> LlamaConfig:
 
 
 # preset -> (text vocabulary rows or None for the trained BPE size, config factory)
-PRESETS = {"tiny": (None, _tiny_config), "llama-3.2-1b": (LLAMA3_TEXT_VOCAB, _llama_3_2_1b_config)}
+PRESETS = {
+    "tiny": (None, _tiny_config),
+    "small": (None, _small_config),
+    "llama-3.2-1b": (LLAMA3_TEXT_VOCAB, _llama_3_2_1b_config),
+}
 
 
 def padded(n: int, multiple: int = VOCAB_MULTIPLE) -> int:

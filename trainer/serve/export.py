@@ -186,14 +186,14 @@ def _codec_source(cfg: ExportConfig, checkpoint_url: str, base: str | None) -> s
 
 def ship_codec(codec_url: str, staging: Path, copy: bool) -> None:
     """Copy our codec directory into codec/ (self-contained output) or record where the codec lives."""
-    from trainer.codec.model import CONFIG_FILE, MODEL_FILE
+    from trainer.codec.model import CONFIG_FILE, LEGACY_MODEL_FILE, MODEL_FILE
 
     directory = codec_url if io.isdir(codec_url) else codec_url.rstrip("/").rsplit("/", 1)[0]
-    ours = io.exists(io.join(directory, MODEL_FILE)) and io.exists(io.join(directory, CONFIG_FILE))
-    if copy and ours:
+    weights = next((n for n in (MODEL_FILE, LEGACY_MODEL_FILE) if io.exists(io.join(directory, n))), None)
+    if copy and weights and io.exists(io.join(directory, CONFIG_FILE)):
         target = staging / layout.CODEC_DIR
         target.mkdir()
-        for name in (MODEL_FILE, CONFIG_FILE):
+        for name in (weights, CONFIG_FILE):
             (target / name).write_bytes(io.read_bytes(io.join(directory, name)))
         layout.write_codec_reference(str(staging), layout.CODEC_DIR)
     else:

@@ -3,7 +3,7 @@ plus the codec that turns its audio tokens into sound.
 
     config.json, model.safetensors, tokenizer files, generation_config.json, speechlm.json
     codec.json   {"codec_model_path": "codec"}  (relative: the codec/ subdirectory; or an absolute URL)
-    codec/       our codec directory (model.pt + model_config.json), when copied in
+    codec/       our codec directory (model.safetensors + model_config.json), when copied in
 """
 
 from __future__ import annotations

@@ -1,0 +1,98 @@
+"""Copy the models `make example-models` trained into example/models/, with their provenance.
+
+    python example/ship_models.py [--run runs/example-models] [--out example/models] [--only codec]
+
+For each model: the weights as safetensors (the codec at float16: half the bytes, and its copies of
+held-out speech score the same, see example/models/README.md), the stage config that produced it,
+the command, steps, wall time and the figures its run measured (`provenance.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from controller.layout import RunLayout  # noqa: E402
+from trainer.codec import Codec  # noqa: E402
+from trainer.metrics import read_scalars  # noqa: E402
+
+COMMAND = "make example-models  (ttsctl run example/models.yaml --backend local)"
+SPEECHLM_FILES = ("config.json", "generation_config.json", "model.safetensors", "speechlm.json", "tokenizer.json",
+                  "tokenizer_config.json", "special_tokens_map.json")
+
+
+def run_summary(metrics_url: Path) -> dict:
+    """Steps, wall time and the last value of every scalar a run logged to metrics.jsonl."""
+    rows = read_scalars(str(metrics_url))
+    times = [r["time"] for r in rows if "time" in r]
+    last: dict[str, float] = {}
+    for row in rows:
+        last.update({k: v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("step", "time")})
+    return {"steps": max(r.get("step", 0) for r in rows), "wall_time_s": round(max(times) - min(times), 1),
+            "last": last}
+
+
+def ship_codec(layout: RunLayout, out: Path) -> Path:
+    codec = Codec.load(layout.codec_final)
+    target = out / "codec-small"
+    codec.half().save(str(target))
+    summary = run_summary(Path(layout.codec_dir) / "metrics.jsonl")
+    curve = [{"step": r["step"], "resynth_wer": r["resynth_wer"], "resynth_sim": r["resynth_sim"]}
+             for r in read_scalars(str(Path(layout.codec_dir) / "metrics.jsonl")) if "resynth_wer" in r]
+    provenance = {
+        "command": COMMAND, "config": "example/configs/models/codec-small.yaml", "weights_dtype": "float16",
+        "steps": summary["steps"], "wall_time_s": summary["wall_time_s"], "resynthesis_curve": curve,
+    }
+    (target / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return target
+
+
+def ship_speechlm(layout: RunLayout, out: Path) -> Path:
+    source = Path(layout.export_dir("rlhf"))
+    source = source if source.exists() else Path(layout.export_dir("sft"))
+    target = out / "speechlm-small"
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for name in SPEECHLM_FILES:
+        if (source / name).exists():
+            shutil.copy2(source / name, target / name)
+    runs = {src: run_summary(Path(layout.model_run_dir(src)) / "metrics.jsonl")
+            for src in ("sft", "rlhf") if (Path(layout.model_run_dir(src)) / "metrics.jsonl").exists()}
+    results = Path(layout.eval_dir) / "results.json"
+    provenance = {
+        "command": COMMAND,
+        "configs": ["example/configs/models/sft-small.json", "example/configs/models/rlhf-small.json"],
+        "exported_from": str(source), "runs": {k: {"steps": v["steps"], "wall_time_s": v["wall_time_s"]}
+                                               for k, v in runs.items()},
+        "eval": json.loads(results.read_text())["aggregate"] if results.exists() else None,
+    }
+    (target / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=ROOT / "runs" / "example-models")
+    parser.add_argument("--out", type=Path, default=ROOT / "example" / "models")
+    parser.add_argument("--only", choices=["codec", "speechlm"])
+    args = parser.parse_args(argv)
+    layout = RunLayout(str(args.run / "data"), str(args.run / "checkpoints"), str(args.run))
+    torch.set_num_threads(1)
+    if args.only != "speechlm":
+        print(f"codec -> {ship_codec(layout, args.out)}")
+    if args.only != "codec":
+        print(f"speechlm -> {ship_speechlm(layout, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
