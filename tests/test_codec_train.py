@@ -92,11 +92,28 @@ def test_decoder_only_training_keeps_the_encoder_frozen(manifest: Path, tmp_path
     assert len(after.decode(after.encode([wave], 16000))[0]) == 51 * 960  # 50 hops + X-codec2's padding hop
 
 
+def test_freeze_encoder_step_fixes_the_codes_from_that_step_on(manifest: Path, tmp_path) -> None:
+    out = tmp_path / "run"
+    assert _train(manifest, out, 12, "codec.train.freeze_encoder_step=6", "codec.train.save_steps=6",
+                  "codec.train.disc_start_step=100") == 0
+    at_freeze, final = Codec.load(str(out / "checkpoints" / "step_6" / "codec")), Codec.load(str(out / "final"))
+    wave = np.random.default_rng(1).standard_normal(16000).astype(np.float32) * 0.1
+    np.testing.assert_array_equal(at_freeze.encode([wave], 16000)[0], final.encode([wave], 16000)[0])
+    enc = {k: v for k, v in final.codec_state_dict().items() if k.startswith("acoustic_encoder.")}
+    dec = {k: v for k, v in final.codec_state_dict().items() if k.startswith("backbone.")}
+    frozen = at_freeze.codec_state_dict()
+    assert all(np.array_equal(v.numpy(), frozen[k].numpy()) for k, v in enc.items())
+    assert not all(np.array_equal(v.numpy(), frozen[k].numpy()) for k, v in dec.items())  # the decoder trained
+
+
 def test_bad_training_inputs_fail_clearly(tmp_path, capsys) -> None:
     assert _train(tmp_path / "missing.jsonl", tmp_path / "o", 2) == 2
     assert "codec.train.dataset_path: manifest not found" in capsys.readouterr().err
     assert main(["codec-train", "--set", "codec.train.decoder_only=true", "--set", "metrics.port=0"]) == 2
     assert "decoder_only needs codec.train.init_from" in capsys.readouterr().err
+    assert main(["codec-train", "--set", "codec.train.decoder_only=true", "--set", "codec.train.freeze_encoder_step=5",
+                 "--set", "metrics.port=0"]) == 2
+    assert "freeze_encoder_step does not apply" in capsys.readouterr().err
 
 
 def test_mel_term_leads_the_rms_term_at_init() -> None:

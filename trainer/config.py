@@ -303,6 +303,10 @@ class CodecTrainConfig(Section):
     stft_disc_fft_sizes: list[int] = [78, 126, 206, 334, 542, 876, 1418, 2296]
     # Train only the decoder from a frozen encoder (super-resolution decoder case).
     decoder_only: bool = False
+    # Joint training up to this step, then the encoder and code book freeze and only the decoder
+    # trains: codes vectorised from any checkpoint from here on are the same, so the SpeechLM can be
+    # trained on them while the decoder keeps improving.
+    freeze_encoder_step: int | None = Field(None, gt=0)
     # A codec (our directory or an X-codec2 .ckpt) whose weights start training; tensors whose name
     # and shape match are copied (decoder_only requires every encoder weight to be there).
     init_from: str | None = None
@@ -338,6 +342,13 @@ class CodecTrainConfig(Section):
     eval_list: str | None = None
     eval_steps: int = Field(1000, gt=0)
     eval_items: int = Field(20, gt=0)
+
+
+    @model_validator(mode="after")
+    def _one_freeze(self) -> CodecTrainConfig:
+        if self.decoder_only and self.freeze_encoder_step is not None:
+            raise ValueError("decoder_only freezes the encoder from the start; freeze_encoder_step does not apply")
+        return self
 
 
 class CodecConfig(Section):

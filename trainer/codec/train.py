@@ -364,12 +364,15 @@ def run(config: TrainerConfig) -> int:
             for group in opt.param_groups:
                 group["lr"] = lr * factor
 
-    generator: nn.Module = Generator(codec, train.decoder_only)
-    disc_step: nn.Module = disc
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        generator = DistributedDataParallel(generator, device_ids=ids)
-        disc_step = DistributedDataParallel(disc, device_ids=ids)
+    ids = [device.index] if device.type == "cuda" else None
+
+    def wrap_generator(decoder_only: bool) -> nn.Module:
+        module = Generator(codec, decoder_only)
+        return DistributedDataParallel(module, device_ids=ids) if world > 1 else module
+
+    encoder_frozen = train.decoder_only
+    generator = wrap_generator(encoder_frozen)
+    disc_step: nn.Module = DistributedDataParallel(disc, device_ids=ids) if world > 1 else disc
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16")
 
     eval_x, eval_y = clips.batch(train.eval_clips, None, clips.paths[: 4 * train.eval_clips])
@@ -411,6 +414,12 @@ def run(config: TrainerConfig) -> int:
         scalars.log(0, eval_mel_loss=evaluate(), **eval_codebook())
     started, seconds_done = time.time(), 0.0
     while step < train.max_steps:
+        if not encoder_frozen and train.freeze_encoder_step is not None and step >= train.freeze_encoder_step:
+            # Encoder parameters get no gradient from here (AdamW and clipping skip them); DDP is rebuilt
+            # so it does not wait for their gradients.
+            _trainable(codec, decoder_only=True)
+            generator, encoder_frozen = wrap_generator(True), True
+            log.info("step %d: encoder and code book frozen, only the decoder trains from here", step)
         set_learning_rates(step)
         x, y, found = next(batches)
         count_unreadable(found)
