@@ -2,9 +2,9 @@
 
     python example/ship_models.py [--run runs/example-models] [--out example/models] [--only codec]
 
-For each model: the weights as safetensors (the codec at float16: half the bytes, and its copies of
-held-out speech score the same, see example/models/README.md), the stage config that produced it,
-the command, steps, wall time and the figures its run measured (`provenance.json`).
+For each model: the weights as safetensors (the codec's decoder at float16, half the bytes; its
+encoder at float32, so codes are unchanged), the stage config that produced it, the command, steps,
+wall time and the figures its run measured (`provenance.json`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from controller.layout import RunLayout  # noqa: E402
 from trainer.codec import Codec  # noqa: E402
+from trainer.codec.checkpoint import DECODER_PREFIXES  # noqa: E402
 from trainer.metrics import read_scalars  # noqa: E402
 
 COMMAND = "make example-models  (ttsctl run example/models.yaml --backend local)"
@@ -43,12 +44,19 @@ def run_summary(metrics_url: Path) -> dict:
 def ship_codec(layout: RunLayout, out: Path) -> Path:
     codec = Codec.load(layout.codec_final)
     target = out / "codec-small"
-    codec.half().save(str(target))
+    # The decoder (90 % of the weights) at float16; the encoder stays float32 so its codes are exactly
+    # the ones the shipped SpeechLM was trained on.
+    for prefix in DECODER_PREFIXES:
+        module = getattr(codec, prefix.rstrip("."), None)
+        if module is not None:
+            module.half()
+    codec.save(str(target))
     summary = run_summary(Path(layout.codec_dir) / "metrics.jsonl")
     curve = [{"step": r["step"], "resynth_wer": r["resynth_wer"], "resynth_sim": r["resynth_sim"]}
              for r in read_scalars(str(Path(layout.codec_dir) / "metrics.jsonl")) if "resynth_wer" in r]
     provenance = {
-        "command": COMMAND, "config": "example/configs/models/codec-small.yaml", "weights_dtype": "float16",
+        "command": COMMAND, "config": "example/configs/models/codec-small.yaml",
+        "weights_dtype": {"encoder": "float32", "decoder": "float16"},
         "steps": summary["steps"], "wall_time_s": summary["wall_time_s"], "resynthesis_curve": curve,
     }
     (target / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")

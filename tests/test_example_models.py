@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from controller.plan import build_plan
 from controller.spec import load_spec
 from trainer.codec import small_codec_config
@@ -41,3 +43,45 @@ def test_the_small_speechlm_fits_the_shipping_budget() -> None:
     assert vocab.codebook_size == 4096 and config.tie_word_embeddings
     # With the float16 codec (~17M parameters, 34 MB) the two ship within example/models' 80 MB.
     assert 4 * parameters + 2 * 17.1e6 < 80e6, parameters
+
+
+def _ship_models():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ship_models", REPO / "example" / "ship_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipping_the_codec_halves_the_decoder_keeps_the_codes_and_records_provenance(tmp_path) -> None:
+    import json
+
+    import numpy as np
+    from safetensors import safe_open
+
+    from trainer.codec import Codec, tiny_codec_config
+
+    run = tmp_path / "run"
+    trained = Codec.from_config(tiny_codec_config())
+    trained.save(str(run / "checkpoints" / "codec" / "final"))
+    rows = [{"step": 0, "time": 100.0, "eval_mel_loss": 2.0}, {"step": 500, "time": 400.0, "resynth_wer": 0.9,
+                                                                  "resynth_sim": 0.7},
+            {"step": 1000, "time": 700.5, "resynth_wer": 0.5, "resynth_sim": 0.8}]
+    (run / "checkpoints" / "codec" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _ship_models().main(["--run", str(run), "--out", str(tmp_path / "models"), "--only", "codec"]) == 0
+
+    shipped = tmp_path / "models" / "codec-small"
+    with safe_open(str(shipped / "model.safetensors"), "pt") as f:
+        names = f.keys()
+        dtypes = {k: f.get_tensor(k).dtype for k in names}
+    assert {d for k, d in dtypes.items() if k.startswith("acoustic_encoder.")} == {torch.float32}
+    assert {d for k, d in dtypes.items() if k.startswith("backbone.")} == {torch.float16}
+    loaded = Codec.load(str(shipped))
+    wave = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+    codes = trained.encode([wave], 16000)
+    np.testing.assert_array_equal(loaded.encode([wave], 16000)[0], codes[0])
+    np.testing.assert_allclose(loaded.decode(codes)[0], trained.decode(codes)[0], atol=2e-2)
+    provenance = json.loads((shipped / "provenance.json").read_text())
+    assert provenance["steps"] == 1000 and provenance["wall_time_s"] == 600.5
+    assert [p["resynth_wer"] for p in provenance["resynthesis_curve"]] == [0.9, 0.5]
