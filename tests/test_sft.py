@@ -115,8 +115,9 @@ def test_two_processes_match_one_process(strategy, reference_run, data_dir, tmp_
 
 
 def _start(config: Path) -> subprocess.Popen:
+    # Its own process group, as a job under a shell or a container runtime: signals can go to the group.
     return subprocess.Popen([sys.executable, "-m", "trainer", "sft", "--config", str(config)], env=ENV, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -159,13 +160,19 @@ def test_sigkill_then_resume_gives_identicalrun_losses(long_data_dir, tmp_path):
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=0), step
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_zero(long_data_dir, tmp_path):
+@pytest.mark.parametrize("to_group", [False, True], ids=["process", "process_group"])
+def test_sigterm_saves_a_checkpoint_and_exits_zero(long_data_dir, tmp_path, to_group):
+    """Also when the whole process group gets it (Ctrl-C, `kill -- -PGID`, a runtime stopping every
+    process): DataLoader workers ignore it and the trainer saves, instead of dying of a killed worker."""
     data_dir = long_data_dir
-    config = _slow_config(data_dir, tmp_path, max_steps=200)
+    config = _slow_config(data_dir, tmp_path, max_steps=200, num_workers=1 if to_group else 0)
     config["checkpointing"]["save_steps"] = 1000
     proc = _start(write_config(tmp_path / "c.json", config))
     _wait_for_step(tmp_path / "t", 2, proc)
-    proc.send_signal(signal.SIGTERM)
+    if to_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, proc.stderr.read()[-2000:]
     saved = checkpoint.complete_checkpoints(str(tmp_path / "t"))
     assert len(saved) == 1 and saved[0][0] == max(run_losses(tmp_path / "t"))
