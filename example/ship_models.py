@@ -30,9 +30,8 @@ SPEECHLM_FILES = ("config.json", "generation_config.json", "model.safetensors", 
                   "tokenizer_config.json", "special_tokens_map.json")
 
 
-def run_summary(metrics_url: Path) -> dict:
-    """Steps, wall time and the last value of every scalar a run logged to metrics.jsonl."""
-    rows = read_scalars(str(metrics_url))
+def run_summary(rows: list[dict]) -> dict:
+    """Steps, wall time and the last value of every scalar of a run's metrics.jsonl rows."""
     times = [r["time"] for r in rows if "time" in r]
     last: dict[str, float] = {}
     for row in rows:
@@ -51,9 +50,10 @@ def ship_codec(layout: RunLayout, out: Path) -> Path:
         if module is not None:
             module.half()
     codec.save(str(target))
-    summary = run_summary(Path(layout.codec_dir) / "metrics.jsonl")
+    rows = read_scalars(str(Path(layout.codec_dir) / "metrics.jsonl"))
+    summary = run_summary(rows)
     curve = [{"step": r["step"], "resynth_wer": r["resynth_wer"], "resynth_sim": r["resynth_sim"]}
-             for r in read_scalars(str(Path(layout.codec_dir) / "metrics.jsonl")) if "resynth_wer" in r]
+             for r in rows if "resynth_wer" in r]
     provenance = {
         "command": COMMAND, "config": "example/configs/models/codec-small.yaml",
         "weights_dtype": {"encoder": "float32", "decoder": "float16"},
@@ -73,7 +73,7 @@ def ship_speechlm(layout: RunLayout, out: Path) -> Path:
     for name in SPEECHLM_FILES:
         if (source / name).exists():
             shutil.copy2(source / name, target / name)
-    runs = {src: run_summary(Path(layout.model_run_dir(src)) / "metrics.jsonl")
+    runs = {src: run_summary(read_scalars(str(Path(layout.model_run_dir(src)) / "metrics.jsonl")))
             for src in ("sft", "rlhf") if (Path(layout.model_run_dir(src)) / "metrics.jsonl").exists()}
     results = Path(layout.eval_dir) / "results.json"
     provenance = {

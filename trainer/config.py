@@ -343,7 +343,6 @@ class CodecTrainConfig(Section):
     eval_steps: int = Field(1000, gt=0)
     eval_items: int = Field(20, gt=0)
 
-
     @model_validator(mode="after")
     def _one_freeze(self) -> CodecTrainConfig:
         if self.decoder_only and self.freeze_encoder_step is not None:

@@ -187,7 +187,7 @@ def run_resynthesis(config: TrainerConfig) -> int:
         write_wav(str(out_dir / gt["wav"]), orig, orig_sr)
         items.append({"id": u.id, "target_text": u.text, "prompt_text": "", "language": u.language,
                       "model": row, "ground_truth": gt})
-    aggregate_copy.update(failed=0, rtf=elapsed / audio_seconds if audio_seconds else None)
+    aggregate_copy.update(rtf=elapsed / audio_seconds if audio_seconds else None)
     aggregate_truth = aggregate(truth, texts, languages)
     results: dict[str, Any] = {
         "mode": "resynthesis",

@@ -19,7 +19,6 @@ from trainer import io
 from trainer.data.audio import read_audio
 from trainer.data.manifest import resolve_wav_path
 from trainer.errors import ConfigError
-from trainer.scoring.asr import corpus_error_rate
 
 
 @dataclass(frozen=True)
@@ -73,17 +72,10 @@ def resynthesize(codec: Any, utterances: list[Utterance]) -> tuple[list[Clip], l
 def score_resynthesis(scorers: Any, utterances: list[Utterance], originals: list[Clip],
                       copies: list[Clip]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per-item rows and the aggregate (corpus WER, mean SIM of copy to original, mean DNSMOS)."""
+    from trainer.eval.harness import aggregate
+
     texts = [u.text for u in utterances]
     languages = [u.language for u in utterances]
     references = scorers.embed_references([u.wav for u in utterances], originals)
     rows = scorers.score(copies, references, texts, languages)
-    language = languages[0] if len(set(languages)) == 1 else "en"
-    sims = [r["sim"] for r in rows if r.get("sim") is not None]
-    quality = [r["dnsmos"] for r in rows if r.get("dnsmos") is not None]
-    aggregate = {
-        "wer": corpus_error_rate([r["transcript"] for r in rows], texts, language),
-        "sim": float(np.mean(sims)) if sims else None,
-        "dnsmos": float(np.mean(quality)) if quality else None,
-        "items": len(rows),
-    }
-    return rows, aggregate
+    return rows, aggregate(rows, texts, languages)
