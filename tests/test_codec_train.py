@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +216,42 @@ def test_schedule_and_held_out_resynthesis_are_logged_and_survive_a_resume(manif
     shutil.rmtree(out)
     assert _train(manifest, out, 10, *schedule) == 2
     assert not (out / "metrics.jsonl").exists() or "mel_loss" not in (out / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("to_group", [False, True], ids=["process", "process_group"])
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_the_next_run_resumes(manifest: Path, tmp_path,
+                                                                                  to_group: bool) -> None:
+    """A stopped codec run (a node drained, Ctrl-C, `kill -- -PGID`) loses at most one step: SIGTERM
+    saves a checkpoint at the step it ends on, and exits 0 without a final codec. With reader workers
+    the signal reaches them too; they leave it to the trainer."""
+    out = tmp_path / "run"
+
+    def sets(max_steps: int) -> list[str]:
+        return [arg for s in [*common, f"codec.train.max_steps={max_steps}"] for arg in ("--set", s)]
+
+    common = [*TINY, f"codec.train.dataset_path={manifest}", f"codec.train.output_dir={out}",
+              "codec.train.batch_size=2", "codec.train.segment_seconds=0.4", "codec.train.precision=fp32",
+              "codec.train.log_steps=1", "codec.train.save_steps=100000", "codec.train.disc_start_step=100000",
+              "codec.train.mpd_periods=[2]", "codec.train.stft_disc_fft_sizes=[206]", "codec.train.disc_channels=8",
+              "codec.train.eval_clips=1", f"codec.train.num_workers={1 if to_group else 0}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "codec-train", *sets(100000)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics_file = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics_file.exists() and max((r["step"] for r in read_scalars(str(metrics_file))), default=0) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:] if proc.stderr else ""
+        time.sleep(0.05)
+    if to_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()[-2000:]
+    last = max(r["step"] for r in read_scalars(str(metrics_file)) if "mel_loss" in r)
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir() if (p / "_COMPLETE").exists())
+    assert checkpoints == [f"step_{last}"] and not (out / "final").exists()
+    # The next run continues from that step.
+    assert main(["codec-train", *sets(last + 2)]) == 0
+    steps = [r["step"] for r in read_scalars(str(out / "metrics.jsonl")) if "mel_loss" in r]
+    assert steps[-2:] == [last + 1, last + 2] and (out / "final").exists()

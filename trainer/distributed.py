@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 
 import torch
 import torch.distributed as dist
@@ -55,3 +56,21 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave_stop_signals_to_the_trainer(_worker_id: int = 0) -> None:
+    """A DataLoader `worker_init_fn`: workers ignore SIGTERM/SIGINT. When the whole process group gets
+    one (Ctrl-C, a runtime stopping every process), the trainer finishes its step and saves; a worker
+    dying of it would instead fail the step ("DataLoader worker is killed by signal"). The trainer
+    stops its workers itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is set on any of them (one all-reduce; no-op in one process)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)

@@ -4,7 +4,8 @@ Generator = the Codec (encoder -> FSQ -> decoder, or the decoder alone from a fr
 `codec.train.decoder_only`); discriminators = multi-period + multi-resolution STFT. Losses: log-mel L1,
 RMS loudness, least-squares adversarial and feature matching. Checkpoints (codec + optimiser state)
 are published atomically under `<output_dir>/checkpoints/step_<N>/` and resumed from; the final codec
-goes to `<output_dir>/final/` (loadable with `Codec.load`).
+goes to `<output_dir>/final/` (loadable with `Codec.load`). SIGTERM ends the run after the current
+step with a checkpoint, so the next run resumes there.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import io as _stdio
 import json
 import logging
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -388,6 +390,7 @@ def run(config: TrainerConfig) -> int:
     loader = torch.utils.data.DataLoader(
         TrainingBatches(clips, train.batch_size, train.seed + 1000 * rank),
         batch_size=None, num_workers=train.num_workers, pin_memory=device.type == "cuda",
+        worker_init_fn=distributed.leave_stop_signals_to_the_trainer if train.num_workers else None,
     )
     batches = iter(loader)
 
@@ -410,6 +413,14 @@ def run(config: TrainerConfig) -> int:
         CODEBOOK_PERPLEXITY.set(usage["codebook_perplexity"])
         return usage
 
+    stop_requested = False
+
+    def request_stop(_signum, _frame) -> None:
+        nonlocal stop_requested
+        log.warning("SIGTERM: finishing the current step, saving a checkpoint, then exiting")
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
     if step == 0:
         scalars.log(0, eval_mel_loss=evaluate(), **eval_codebook())
     started, seconds_done = time.time(), 0.0
@@ -490,10 +501,15 @@ def run(config: TrainerConfig) -> int:
             scalars.log(step, **scores)
             log.info("step %d resynthesis of %d held-out clips: WER %.3f SIM %s", step,
                      len(resynthesis.utterances), scores["resynth_wer"], scores["resynth_sim"])
-        if step % train.save_steps == 0 and step < train.max_steps:
+        stopping = distributed.any_rank(stop_requested, device)
+        if stopping or (step % train.save_steps == 0 and step < train.max_steps):
             if distributed.is_main():
                 _save_checkpoint(train, step, codec, disc, g_opt, d_opt)
             distributed.barrier()
+        if stopping:
+            log.info("stopped by SIGTERM at step %d; checkpoint saved, the next run resumes from it", step)
+            distributed.shutdown()
+            return 0
 
     del batches  # stops the reader workers
     if distributed.is_main():

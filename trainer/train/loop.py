@@ -65,14 +65,6 @@ def compile_layers(lm: torch.nn.Module, backend: str = "inductor") -> None:
         layer.compile(dynamic=True, backend=backend)
 
 
-def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM/SIGINT: when the whole process group gets one (Ctrl-C, a
-    runtime stopping every process), the trainer finishes its step and saves; a worker dying of it
-    would instead fail the step ("DataLoader worker is killed by signal"). The trainer stops them."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 @dataclass
 class StepStats:
     loss: float
@@ -283,7 +275,7 @@ class SFTTrainer:
             loader = DataLoader(
                 [data.micro_batch_rows(epoch, b) for b in range(start, n)], batch_size=None,
                 collate_fn=data.collate, num_workers=self.t.num_workers, pin_memory=self.device.type == "cuda",
-                worker_init_fn=_leave_stop_signals_to_the_trainer,
+                worker_init_fn=distributed.leave_stop_signals_to_the_trainer,
             )
             for b, batch in enumerate(loader, start):
                 yield batch, SamplerState(epoch, b + 1)
