@@ -68,3 +68,8 @@ def test_a_list_without_transcripts_fails_with_its_line(codec_dir: Path, tmp_pat
                  str(tmp_path / "out")])
     assert code != 0
     assert f"{bad}:2: needs wav_path + transcript" in capsys.readouterr().err
+    # A line that is JSON but not an object is named too (it used to end in an AttributeError).
+    bad.write_text(json.dumps({"wav_path": "a.flac", "transcript": "hi"}) + "\n" + json.dumps(["b.flac", "hi"]))
+    assert main(["eval", "--codec_model_path", str(codec_dir), "--test_list", str(bad), "--output_dir",
+                 str(tmp_path / "out")]) == 2
+    assert f"{bad}:2: expected a JSON object, got list" in capsys.readouterr().err

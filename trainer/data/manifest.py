@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainer import io
+from trainer.errors import ConfigError
 
 REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
     "transcript": str,
@@ -85,6 +86,22 @@ def read_manifest(url: str) -> Iterator[tuple[int, dict[str, Any] | LineError]]:
     for line_no, text in read_lines(url):
         if text.strip():
             yield line_no, parse_line(text)
+
+
+def read_json_objects(url: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, object) for every non-blank line of a small JSON-lines list (an eval test
+    list, a held-out manifest). Unlike a training manifest, whose bad lines are counted and skipped,
+    such a list is input the user wrote by hand: its first bad line stops the run, named by file and line."""
+    for line_no, text in read_lines(url):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{url}:{line_no}: not valid JSON: {err}") from None
+        if not isinstance(record, dict):
+            raise ConfigError(f"{url}:{line_no}: expected a JSON object, got {type(record).__name__}")
+        yield line_no, record
 
 
 def sample_id(record: dict[str, Any]) -> str:

@@ -14,7 +14,6 @@ copy is scored against its transcript and, for SIM, against the original (`train
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -26,7 +25,7 @@ import numpy as np
 from trainer import io
 from trainer.config import EvalConfig, TrainerConfig
 from trainer.data.audio import read_audio, write_wav
-from trainer.data.manifest import resolve_wav_path
+from trainer.data.manifest import read_json_objects, resolve_wav_path
 from trainer.errors import ConfigError
 from trainer.eval import report
 from trainer.scoring.asr import corpus_error_rate, error_rate, load_transcriber
@@ -48,13 +47,7 @@ def read_test_list(url: str, max_items: int | None = None) -> list[dict[str, Any
     if not io.exists(url):
         raise ConfigError(f"eval.test_list: {url} does not exist")
     items = []
-    for line_no, line in enumerate(io.read_text(url).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{url}:{line_no}: not valid JSON: {err}") from None
+    for line_no, item in read_json_objects(url):
         missing = [k for k in REQUIRED_ITEM_KEYS if not item.get(k)]
         if missing:
             raise ConfigError(f"{url}:{line_no}: missing {', '.join(missing)}")

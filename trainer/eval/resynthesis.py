@@ -9,7 +9,6 @@ against step is in metrics.jsonl.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,7 @@ import numpy as np
 
 from trainer import io
 from trainer.data.audio import read_audio
-from trainer.data.manifest import resolve_wav_path
+from trainer.data.manifest import read_json_objects, resolve_wav_path
 from trainer.errors import ConfigError
 
 
@@ -35,16 +34,10 @@ def read_utterances(url: str, max_items: int | None = None) -> list[Utterance]:
     if not io.exists(url):
         raise ConfigError(f"{url}: resynthesis list not found")
     found = []
-    for line_no, line in enumerate(io.read_text(url).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{url}:{line_no}: not valid JSON: {err}") from None
+    for line_no, record in read_json_objects(url):
         wav = record.get("wav_path") or record.get("target_wav")
         text = record.get("transcript") or record.get("target_text")
-        if not isinstance(record, dict) or not wav or not text:
+        if not wav or not text:
             raise ConfigError(f"{url}:{line_no}: needs wav_path + transcript or target_wav + target_text")
         found.append(Utterance(str(record.get("id", f"item_{line_no:04d}")), resolve_wav_path(url, wav), text,
                                record.get("language", "en")))
