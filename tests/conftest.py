@@ -17,3 +17,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The default synthetic vectorized dataset (speechlm_fixtures.write_vectorized), written once for
+    the SFT, train-path and DeepSpeed tests, which only read it."""
+    from speechlm_fixtures import write_vectorized
+
+    return write_vectorized(tmp_path_factory.mktemp("vec"))

@@ -2,12 +2,7 @@
 accumulation, against DDP with the same global batch. DeepSpeed is a dev dependency: these run in CI."""
 
 import pytest
-from speechlm_fixtures import run_losses, sft_config, torchrun, write_config, write_vectorized
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_vectorized(tmp_path_factory.mktemp("vec"))
+from speechlm_fixtures import run_losses, sft_config, torchrun, write_config
 
 
 def _run(data_dir, out, **training) -> dict[int, float]:

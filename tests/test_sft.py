@@ -29,11 +29,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_vectorized(tmp_path_factory.mktemp("vec"))
-
-
-@pytest.fixture(scope="module")
 def reference_run(data_dir, tmp_path_factory):
     """One uninterrupted 20-step single-process run (global batch: 2 rows of 256 tokens)."""
     out = tmp_path_factory.mktemp("ref")

@@ -23,11 +23,6 @@ from trainer.train.lora import added_token_rows
 from trainer.train.objective import SpeechLMObjective
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_vectorized(tmp_path_factory.mktemp("vec"))
-
-
 # ------------------------------------------------------------------------------ resume, world size
 @pytest.fixture(scope="module")
 def one_rank_run(data_dir, tmp_path_factory):
