@@ -27,6 +27,7 @@ from trainer.model.prompt import PromptFormat
 from trainer.rl import grpo, rollout
 from trainer.rl.prompts import build_prompts
 from trainer.rl.trl_rewards import TrlRewards
+from trainer.train.lora import added_token_rows
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +214,27 @@ def test_three_grpo_steps_end_to_end(artefacts):
         "rlhf_training.guard_rail_steps": 100})]) == 0
     steps = [r["step"] for r in read_scalars(str(run / "metrics.jsonl")) if "reward" in r]
     assert steps == [1, 2, 3, 4]
+
+
+def test_lora_grpo_trains_the_added_rows_and_merges_into_the_final_model(artefacts, tmp_path):
+    """GRPO under LoRA uses SFT's adapter: the audio rows (and the prompt tags) train with the LoRA
+    matrices, the text rows and the untargeted layers stay as they were, and the final model is merged."""
+    root, _, model_dir, data = artefacts
+    settings = {"rlhf_training.max_steps": 2, "rlhf_training.reward_funcs": ["TruncationRewardFunc"],
+                "rlhf_training.guard_rail_steps": 100, "training.output_dir": str(tmp_path),
+                "modeling.lora": {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}
+    assert main(["rlhf", *_overrides(root, model_dir, data, **settings)]) == 0
+    trained, _, vocab = load_speechlm(str(tmp_path / "rl" / "final_model"))
+    base, _, _ = load_speechlm(str(model_dir))
+    assert not any("lora" in k for k in trained.state_dict())
+    added = torch.tensor(added_token_rows(vocab))
+    text = torch.tensor(sorted(set(range(vocab.audio_offset)) - set(added.tolist())))
+    rows, base_rows = trained.get_input_embeddings().weight, base.get_input_embeddings().weight
+    assert not torch.equal(rows[added], base_rows[added])  # frozen before: GRPO could not move the codes
+    assert torch.equal(rows[text], base_rows[text])
+    layer, base_layer = trained.model.layers[0], base.model.layers[0]
+    assert not torch.equal(layer.self_attn.q_proj.weight, base_layer.self_attn.q_proj.weight)
+    assert torch.equal(layer.mlp.up_proj.weight, base_layer.mlp.up_proj.weight)
 
 
 def _free_port() -> int:

@@ -345,19 +345,18 @@ def run(config: TrainerConfig) -> int:
         PublishCheckpoints(run, vocab, codec_url, config.checkpointing.keep_only_last_n_checkpoints),
         completions,
     ]
-    peft_config = None
+    adapter = None
     if config.modeling.lora.enabled:
-        from peft import LoraConfig as PeftLoraConfig
+        from trainer.train.lora import peft_config
 
-        lora = config.modeling.lora
-        peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                     target_modules=lora.target_modules, task_type="CAUSAL_LM")
+        # The same adapter as SFT's: the added (audio) rows train too, so GRPO can move the codes.
+        adapter = peft_config(config.modeling.lora, vocab, bool(model.config.tie_word_embeddings))
     server_group_port = rollout.vllm_server(rl).group_port if rl.use_vllm else 51216
     with rollout.speech_vllm_client(policy_tokenizer, server_group_port):
         trainer = SpeechGRPOTrainer(
             model=model, reward_funcs=rewards.functions(), args=args,
             train_dataset=Dataset.from_list(as_rows(train_prompts)), processing_class=policy_tokenizer,
-            callbacks=callbacks, peft_config=peft_config, rewards=rewards,
+            callbacks=callbacks, peft_config=adapter, rewards=rewards,
         )
     resume_url = resume_source(config, run)
     resume = str(checkpoint.local_copy(resume_url)) if resume_url else None

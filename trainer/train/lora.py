@@ -36,16 +36,21 @@ def added_token_rows(vocab: AudioVocab) -> list[int]:
     return sorted(set(vocab.special_tokens.values()) | set(range(vocab.audio_offset, vocab.audio_end)))
 
 
-def apply_lora(lm: PreTrainedModel, lora: LoraConfig, vocab: AudioVocab) -> torch.nn.Module:
-    if lora.adapter_path:
-        return _load_adapter(lm, lora)
-    tied = bool(lm.config.tie_word_embeddings)
-    config = PeftLoraConfig(
+def peft_config(lora: LoraConfig, vocab: AudioVocab, tied: bool) -> PeftLoraConfig:
+    """The adapter SFT and GRPO both train: LoRA on `target_modules`, plus the rows the SpeechLM added
+    (peft trainable tokens: a model whose audio rows stayed at their random init cannot speak); an
+    untied head trains whole, as peft cannot put trainable tokens on a Linear."""
+    return PeftLoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
         task_type="CAUSAL_LM", trainable_token_indices=added_token_rows(vocab),
         modules_to_save=None if tied else ["lm_head"],
     )
-    return get_peft_model(lm, config)
+
+
+def apply_lora(lm: PreTrainedModel, lora: LoraConfig, vocab: AudioVocab) -> torch.nn.Module:
+    if lora.adapter_path:
+        return _load_adapter(lm, lora)
+    return get_peft_model(lm, peft_config(lora, vocab, bool(lm.config.tie_word_embeddings)))
 
 
 def _load_adapter(lm: PreTrainedModel, lora: LoraConfig) -> torch.nn.Module:
