@@ -136,3 +136,24 @@ def test_resemblyzer_is_installed_without_its_broken_deps():
     for image in ("trainer", "cpu"):
         assert 'pip install --no-deps "resemblyzer==${RESEMBLYZER_VERSION}"' in DOCKERFILES[image].read_text()
     assert arg_defaults(DOCKERFILES["trainer"])["RESEMBLYZER_VERSION"] == "0.1.4"
+
+
+def test_the_readmes_list_the_stacks_the_images_build():
+    """The version tables users read (README.md, images/README.md) are the build arguments: TRL's client
+    and server must match, so a wrong row there is a broken install."""
+    flash = arg_defaults(DOCKERFILES["trainer"])["FLASH_ATTN_VERSION"]
+    readme = (REPO / "README.md").read_text()
+    for label, stack in (("CUDA 12.8 (default)", "cu128"), ("CUDA 12.4", "cu124")):
+        row = re.search(rf"^\| {re.escape(label)} \|(.*)\|$", readme, flags=re.M)
+        assert row, label
+        torch, vllm, trl, flash_attn = (cell.strip() for cell in row.group(1).split("|"))
+        args = STACKS[stack]
+        assert (torch, vllm, trl) == (args["TORCH_VERSION"], args["VLLM_VERSION"], args["TRL_VERSION"]), label
+        assert flash_attn.startswith(flash), label
+    images = (REPO / "images" / "README.md").read_text()
+    for stack, args in STACKS.items():
+        row = re.search(rf"^\| `{stack}`[^|]*\|(.*)\|$", images, flags=re.M)
+        assert row, stack
+        cells = [cell.strip() for cell in row.group(1).split("|")]
+        keys = ["CUDA_VERSION", "TORCH_VERSION", "TORCHVISION_VERSION", "VLLM_VERSION", "TRL_VERSION"]
+        assert cells[:5] == [args[k] for k in keys] and cells[5].startswith(flash), stack
