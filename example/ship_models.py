@@ -26,6 +26,7 @@ from trainer.codec.checkpoint import DECODER_PREFIXES  # noqa: E402
 from trainer.metrics import read_scalars  # noqa: E402
 
 COMMAND = "make example-models  (ttsctl run example/models.yaml --backend local)"
+CODEC_CONFIG = ROOT / "example" / "configs" / "models" / "codec-small.yaml"
 SPEECHLM_FILES = ("config.json", "generation_config.json", "model.safetensors", "speechlm.json", "tokenizer.json",
                   "tokenizer_config.json", "special_tokens_map.json")
 
@@ -40,7 +41,8 @@ def run_summary(rows: list[dict]) -> dict:
             "last": last}
 
 
-def ship_codec(layout: RunLayout, out: Path) -> Path:
+def ship_codec(layout: RunLayout, out: Path, command: str = COMMAND, config: Path = CODEC_CONFIG,
+               corpus: Path | None = None) -> Path:
     codec = Codec.load(layout.codec_final)
     target = out / "codec-small"
     # The decoder (90 % of the weights) at float16; the encoder stays float32 so its codes are exactly
@@ -50,14 +52,16 @@ def ship_codec(layout: RunLayout, out: Path) -> Path:
         if module is not None:
             module.half()
     codec.save(str(target))
+    shutil.copy2(config, target / "train_config.yaml")
     rows = read_scalars(str(Path(layout.codec_dir) / "metrics.jsonl"))
     summary = run_summary(rows)
     curve = [{"step": r["step"], "resynth_wer": r["resynth_wer"], "resynth_sim": r["resynth_sim"]}
              for r in rows if "resynth_wer" in r]
     provenance = {
-        "command": COMMAND, "config": "example/configs/models/codec-small.yaml",
+        "command": command, "config": "train_config.yaml (a copy of the stage config the run used)",
         "weights_dtype": {"encoder": "float32", "decoder": "float16"},
         "steps": summary["steps"], "wall_time_s": summary["wall_time_s"], "resynthesis_curve": curve,
+        "corpus": json.loads(corpus.read_text()) if corpus is not None and corpus.exists() else None,
     }
     (target / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return target
@@ -92,11 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "example-models")
     parser.add_argument("--out", type=Path, default=ROOT / "example" / "models")
     parser.add_argument("--only", choices=["codec", "speechlm"])
+    parser.add_argument("--command", default=COMMAND, help="the command that trained the models, for provenance")
+    parser.add_argument("--codec_config", type=Path, default=CODEC_CONFIG, help="the codec stage config the run used")
     args = parser.parse_args(argv)
     layout = RunLayout(str(args.run / "data"), str(args.run / "checkpoints"), str(args.run))
     torch.set_num_threads(1)
     if args.only != "speechlm":
-        print(f"codec -> {ship_codec(layout, args.out)}")
+        corpus = args.run / "corpus" / "summary.json"
+        print(f"codec -> {ship_codec(layout, args.out, args.command, args.codec_config, corpus)}")
     if args.only != "codec":
         print(f"speechlm -> {ship_speechlm(layout, args.out)}")
     return 0

@@ -69,7 +69,10 @@ def test_shipping_the_codec_halves_the_decoder_keeps_the_codes_and_records_prove
                                                                   "resynth_sim": 0.7},
             {"step": 1000, "time": 700.5, "resynth_wer": 0.5, "resynth_sim": 0.8}]
     (run / "checkpoints" / "codec" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert _ship_models().main(["--run", str(run), "--out", str(tmp_path / "models"), "--only", "codec"]) == 0
+    (run / "corpus").mkdir()
+    (run / "corpus" / "summary.json").write_text(json.dumps({"hours": {"train": 3.5}}))
+    assert _ship_models().main(["--run", str(run), "--out", str(tmp_path / "models"), "--only", "codec",
+                                "--command", "tts-train codec-train --config X"]) == 0
 
     shipped = tmp_path / "models" / "codec-small"
     with safe_open(str(shipped / "model.safetensors"), "pt") as f:
@@ -85,3 +88,7 @@ def test_shipping_the_codec_halves_the_decoder_keeps_the_codes_and_records_prove
     provenance = json.loads((shipped / "provenance.json").read_text())
     assert provenance["steps"] == 1000 and provenance["wall_time_s"] == 600.5
     assert [p["resynth_wer"] for p in provenance["resynthesis_curve"]] == [0.9, 0.5]
+    assert provenance["command"] == "tts-train codec-train --config X"
+    assert provenance["corpus"] == {"hours": {"train": 3.5}}
+    config = REPO / "example" / "configs" / "models" / "codec-small.yaml"
+    assert (shipped / "train_config.yaml").read_text() == config.read_text()
