@@ -180,24 +180,30 @@ def write_example() -> None:
 
 
 # The corpus grammar: a fixed vocabulary of common words that pocketsphinx knows, so held-out
-# sentences can be judged by ASR while every test word has been heard in training.
+# sentences can be judged by ASR while every test word has been heard in training. It also holds every
+# word of the example's HELD_OUT sentences (never the sentences): `make demo` fine-tunes the models
+# trained on this corpus and is judged on those sentences (example/configs/eval_list.jsonl).
 WORDS = {
     "adj": ["old", "young", "small", "big", "quiet", "bright", "dark", "warm", "cold", "green", "red",
-            "blue", "happy", "tired", "busy", "empty", "heavy", "light", "clean", "strong", "gentle", "brown"],
+            "blue", "happy", "tired", "busy", "empty", "heavy", "light", "clean", "strong", "gentle", "brown",
+            "silent", "first"],
     "noun": ["man", "woman", "child", "dog", "cat", "bird", "horse", "teacher", "doctor", "farmer", "driver",
              "baker", "sailor", "girl", "boy", "student", "painter", "king", "friend", "neighbour"],
     "thing": ["book", "letter", "box", "cup", "table", "chair", "door", "window", "car", "boat", "ball",
-              "bag", "hat", "coat", "key", "lamp", "bottle", "picture", "basket", "clock"],
+              "bag", "hat", "coat", "key", "lamp", "bottle", "picture", "basket", "clock", "gate", "moon"],
     "place": ["the garden", "the kitchen", "the river", "the station", "the market", "the school", "the park",
-              "the city", "the village", "the house", "the road", "the hill", "the forest", "the beach"],
+              "the city", "the village", "the house", "the road", "the hill", "the forest", "the beach",
+              "the farm", "the hills"],
     "verb_t": ["found", "carried", "opened", "closed", "painted", "cleaned", "washed", "dropped", "took",
                "moved", "bought", "sold", "fixed", "lost", "held", "wanted"],
     "verb_i": ["walked", "waited", "slept", "worked", "sang", "played", "stayed", "laughed", "rested",
-               "stopped", "danced", "called"],
-    "prep": ["near", "behind", "inside", "across", "along", "under", "beside", "past"],
+               "stopped", "danced", "called", "rose"],
+    "prep": ["near", "behind", "inside", "across", "along", "under", "beside", "past", "over"],
     "time": ["this morning", "last night", "every day", "in the evening", "after lunch", "before dinner",
-             "on monday", "at noon", "in the spring", "all week"],
+             "on monday", "at noon", "in the spring", "all week", "today"],
     "number": ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "twelve"],
+    "verb_imp": ["close", "leave", "open", "take", "bring", "clean", "carry", "find"],
+    "drink": ["tea", "milk", "water", "coffee", "soup"],
 }
 TEMPLATES = [
     "the {adj} {noun} {verb_t} the {thing} {time}",
@@ -208,6 +214,10 @@ TEMPLATES = [
     "we {verb_i} {prep} {place} with the {adj} {noun}",
     "her {adj} {thing} was {prep} the {thing} in {place}",
     "the {adj} {noun} and the {noun} {verb_i} {time}",
+    "please {verb_imp} the {adj} {thing} {time}",
+    "the {thing} is waiting {prep} {place} for the {noun}",
+    "when you {verb_i} {prep} {place} the {noun} {verb_i}",
+    "a {adj} cup of {drink} was {prep} the {thing}",
 ]
 
 
@@ -236,7 +246,7 @@ def corpus_sentences(n_train: int, n_val: int, n_test: int, seed: int) -> dict[s
     def draw() -> str:
         for _ in range(10_000):
             sentence = grammar_sentence(rng)
-            if sentence not in seen:
+            if sentence not in seen and sentence not in HELD_OUT:
                 seen.add(sentence)
                 return sentence
         raise SystemExit("error: the grammar yields too few distinct sentences for these sizes")
@@ -308,6 +318,7 @@ def write_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, workers:
     grammar_vocab = {w for values in WORDS.values() for v in values for w in words_of(v)}
     grammar_vocab |= {f"{thing}s" for thing in WORDS["thing"]}  # the "{number} {thing}s" template
     grammar_vocab |= {w for t in TEMPLATES for w in words_of(t) if "{" not in w}
+    demo_words = set().union(*(words_of(sentence) for sentence in HELD_OUT))
     summary = {
         "seed": seed,
         "utterances": {split: len(rows) for split, rows in by_split.items()},
@@ -319,6 +330,9 @@ def write_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, workers:
         "test_words_seen_in_train": len(vocab["test"] & vocab["train"]) / max(1, len(vocab["test"])),
         "val_words_seen_in_train": len(vocab["val"] & vocab["train"]) / max(1, len(vocab["val"])),
         "sentence_overlap_train_heldout": len(set(sets["train"]) & (set(sets["val"]) | set(sets["test"]))),
+        # The demo's eval sentences (example/configs/eval_list.jsonl): their words, never themselves.
+        "demo_eval_words_seen_in_train": len(demo_words & vocab["train"]) / len(demo_words),
+        "demo_eval_sentences_in_train": len(set(HELD_OUT) & set(sets["train"])),
     }
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))

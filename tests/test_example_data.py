@@ -67,6 +67,19 @@ def test_corpus_sentence_sets_are_disjoint_deterministic_and_test_words_are_trai
     assert all(make_dataset.words_of(s) <= train_vocab for s in test)
 
 
+def test_the_default_corpus_trains_every_word_of_the_demo_eval_but_none_of_its_sentences() -> None:
+    """`make demo` fine-tunes the models trained on the corpus and is judged on example/configs/
+    eval_list.jsonl: its sentences are held out of the corpus, their words are not (each heard often)."""
+    make_dataset = _load_make_dataset()
+    train = make_dataset.corpus_sentences(3000, 100, 100, seed=0)["train"]
+    targets = [json.loads(line)["target_text"] for line in (CONFIGS / "eval_list.jsonl").read_text().splitlines()]
+    assert sorted(targets) == sorted(make_dataset.HELD_OUT)
+    counts = Counter(w for sentence in train for w in make_dataset.words_of(sentence))
+    demo_words = set().union(*(make_dataset.words_of(t) for t in targets))
+    assert min(counts[w] for w in demo_words) >= 20, {w: counts[w] for w in demo_words}
+    assert not set(targets) & set(train)
+
+
 def test_corpus_mode_writes_manifests_audio_eval_list_and_summary(tmp_path: Path) -> None:
     make_dataset = _load_make_dataset()
     make_dataset.main(["corpus", "--out", str(tmp_path), "--n", "8", "--n_val", "2", "--n_test", "2",
@@ -88,6 +101,7 @@ def test_corpus_mode_writes_manifests_audio_eval_list_and_summary(tmp_path: Path
         assert f"{first}." in singles and second in singles
         assert pair["duration"] > max(singles[f"{first}."]["duration"], singles[second]["duration"])
     assert summary["test_words_seen_in_train"] == 1.0 and summary["sentence_overlap_train_heldout"] == 0
+    assert summary["demo_eval_sentences_in_train"] == 0 and 0 < summary["demo_eval_words_seen_in_train"] <= 1
     items = [json.loads(line) for line in (tmp_path / "eval_list.jsonl").read_text().splitlines()]
     test_rows = [r for _, r in read_manifest(str(tmp_path / "test.jsonl"))]
     assert [i["target_text"] for i in items] == [r["transcript"] for r in test_rows]
