@@ -220,7 +220,8 @@ def test_lora_grpo_trains_the_added_rows_and_merges_into_the_final_model(artefac
     """GRPO under LoRA uses SFT's adapter: the audio rows (and the prompt tags) train with the LoRA
     matrices, the text rows and the untargeted layers stay as they were, and the final model is merged."""
     root, _, model_dir, data = artefacts
-    settings = {"rlhf_training.max_steps": 2, "rlhf_training.reward_funcs": ["TruncationRewardFunc"],
+    # A continuous reward: equal rewards in a group give zero advantages and no gradient at all.
+    settings = {"rlhf_training.max_steps": 2, "rlhf_training.reward_funcs": ["SimilarityRewardFunc"],
                 "rlhf_training.guard_rail_steps": 100, "training.output_dir": str(tmp_path),
                 "modeling.lora": {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}
     assert main(["rlhf", *_overrides(root, model_dir, data, **settings)]) == 0
