@@ -67,7 +67,7 @@ def ship_codec(layout: RunLayout, out: Path, command: str = COMMAND, config: Pat
     return target
 
 
-def ship_speechlm(layout: RunLayout, out: Path) -> Path:
+def ship_speechlm(layout: RunLayout, out: Path, command: str = COMMAND) -> Path:
     source = Path(layout.export_dir("rlhf"))
     source = source if source.exists() else Path(layout.export_dir("sft"))
     target = out / "speechlm-small"
@@ -81,8 +81,8 @@ def ship_speechlm(layout: RunLayout, out: Path) -> Path:
             for src in ("sft", "rlhf") if (Path(layout.model_run_dir(src)) / "metrics.jsonl").exists()}
     results = Path(layout.eval_dir) / "results.json"
     provenance = {
-        "command": COMMAND,
-        "configs": ["example/configs/models/sft-small.json", "example/configs/models/rlhf-small.json"],
+        "command": command,
+        "configs": [f"example/configs/models/{src}-small.json" for src in runs],
         "exported_from": str(source), "runs": {k: {"steps": v["steps"], "wall_time_s": v["wall_time_s"]}
                                                for k, v in runs.items()},
         "eval": json.loads(results.read_text())["aggregate"] if results.exists() else None,
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         corpus = args.run / "corpus" / "summary.json"
         print(f"codec -> {ship_codec(layout, args.out, args.command, args.codec_config, corpus)}")
     if args.only != "codec":
-        print(f"speechlm -> {ship_speechlm(layout, args.out)}")
+        print(f"speechlm -> {ship_speechlm(layout, args.out, args.command)}")
     return 0
 
 
