@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import signal
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 def rank() -> int:
@@ -65,6 +68,22 @@ def leave_stop_signals_to_the_trainer(_worker_id: int = 0) -> None:
     stops its workers itself."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StopRequest:
+    """SIGTERM (a pod evicted, a job cancelled, `ttsctl` stopping a run) asks the training loop to finish
+    its step, save a checkpoint and exit, so the next run resumes instead of losing the steps since the
+    last save. The one handler of both training loops (SFT, codec)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, _signum: int, _frame: object) -> None:
+        log.warning("SIGTERM: finishing the current step, saving a checkpoint, then exiting")
+        self.requested = True
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

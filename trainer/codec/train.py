@@ -14,7 +14,6 @@ import io as _stdio
 import json
 import logging
 import random
-import signal
 import time
 from pathlib import Path
 
@@ -413,14 +412,8 @@ def run(config: TrainerConfig) -> int:
         CODEBOOK_PERPLEXITY.set(usage["codebook_perplexity"])
         return usage
 
-    stop_requested = False
-
-    def request_stop(_signum, _frame) -> None:
-        nonlocal stop_requested
-        log.warning("SIGTERM: finishing the current step, saving a checkpoint, then exiting")
-        stop_requested = True
-
-    signal.signal(signal.SIGTERM, request_stop)
+    stop = distributed.StopRequest()
+    stop.install()
     if step == 0:
         scalars.log(0, eval_mel_loss=evaluate(), **eval_codebook())
     started, seconds_done = time.time(), 0.0
@@ -501,7 +494,7 @@ def run(config: TrainerConfig) -> int:
             scalars.log(step, **scores)
             log.info("step %d resynthesis of %d held-out clips: WER %.3f SIM %s", step,
                      len(resynthesis.utterances), scores["resynth_wer"], scores["resynth_sim"])
-        stopping = distributed.any_rank(stop_requested, device)
+        stopping = distributed.any_rank(stop.requested, device)
         if stopping or (step % train.save_steps == 0 and step < train.max_steps):
             if distributed.is_main():
                 _save_checkpoint(train, step, codec, disc, g_opt, d_opt)

@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -148,7 +147,7 @@ class SFTTrainer:
         elif self.weights_only:
             log.info("started from the model weights of %s (optimiser, schedule and data order fresh)",
                      self.resume_url)
-        self._stop_requested = False
+        self._stop = distributed.StopRequest()
         self.scalars = metrics.ScalarLog(io.join(self.run_url, "metrics.jsonl"), "sft")
         self.wandb = self._init_wandb()
 
@@ -254,7 +253,7 @@ class SFTTrainer:
         real = sum(b.real_tokens for b in micro)
         sum_sq = sum(telemetry.doc_lengths_sq(b.doc_ids, b.targets) for b in micro)
         total_loss, real, sum_sq, stop = _all_reduce(
-            [float(loss_sum), real, sum_sq, float(self._stop_requested)], self.device
+            [float(loss_sum), real, sum_sq, float(self._stop.requested)], self.device
         )
         return StepStats(
             total_loss / max(global_labelled, 1.0), lr, int(real), int(global_labelled), int(sum_sq), stop > 0
@@ -296,12 +295,8 @@ class SFTTrainer:
         loss_sum, count = _all_reduce([loss_sum, count], self.device)
         return loss_sum / count if count else None
 
-    def _handle_sigterm(self, signum, frame) -> None:
-        log.warning("SIGTERM: finishing the current step, saving a checkpoint, then exiting")
-        self._stop_requested = True
-
     def train(self) -> int:
-        signal.signal(signal.SIGTERM, self._handle_sigterm)
+        self._stop.install()
         metrics.serve(self.config.metrics.port)
         t = self.t
         accum = t.gradient_accumulation_steps
