@@ -23,7 +23,7 @@ from trainer.model.build import build_speechlm
 from trainer.model.prompt import PromptFormat
 from trainer.train import checkpoint
 from trainer.train.lora import added_token_rows, apply_lora, merge_lora_state_dict
-from trainer.train.objective import SpeechLMObjective
+from trainer.train.objective import SpeechLMObjective, corrupt_audio_inputs
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
@@ -75,6 +75,31 @@ def test_audio_vocab_loss_is_softmax_over_the_audio_rows(data_dir):
     sub = logits[0][mask][:, vocab.speech_end_id : vocab.audio_end]
     expected = torch.nn.functional.cross_entropy(sub, batch.targets[0][mask] - vocab.speech_end_id, reduction="sum")
     assert float(audio) == pytest.approx(float(expected), rel=1e-5) and int(n) == int(mask.sum())
+
+
+def test_audio_input_noise_corrupts_only_audio_inputs_and_only_in_training(data_dir):
+    lm, tokenizer, vocab = build_speechlm("tiny", 64, seed=0)
+    use_packed_attention(lm)
+    data = PackedData({str(data_dir): 1.0}, "train", PromptFormat(tokenizer, vocab), max_seq_len=256,
+                      pack_length=256, batch_size=1, codebook_size=64)
+    batch = data.collate(data.rows(0)[:1])
+    ids = batch.input_ids
+    torch.manual_seed(0)
+    noisy = corrupt_audio_inputs(ids, vocab, 0.5)
+    audio = (ids >= vocab.audio_offset) & (ids < vocab.audio_end)
+    changed = noisy != ids
+    assert not changed[~audio].any()  # text, tags and padding untouched
+    assert ((noisy[audio] >= vocab.audio_offset) & (noisy[audio] < vocab.audio_end)).all()
+    # ~50% drawn, of which 1/64 land on the same code
+    assert 0.4 < changed[audio].float().mean().item() < 0.6
+    objective = SpeechLMObjective(lm, vocab, "sdpa", "audio", audio_input_noise=0.5)
+    clean = SpeechLMObjective(lm, vocab, "sdpa", "audio")
+    with torch.no_grad():
+        objective.eval()
+        assert float(objective(batch)[0]) == pytest.approx(float(clean(batch)[0]))  # eval sees clean inputs
+        objective.train()
+        assert float(objective(batch)[0]) != pytest.approx(float(clean(batch)[0]))
+    assert torch.equal(batch.input_ids, ids)  # the batch itself is not modified
 
 
 def test_loss_falls_and_outputs_load_with_from_pretrained(reference_run):
@@ -229,6 +254,7 @@ def test_dry_run_computes_one_loss_without_training(data_dir, tmp_path, capsys):
         (lambda c, d: c["modeling"]["parameters"].update(codebook_size=32), "codebook_size is 64"),
         (lambda c, d: c["training"].update(strategy="horovod"), "training.strategy"),
         (lambda c, d: c["training"].update(precision="fp16"), "fp16"),
+        (lambda c, d: c["training"].update(audio_input_noise=1.0), "training.audio_input_noise"),
         (lambda c, d: c["modeling"]["parameters"].update(model_name="meta-llama/Llama-3.2-1B"), "neither a preset"),
     ],
 )

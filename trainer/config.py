@@ -58,6 +58,11 @@ class TrainingConfig(Section):
     # Sequence packing: whole samples packed into rows of `pack_length` tokens, attention kept per sample.
     packing: bool = True
     pack_length: int = Field(4096, gt=0)
+    # Fraction of the audio INPUT tokens replaced by random codes in training (targets unchanged): the
+    # token-level counterpart of Tacotron's pre-net dropout. The model cannot lean on copying the audio
+    # history for what to say next, must read the text, and learns to carry on after its own sampling
+    # errors (exposure bias). 0 trains on the clean sequence, as the reference does.
+    audio_input_noise: float = Field(0.0, ge=0, lt=1)
     deepspeed_zero_stage: Literal[2, 3] = 2
     process_group_timeout_s: int = Field(1800, gt=0)
     num_workers: int = Field(2, ge=0)

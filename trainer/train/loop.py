@@ -133,7 +133,9 @@ class SFTTrainer:
             )
         self.total_steps = 1 if t.dry_run else (t.max_steps or t.num_epochs * steps_per_epoch)
 
-        objective = SpeechLMObjective(lm, self.vocab, self.backend, p.loss_vocab, p.loss_chunk_size)
+        objective = SpeechLMObjective(
+            lm, self.vocab, self.backend, p.loss_vocab, p.loss_chunk_size, t.audio_input_noise
+        )
         self.module, self.optimizer = self.strategy.setup(objective)
         self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
         self.flops = telemetry.FlopCounter(

@@ -43,11 +43,19 @@ def chunked_cross_entropy(
     return total
 
 
+def corrupt_audio_inputs(input_ids: torch.Tensor, vocab: AudioVocab, fraction: float) -> torch.Tensor:
+    """`input_ids` with each audio code replaced, with probability `fraction`, by a uniformly random code."""
+    audio = (input_ids >= vocab.audio_offset) & (input_ids < vocab.audio_end)
+    hit = audio & (torch.rand(input_ids.shape, device=input_ids.device) < fraction)
+    return torch.where(hit, torch.randint_like(input_ids, vocab.audio_offset, vocab.audio_end), input_ids)
+
+
 class SpeechLMObjective(nn.Module):
     """Wraps the causal LM so DDP/FSDP/DeepSpeed see one module whose forward returns the loss sum."""
 
     def __init__(
-        self, lm: nn.Module, vocab: AudioVocab, attention: str, loss_vocab: str = "audio", chunk_size: int = 4096
+        self, lm: nn.Module, vocab: AudioVocab, attention: str, loss_vocab: str = "audio", chunk_size: int = 4096,
+        audio_input_noise: float = 0.0,
     ):
         super().__init__()
         self.lm = lm
@@ -55,6 +63,7 @@ class SpeechLMObjective(nn.Module):
         self.attention = attention
         self.loss_vocab = loss_vocab
         self.chunk_size = chunk_size
+        self.audio_input_noise = audio_input_noise
 
     def _causal_lm(self) -> nn.Module:
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
@@ -62,8 +71,11 @@ class SpeechLMObjective(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of CE over labelled tokens, number of labelled tokens) for one micro-batch."""
         lm = self._causal_lm()
+        input_ids = batch.input_ids
+        if self.training and self.audio_input_noise:
+            input_ids = corrupt_audio_inputs(input_ids, self.vocab, self.audio_input_noise)
         hidden = lm.model(
-            input_ids=batch.input_ids,
+            input_ids=input_ids,
             position_ids=batch.position_ids,
             use_cache=False,
             **build_attention_inputs(batch.doc_ids, self.attention),
