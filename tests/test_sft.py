@@ -61,12 +61,17 @@ def test_packed_row_loss_equals_per_samplerun_losses(data_dir, prompt_format):
     assert abs(float(leaky_sum) - single_sum) > 10 * 1e-5 * single_sum
 
 
-def test_audio_vocab_loss_is_softmax_over_the_audio_rows(data_dir):
+def _tiny_lm_and_one_row(data_dir):
+    """A tiny packed-attention SpeechLM and the first packed training row of `data_dir` as a batch."""
     lm, tokenizer, vocab = build_speechlm("tiny", 64, seed=0)
     use_packed_attention(lm)
     data = PackedData({str(data_dir): 1.0}, "train", PromptFormat(tokenizer, vocab), max_seq_len=256,
                       pack_length=256, batch_size=1, codebook_size=64)
-    batch = data.collate(data.rows(0)[:1])
+    return lm, vocab, data.collate(data.rows(0)[:1])
+
+
+def test_audio_vocab_loss_is_softmax_over_the_audio_rows(data_dir):
+    lm, vocab, batch = _tiny_lm_and_one_row(data_dir)
     with torch.no_grad():
         audio, n = SpeechLMObjective(lm, vocab, "sdpa", "audio")(batch)
         logits = lm(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
@@ -78,15 +83,11 @@ def test_audio_vocab_loss_is_softmax_over_the_audio_rows(data_dir):
 
 
 def test_audio_input_noise_corrupts_only_audio_inputs_and_only_in_training(data_dir):
-    lm, tokenizer, vocab = build_speechlm("tiny", 64, seed=0)
-    use_packed_attention(lm)
-    data = PackedData({str(data_dir): 1.0}, "train", PromptFormat(tokenizer, vocab), max_seq_len=256,
-                      pack_length=256, batch_size=1, codebook_size=64)
-    batch = data.collate(data.rows(0)[:1])
+    lm, vocab, batch = _tiny_lm_and_one_row(data_dir)
     ids = batch.input_ids
     torch.manual_seed(0)
     noisy = corrupt_audio_inputs(ids, vocab, 0.5)
-    audio = (ids >= vocab.audio_offset) & (ids < vocab.audio_end)
+    audio = vocab.is_audio(ids)
     changed = noisy != ids
     assert not changed[~audio].any()  # text, tags and padding untouched
     assert ((noisy[audio] >= vocab.audio_offset) & (noisy[audio] < vocab.audio_end)).all()

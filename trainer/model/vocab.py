@@ -13,8 +13,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    ArrayOrTensor = np.ndarray | torch.Tensor
 
 SPEECHLM_FILE = "speechlm.json"
 AUDIO_TOKEN = "<|s_{}|>"
@@ -68,8 +74,8 @@ class AudioVocab:
             )
         return codes + self.audio_offset
 
-    def is_audio(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids)
+    def is_audio(self, ids: ArrayOrTensor) -> ArrayOrTensor:
+        """Mask of the audio ids; a numpy array for an array, a tensor (same device) for a tensor."""
         return (ids >= self.audio_offset) & (ids < self.audio_end)
 
     def codes_from_ids(self, ids: np.ndarray | list[int]) -> np.ndarray:

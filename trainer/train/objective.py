@@ -45,8 +45,7 @@ def chunked_cross_entropy(
 
 def corrupt_audio_inputs(input_ids: torch.Tensor, vocab: AudioVocab, fraction: float) -> torch.Tensor:
     """`input_ids` with each audio code replaced, with probability `fraction`, by a uniformly random code."""
-    audio = (input_ids >= vocab.audio_offset) & (input_ids < vocab.audio_end)
-    hit = audio & (torch.rand(input_ids.shape, device=input_ids.device) < fraction)
+    hit = vocab.is_audio(input_ids) & (torch.rand(input_ids.shape, device=input_ids.device) < fraction)
     return torch.where(hit, torch.randint_like(input_ids, vocab.audio_offset, vocab.audio_end), input_ids)
 
 
