@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from speechlm_fixtures import REPO, run_losses, sft_config, torchrun, write_config, write_vectorized
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.cli import main
@@ -284,3 +285,29 @@ def test_checkpoint_publish_to_object_store_and_ignore_incomplete():
     fs.pipe_file("/runs/x/checkpoints/step_9/a.txt", b"partial")  # a save killed before its marker
     assert checkpoint.latest_checkpoint(run) == "memory://runs/x/checkpoints/step_5"
     assert fs.cat_file("/runs/x/checkpoints/step_5/a.txt") == b"a"
+
+
+def test_save_best_keeps_the_lowest_val_loss_model_across_a_resume(tmp_path):
+    # Six training samples and a high constant lr: the val loss bottoms out at step 16, before the end.
+    data = write_vectorized(tmp_path / "vec", n_train=6, n_val=8)
+    cfg = sft_config(data, tmp_path, eval_steps=2, learning_rate=3e-2, lr_scheduler="constant")
+    cfg["checkpointing"].update(save_steps=2, keep_only_last_n_checkpoints=None, save_best=True)
+    assert main(["sft", "--config", str(write_config(tmp_path / "sft.json", cfg))]) == 0
+    run = tmp_path / "t"
+    evals = run_losses(run, "eval_loss")
+    best_step = min(evals, key=evals.get)
+    assert best_step < 20  # the case where the last model is not the best
+    best = run / checkpoint.BEST_MODEL
+    assert checkpoint.io.is_complete(str(best))
+    assert json.loads((best / checkpoint.BEST_RECORD).read_text()) == {"step": best_step,
+                                                                       "eval_loss": evals[best_step]}
+    same_step = load_file(run / "checkpoints" / f"step_{best_step}" / "model.safetensors")
+    assert all(torch.equal(t, same_step[k]) for k, t in load_file(best / "model.safetensors").items())
+    AutoModelForCausalLM.from_pretrained(best)
+
+    # Resumed for 4 more steps whose val losses are all above the best: the best model stays.
+    cfg["training"]["max_steps"] = 24
+    assert main(["sft", "--config", str(write_config(tmp_path / "sft.json", cfg))]) == 0
+    evals = run_losses(run, "eval_loss")
+    assert min(evals[22], evals[24]) > evals[best_step]
+    assert json.loads((best / checkpoint.BEST_RECORD).read_text())["step"] == best_step

@@ -124,6 +124,9 @@ class CheckpointingConfig(Section):
     # Take only the model weights from the resumed checkpoint: optimiser, schedule and data order start fresh.
     only_load_model_weights: bool = False
     resume: Literal["auto", "never"] = "auto"
+    # Also keep the model of the lowest validation loss so far in <run>/best_model (with best.json: step,
+    # eval_loss): many epochs over a small corpus overfit, and the last step is then not the best model.
+    save_best: bool = False
 
 
 class DatasetConfig(Section):

@@ -4,6 +4,8 @@
                                                     speechlm.json) + resume/ (optimizer, scheduler,
                                                     step, sampler position, RNG) + _COMPLETE
     <output_dir>/<run_name>/final_model/            HF directory
+    <output_dir>/<run_name>/best_model/             HF directory + best.json (step, eval_loss) of the
+                                                    lowest validation loss (checkpointing.save_best)
 
 Only directories with the `_COMPLETE` marker count: a run killed mid-save leaves a temporary
 directory (local) or an unmarked one (object store) that resume never picks.
@@ -25,6 +27,8 @@ from trainer.config import TrainingConfig
 CHECKPOINTS = "checkpoints"
 RESUME = "resume"
 FINAL_MODEL = "final_model"
+BEST_MODEL = "best_model"
+BEST_RECORD = "best.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -108,6 +112,14 @@ def publish(dest_url: str, write: Callable[[Path], None]) -> None:
     if distributed.is_main():
         fs.pipe_file(f"{path}/{io.COMPLETE_MARKER}", b"")
     distributed.barrier()
+
+
+def best_eval_loss(run_url: str) -> float | None:
+    """The validation loss of the run's published best model (None: none yet)."""
+    url = io.join(run_url, BEST_MODEL)
+    if not io.is_complete(url):
+        return None
+    return float(io.read_json(io.join(url, BEST_RECORD))["eval_loss"])
 
 
 def local_copy(url: str) -> Path:

@@ -149,6 +149,9 @@ class SFTTrainer:
         elif self.weights_only:
             log.info("started from the model weights of %s (optimiser, schedule and data order fresh)",
                      self.resume_url)
+        # A resumed run keeps competing with the best model it already published; a new run starts afresh.
+        resumed = self.resume_url is not None and not self.weights_only
+        self.best_loss = checkpoint.best_eval_loss(self.run_url) if config.checkpointing.save_best and resumed else None
         self._stop = distributed.StopRequest()
         self.scalars = metrics.ScalarLog(io.join(self.run_url, "metrics.jsonl"), "sft")
         self.wandb = self._init_wandb()
@@ -367,6 +370,9 @@ class SFTTrainer:
             self.wandb.log({"eval/loss": loss}, step=self.step)
         if distributed.is_main():
             log.info("step %d eval_loss %.4f", self.step, loss)
+        if self.config.checkpointing.save_best and (self.best_loss is None or loss < self.best_loss):
+            self.best_loss = loss
+            self.save_best(loss)
 
     # ------------------------------------------------------------------------------- checkpoints
     def _hf_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -407,6 +413,19 @@ class SFTTrainer:
         telemetry.CHECKPOINT_SECONDS.observe(time.perf_counter() - tick)
         if distributed.is_main():
             log.info("checkpoint step %d saved in %.1f s", self.step, time.perf_counter() - tick)
+
+    def save_best(self, loss: float) -> None:
+        state = self._hf_state_dict()
+        record = {"step": self.step, "eval_loss": loss}
+
+        def write(directory: Path) -> None:
+            self._write_hf(directory, state)
+            if distributed.is_main():
+                (directory / checkpoint.BEST_RECORD).write_text(json.dumps(record))
+
+        checkpoint.publish(io.join(self.run_url, checkpoint.BEST_MODEL), write)
+        if distributed.is_main():
+            log.info("best model so far (eval_loss %.4f at step %d) saved", loss, self.step)
 
     def save_final(self) -> None:
         state = self._hf_state_dict()
