@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from speechlm_fixtures import REPO, run_losses, sft_config, torchrun, write_config, write_vectorized
 from safetensors.torch import load_file
+from speechlm_fixtures import REPO, run_losses, sft_config, torchrun, write_config, write_vectorized
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.cli import main
