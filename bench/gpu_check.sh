@@ -3,15 +3,15 @@
 #
 #   Step 1, where pip reaches PyPI (the dev machine), from the repo root:
 #       bash bench/gpu_check.sh --fetch-wheels
-#     downloads the pinned pure-Python dependencies the GPU machine lacks (and the versions our pins
-#     need where it has others: transformers 4.57, its tokenizers/huggingface-hub) as py3.12 x86-64
-#     wheels into .whl/ (git-ignored; about 20 MB, so it fits the 64 MiB a device call carries).
-#   Step 2, on the GPU machine (torch + CUDA there; nothing else of ours), with .whl/ copied along:
+#     packs the pinned pure-Python dependencies the GPU machine lacks (and the versions our pins need
+#     where it has others: transformers 4.57, its tokenizers/huggingface-hub) into .gpu/ (git-ignored;
+#     bench/gpu_site.sh: 9.3 MiB, so the call stays under the 64 MiB a device call carries).
+#   Step 2, on the GPU machine (torch + CUDA there; nothing else of ours), with .gpu/ carried along:
 #       bash bench/gpu_check.sh [--out FILE]          # default FILE: gpu_check_results.txt
-#     installs .whl/*.whl into /tmp/site (no index, no deps: the machine has no network), puts it
-#     first on PYTHONPATH, then runs the checks. A check that fails is recorded and the next runs.
+#     unpacks them into /tmp/site (the machine has no network), puts it first on PYTHONPATH, then runs
+#     the checks. A check that fails is recorded and the next runs.
 #     Each check has a time limit; they add up to 9 minutes, so one 10-minute device command holds it
-#     (e.g. carry .whl, command `bash bench/gpu_check.sh --out $OUT/gpu_check_results.txt`).
+#     (e.g. carry .gpu, command `bash bench/gpu_check.sh --out $OUT/gpu_check_results.txt`).
 #   CPU smoke run (tiny shapes, every branch except the CUDA-only ones; what CI tests):
 #       bash bench/gpu_check.sh --smoke --out /tmp/smoke.txt
 #
@@ -23,7 +23,6 @@ cd "$(dirname "$0")/.."
 
 SMOKE=0
 OUT_FILE=gpu_check_results.txt
-WHEELS=.whl
 PY=${PYTHON:-python3}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -35,34 +34,16 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-# The versions of the dev venv (constraints/) that the checks import and the GPU image lacks or has in
-# another version: its transformers 5.x / huggingface-hub 1.x are newer than the stack we ship and test.
-# Found by tracing the imports of a --smoke run against the image's package list.
-PINS=(
-  transformers==4.57.6 tokenizers==0.22.2 huggingface-hub==0.36.2
-  pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
-  vector-quantize-pytorch==1.32.0 einx==0.4.3 frozendict==2.5.1 torch-einops-utils==0.2.0 loguru==0.7.3
-  soundfile==0.14.0 soxr==1.1.0 num2words==0.5.14 docopt==0.6.2
-)
+source bench/gpu_site.sh
 
 if [ "${MODE:-}" = fetch ]; then
-  mkdir -p "$WHEELS"
-  for pin in "${PINS[@]}"; do
-    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-      --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$WHEELS" "$pin" 2>/dev/null \
-    || "$PY" -m pip wheel -q --no-deps -w "$WHEELS" "$pin" \
-    || { echo "could not fetch $pin" >&2; exit 1; }
-  done
-  du -sh "$WHEELS"
-  exit 0
+  gpu_site_fetch "$PY" && travel_mib
+  exit
 fi
 
-# The wheels are the GPU machine's (py3.12); a smoke run uses the dev venv as it is.
-if [ "$SMOKE" = 0 ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "$WHEELS"/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
+# The tarball is the GPU machine's (py3.12); a smoke run uses the dev venv as it is.
+if [ "$SMOKE" = 0 ] && [ -f "$SITE_TARBALL" ]; then
+  gpu_site_install || exit 1
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from speech_fixtures import make_codec, make_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -47,6 +48,22 @@ def test_export_full_checkpoint_reloads_identically(artefacts, tmp_path):
     assert exported.keys() == original.keys()
     assert all(torch.equal(exported[k], original[k]) for k in original)
     assert load_speechlm(str(out))[2] == load_speechlm(str(step))[2]  # same vocabulary layout
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_export_dtype_halves_the_weights_and_loads_back_as_float32(artefacts, tmp_path, dtype):
+    _, _, step = artefacts
+    out = tmp_path / "served"
+    assert main(["export", "--checkpoint_path", str(step), "--output_path", str(out), "--set",
+                 f"export.dtype={dtype}"]) == 0
+    stored = load_file(out / "model.safetensors")
+    assert {t.dtype for t in stored.values()} == {getattr(torch, dtype)}
+    assert (out / "model.safetensors").stat().st_size < 0.55 * (step / "model.safetensors").stat().st_size
+    original = _weights(step)
+    model = load_speechlm(str(out))[0]  # the readers' default: float32
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == torch.float32
+        assert torch.equal(tensor, original[name].to(getattr(torch, dtype)).float()), name
 
 
 def test_export_lora_adapter_is_merged(artefacts, tmp_path):

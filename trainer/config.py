@@ -99,7 +99,7 @@ class LoraConfig(Section):
 class ModelParameters(Section):
     codebook_size: int = Field(65536, gt=0)
     max_seq_len: int = Field(2048, gt=0)
-    # A local Hugging Face directory, or a preset name ("tiny", "small", "llama-3.2-1b") for random init.
+    # A local Hugging Face directory, or a preset name ("tiny", "small", "small-wide", "llama-3.2-1b") for random init.
     model_name: str = "tiny"
     enable_text_normalization: bool = True
     prompt_format: Literal["inworld", "llasa"] = "inworld"
@@ -398,6 +398,9 @@ class ExportConfig(Section):
     # Architecture + tokenizer for checkpoints that carry only weights (adapters, resume states, files);
     # None: the checkpoint's own directory or parent when it holds speechlm.json, or the adapter's base.
     base_model_path: str | None = None
+    # Weights dtype of the serving directory (float32 keeps the training master weights exactly; bfloat16
+    # is what vLLM serves on GPUs; float16 keeps more mantissa than bfloat16 at the same bytes).
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 class SamplingConfig(Section):

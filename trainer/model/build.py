@@ -2,9 +2,9 @@
 
 `build_speechlm` takes a LOCAL Hugging Face directory (a text LLM to extend, or an existing SpeechLM
 with `speechlm.json`) or a preset name ("tiny" for CPU tests, "small" for the shipped example model,
-"llama-3.2-1b" for the LLaMA-3.2-1B shape), both random-init for presets. Saved directories are plain
-HF directories (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) plus
-`speechlm.json`, loadable by
+"small-wide" for its GPU run, "llama-3.2-1b" for the LLaMA-3.2-1B shape), both random-init for presets.
+Saved directories are plain HF directories (config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json) plus `speechlm.json`, loadable by
 `AutoModelForCausalLM.from_pretrained`, `AutoTokenizer.from_pretrained` and vLLM as they are.
 """
 
@@ -57,6 +57,16 @@ def _small_config(vocab_size: int) -> LlamaConfig:
     )
 
 
+def _small_wide_config(vocab_size: int) -> LlamaConfig:
+    """~20M parameters (10 layers x 384): the largest SpeechLM that ships beside the small codec within the
+    example models' 80 MB at float16; sized for a GPU run (example/gpu_models.sh), slow on 2 CPU cores."""
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=384, intermediate_size=1152, num_hidden_layers=10,
+        num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=10000.0,
+        tie_word_embeddings=True,
+    )
+
+
 def _llama_3_2_1b_config(vocab_size: int) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -71,6 +81,7 @@ def _llama_3_2_1b_config(vocab_size: int) -> LlamaConfig:
 PRESETS = {
     "tiny": (None, _tiny_config),
     "small": (None, _small_config),
+    "small-wide": (None, _small_wide_config),
     "llama-3.2-1b": (LLAMA3_TEXT_VOCAB, _llama_3_2_1b_config),
 }
 

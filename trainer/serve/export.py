@@ -237,6 +237,7 @@ def export(config: TrainerConfig) -> str:
         loaders = {"state_file": _load_state_file, "fsdp": _load_fsdp, "deepspeed": load_deepspeed}
         state = align_state_dict(loaders[kind](url), model, config.modeling.lora, added_token_rows(vocab))
         model.load_state_dict(state, strict=False)
+    model = model.to(getattr(torch, cfg.dtype))
     codec_url = _codec_source(cfg, url, base)
     with io.staged_dir(cfg.output_path) as staging:
         save_speechlm(model, tokenizer, vocab, staging)

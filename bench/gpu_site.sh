@@ -1,0 +1,60 @@
+# Sourced by the GPU scripts (bench/gpu_check.sh, example/gpu_models.sh): the Python packages our code
+# needs that the GPU machine's image lacks, carried there as one xz tarball.
+#
+# A device call carries at most 64 MiB: the tracked tree (~49 MiB, the shipped codec is 35 MiB of it)
+# plus the carried paths. The pinned wheels are 19.7 MiB as wheels (zip) but 9.3 MiB unpacked and
+# xz-compressed (measured 2026-12-03), so they travel as that tarball, not as wheels.
+
+GPU_DIR=${GPU_DIR:-.gpu}  # a test packs elsewhere
+SITE_TARBALL=$GPU_DIR/site-py312.tar.xz
+DEVICE_LIMIT_MIB=64
+
+# The versions of the dev venv (constraints/) that our training code imports and the GPU image lacks or
+# has in another version: its transformers 5.x / huggingface-hub 1.x are newer than the stack we ship and
+# test. Found by tracing the imports of a --smoke run against the image's package list.
+GPU_PINS=(
+  transformers==4.57.6 tokenizers==0.22.2 huggingface-hub==0.36.2
+  pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+  vector-quantize-pytorch==1.32.0 einx==0.4.3 frozendict==2.5.1 torch-einops-utils==0.2.0 loguru==0.7.3
+  soundfile==0.14.0 soxr==1.1.0 num2words==0.5.14 docopt==0.6.2
+)
+
+# gpu_site_fetch PY: download the pins as py3.12 x86-64 wheels (where pip reaches PyPI) and pack them,
+# unzipped, into $SITE_TARBALL. A wheel is a zip of what `pip install --no-deps` puts in site-packages.
+gpu_site_fetch() {
+  local py="$1" tmp
+  tmp=$(mktemp -d)
+  mkdir -p "$GPU_DIR" "$tmp/wheels" "$tmp/site"
+  for pin in "${GPU_PINS[@]}"; do
+    "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$tmp/wheels" "$pin" 2>/dev/null \
+    || "$py" -m pip wheel -q --no-deps -w "$tmp/wheels" "$pin" \
+    || { echo "could not fetch $pin" >&2; rm -rf "$tmp"; return 1; }
+  done
+  for wheel in "$tmp"/wheels/*.whl; do
+    "$py" -m zipfile -e "$wheel" "$tmp/site" || { rm -rf "$tmp"; return 1; }
+  done
+  tar -cJf "$SITE_TARBALL.tmp" -C "$tmp/site" . && mv "$SITE_TARBALL.tmp" "$SITE_TARBALL"
+  rm -rf "$tmp"
+  ls -l "$SITE_TARBALL"
+}
+
+# gpu_site_install: on the GPU machine, unpack the tarball into /tmp/site and put it (and the repo) first
+# on PYTHONPATH.
+gpu_site_install() {
+  [ -f "$SITE_TARBALL" ] || { echo "$SITE_TARBALL is missing: carry $GPU_DIR (made by --prepare)" >&2; return 1; }
+  rm -rf /tmp/site && mkdir -p /tmp/site && tar -xJf "$SITE_TARBALL" -C /tmp/site || return 1
+  export PYTHONPATH=/tmp/site:$PWD
+}
+
+# travel_mib: MiB a device call would carry with $GPU_DIR (the tracked and untracked-not-ignored files
+# plus it); fails above the limit, so --prepare stops here rather than the call being refused there.
+travel_mib() {
+  local bytes
+  bytes=$({ git ls-files -z --cached --others --exclude-standard; find "$GPU_DIR" -type f -print0; } \
+    | xargs -0 du -cb 2>/dev/null | awk '$2 == "total" {s += $1} END {print s}')
+  local mib=$((bytes / 1048576))
+  echo "a device call would carry $mib MiB of at most $DEVICE_LIMIT_MIB (tracked tree + $GPU_DIR)"
+  [ "$mib" -lt "$DEVICE_LIMIT_MIB" ]
+}

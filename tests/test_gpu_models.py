@@ -1,0 +1,58 @@
+"""example/gpu_models.sh (the example SpeechLM's GPU run) end to end on the CPU: --prepare packs the
+merged codes, the smoke run trains both arms a few steps through `tts-train sft`/`export` and splits
+each best model into parts the device tool brings back, --collect reassembles loadable models."""
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from speechlm_fixtures import REPO, write_vectorized
+
+from trainer.model.build import load_speechlm
+
+ENV = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+
+
+def _script(*args: str, **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["bash", "example/gpu_models.sh", *args], cwd=REPO, env={**ENV, **env},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_prepare_merges_and_packs_the_codes_within_the_device_limit(tmp_path):
+    vec = write_vectorized(tmp_path / "vec", sharded=True)
+    gpu = tmp_path / "gpu"
+    gpu.mkdir()
+    with tarfile.open(gpu / "site-py312.tar.xz", "w:xz"):  # the site packages are fetched separately
+        pass
+    proc = _script("--prepare", str(vec), GPU_DIR=str(gpu))
+    assert re.search(r"a device call would carry \d+ MiB of at most 64", proc.stdout)
+    with tarfile.open(gpu / "vectorized.tar.xz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert {"train_codes.npy", "train_codes_index.npy", "train_samples.jsonl", "val_codes.npy",
+            "val_codes_index.npy", "val_samples.jsonl", "dataset_info.json"} <= names
+
+
+def test_smoke_run_trains_both_arms_and_collect_reassembles_the_best_models(tmp_path):
+    data = write_vectorized(tmp_path / "vec", n_train=40, n_val=8, codebook_size=4096)
+    out = tmp_path / "out"
+    _script("--smoke", "--out", str(out), GPU_MODELS_SMOKE_DATA=str(data))
+    results = (out / "results.txt").read_text()
+    parts = sorted(p for p in out.iterdir() if ".tar.part-" in p.name)
+    assert len(parts) <= 7 and all(p.stat().st_size <= 15 * 2**20 for p in parts)  # device tool: 8 x 16 MiB
+    _script("--collect", str(out), "--to", str(tmp_path / "models"))
+    for name, hidden in (("small", 256), ("small-wide", 384)):
+        best = re.search(rf'^{name}: {{"step": (\d+), "eval_loss": ([\d.]+)}} -> \d part\(s\)$', results, re.M)
+        assert best, results
+        arm = tmp_path / "models" / name
+        assert f"step {best.group(1)} eval_loss" in (arm / f"{name}.log").read_text()
+        stored = load_file(arm / "model" / "model.safetensors")
+        assert {t.dtype for t in stored.values()} == {torch.float16}
+        model = load_speechlm(str(arm / "model"))[0]
+        assert model.config.hidden_size == hidden and model.dtype == torch.float32
