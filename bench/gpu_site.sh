@@ -16,7 +16,7 @@ GPU_PINS=(
   transformers==4.57.6 tokenizers==0.22.2 huggingface-hub==0.36.2
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
   vector-quantize-pytorch==1.32.0 einx==0.4.3 frozendict==2.5.1 torch-einops-utils==0.2.0 loguru==0.7.3
-  soundfile==0.14.0 soxr==1.1.0 num2words==0.5.14 docopt==0.6.2
+  soundfile==0.14.0 cffi==2.1.1 pycparser==3.12 soxr==1.1.0 num2words==0.5.14 docopt==0.6.2
 )
 
 # gpu_site_fetch PY: download the pins as py3.12 x86-64 wheels (where pip reaches PyPI) and pack them,

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from gpu_image import image_python  # noqa: F401 (a fixture for the GPU scripts' smoke tests)
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_MANIFEST = REPO / "example" / "configs" / "samples.jsonl"

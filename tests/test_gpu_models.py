@@ -1,6 +1,9 @@
 """example/gpu_models.sh (the example SpeechLM's GPU run) end to end on the CPU: --prepare packs the
 merged codes, the smoke run trains both arms a few steps through `tts-train sft`/`export` and splits
-each best model into parts the device tool brings back, --collect reassembles loadable models."""
+each best model into parts the device tool brings back, --collect reassembles loadable models.
+
+The smoke run sees only the Python distributions the GPU image has (bench/gpu_image_packages.txt) and
+the ones bench/gpu_site.sh carries there: an import of anything else fails here as it would there."""
 
 import os
 import re
@@ -39,10 +42,18 @@ def test_prepare_merges_and_packs_the_codes_within_the_device_limit(tmp_path):
             "val_codes_index.npy", "val_samples.jsonl", "dataset_info.json"} <= names
 
 
-def test_smoke_run_trains_both_arms_and_collect_reassembles_the_best_models(tmp_path):
+def test_image_python_lacks_what_the_image_lacks(image_python):
+    def imports(module: str) -> bool:
+        return subprocess.run([str(image_python), "-c", f"import {module}"], capture_output=True).returncode == 0
+
+    assert imports("transformers") and imports("soundfile")  # carried
+    assert not imports("deepspeed") and not imports("jiwer")  # ours, not the image's
+
+
+def test_smoke_run_trains_both_arms_and_collect_reassembles_the_best_models(tmp_path, image_python):
     data = write_vectorized(tmp_path / "vec", n_train=40, n_val=8, codebook_size=4096)
     out = tmp_path / "out"
-    _script("--smoke", "--out", str(out), GPU_MODELS_SMOKE_DATA=str(data))
+    _script("--smoke", "--out", str(out), GPU_MODELS_SMOKE_DATA=str(data), PYTHON=str(image_python))
     results = (out / "results.txt").read_text()
     parts = sorted(p for p in out.iterdir() if ".tar.part-" in p.name)
     assert len(parts) <= 7 and all(p.stat().st_size <= 15 * 2**20 for p in parts)  # device tool: 8 x 16 MiB
