@@ -1,18 +1,18 @@
 """bench/gpu_check.sh end to end in its CPU smoke mode: every check runs (tiny shapes) and writes its
-figures to the results file, so only the CUDA-only branches are untried until a GPU run."""
+figures to the results file, so only the CUDA-only branches are untried until a GPU run. It runs with
+only the GPU image's distributions and the carried pins importable (tests/gpu_image.py)."""
 
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_check_smoke_runs_every_check(tmp_path):
+def test_gpu_check_smoke_runs_every_check(tmp_path, image_python):
     out = tmp_path / "results.txt"
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHON": str(image_python), "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(["bash", "bench/gpu_check.sh", "--smoke", "--out", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1500)
     text = out.read_text()
