@@ -11,7 +11,8 @@ DEVICE_LIMIT_MIB=64
 
 # The versions of the dev venv (constraints/) that our training code imports and the GPU image lacks or
 # has in another version: its transformers 5.x / huggingface-hub 1.x are newer than the stack we ship and
-# test. Found by tracing the imports of a --smoke run against the image's package list.
+# test; cffi/pycparser for soundfile. tests/test_gpu_check.py and tests/test_gpu_models.py run both scripts'
+# smoke modes with only the image's packages (bench/gpu_image_packages.txt) and these importable.
 GPU_PINS=(
   transformers==4.57.6 tokenizers==0.22.2 huggingface-hub==0.36.2
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
