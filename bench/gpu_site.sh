@@ -7,6 +7,7 @@
 
 GPU_DIR=${GPU_DIR:-.gpu}  # a test packs elsewhere
 SITE_TARBALL=$GPU_DIR/site-py312.tar.xz
+SITE_PINS=$GPU_DIR/site-py312.pins  # the pins the tarball holds: a changed pin list rebuilds it
 DEVICE_LIMIT_MIB=64
 
 # The versions of the dev venv (constraints/) that our training code imports and the GPU image lacks or
@@ -36,9 +37,16 @@ gpu_site_fetch() {
   for wheel in "$tmp"/wheels/*.whl; do
     "$py" -m zipfile -e "$wheel" "$tmp/site" || { rm -rf "$tmp"; return 1; }
   done
-  tar -cJf "$SITE_TARBALL.tmp" -C "$tmp/site" . && mv "$SITE_TARBALL.tmp" "$SITE_TARBALL"
+  tar -cJf "$SITE_TARBALL.tmp" -C "$tmp/site" . && mv "$SITE_TARBALL.tmp" "$SITE_TARBALL" \
+    && printf '%s\n' "${GPU_PINS[@]}" > "$SITE_PINS"
   rm -rf "$tmp"
   ls -l "$SITE_TARBALL"
+}
+
+# gpu_site_ready PY: fetch unless the tarball holds exactly the current pins.
+gpu_site_ready() {
+  [ -f "$SITE_TARBALL" ] && [ "$(cat "$SITE_PINS" 2>/dev/null)" = "$(printf '%s\n' "${GPU_PINS[@]}")" ] \
+    || gpu_site_fetch "$1"
 }
 
 # gpu_site_install: on the GPU machine, unpack the tarball into /tmp/site and put it (and the repo) first

@@ -13,7 +13,9 @@
 #        tts-train vectorize --config example/configs/models/vectorize-corpus.yaml \
 #          --set vectorize.dataset_path=CORPUS/train.jsonl \
 #          --set vectorize.codec_model_path=example/models/codec-small --set vectorize.output_dir=VEC
-#        bash example/gpu_models.sh --prepare VEC        # merges VEC, packs .gpu/ (site + codes)
+#        bash example/gpu_models.sh --prepare VEC [VEC...]   # merges each, packs .gpu/ (site + codes)
+#      More corpora add data (each VEC is a dataset of equal weight; val: all their val splits): e.g. also
+#      the default-size corpus (`corpus --out C3000`), whose training sentences avoid c12k's held-out ones.
 #   2. On the GPU machine (the device tool's `run`, carry [".gpu"], timeout_s 600):
 #        bash example/gpu_models.sh --out $OUT
 #   3. Here again, with the files that came back:
@@ -27,10 +29,11 @@ cd "$(dirname "$0")/.."
 source bench/gpu_site.sh
 
 PY=${PYTHON:-python3}
-MODE=train SMOKE=0 OUT= VEC= FILES= TO= EVAL_LIST= EVAL_ITEMS=20
+MODE=train SMOKE=0 OUT= VECS=() FILES= TO= EVAL_LIST= EVAL_ITEMS=20
 while [ $# -gt 0 ]; do
   case "$1" in
-    --prepare) MODE=prepare; VEC="$2"; shift ;;
+    --prepare) MODE=prepare; shift; while [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; do VECS+=("$1"); shift; done
+               continue ;;
     --collect) MODE=collect; FILES="$2"; shift ;;
     --to) TO="$2"; shift ;;
     --eval_list) EVAL_LIST="$2"; shift ;;
@@ -47,15 +50,24 @@ DATA_TARBALL=$GPU_DIR/vectorized.tar.xz
 ARMS=("small small 2e-3" "small-wide small-wide 1.5e-3")
 
 if [ "$MODE" = prepare ]; then
-  [ -d "$VEC" ] || { echo "--prepare: $VEC is not a vectorized dataset directory" >&2; exit 2; }
-  if ! ls "$VEC"/train_codes.npy >/dev/null 2>&1; then
-    "$PY" -m trainer merge --set merge.dataset_path="$VEC" --set merge.remove_shards=false || exit 1
-  fi
-  [ -f "$SITE_TARBALL" ] || gpu_site_fetch "$PY" || exit 1
+  [ ${#VECS[@]} -gt 0 ] || { echo "--prepare VEC [VEC...]" >&2; exit 2; }
+  stage=$(mktemp -d)
+  for i in "${!VECS[@]}"; do
+    vec=${VECS[$i]}
+    [ -d "$vec" ] || { echo "--prepare: $vec is not a vectorized dataset directory" >&2; exit 2; }
+    if ! ls "$vec"/train_codes.npy >/dev/null 2>&1; then
+      "$PY" -m trainer merge --set merge.dataset_path="$vec" --set merge.remove_shards=false || exit 1
+    fi
+    mkdir -p "$stage/$i"
+    for f in train_codes.npy train_codes_index.npy train_samples.jsonl val_codes.npy val_codes_index.npy \
+             val_samples.jsonl dataset_info.json; do
+      ln -s "$(realpath "$vec/$f")" "$stage/$i/$f" || exit 1
+    done
+  done
+  gpu_site_ready "$PY" || exit 1
   mkdir -p "$GPU_DIR"
-  tar -cJf "$DATA_TARBALL.tmp" -C "$VEC" train_codes.npy train_codes_index.npy train_samples.jsonl \
-    val_codes.npy val_codes_index.npy val_samples.jsonl dataset_info.json && mv "$DATA_TARBALL.tmp" "$DATA_TARBALL" \
-    || exit 1
+  tar -chJf "$DATA_TARBALL.tmp" -C "$stage" . && mv "$DATA_TARBALL.tmp" "$DATA_TARBALL" || exit 1
+  rm -rf "$stage"
   ls -l "$DATA_TARBALL"
   travel_mib
   exit
@@ -86,7 +98,7 @@ WORK=$(mktemp -d)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if [ "$SMOKE" = 1 ]; then
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-  DATA=${GPU_MODELS_SMOKE_DATA:?the smoke run trains on GPU_MODELS_SMOKE_DATA (a merged vectorized dir)}
+  DATA=${GPU_MODELS_SMOKE_DATA:?the smoke run trains on GPU_MODELS_SMOKE_DATA (a directory as --prepare packs)}
   # A few steps of each arm: every stage of the run, in minutes on a CPU.
   STEPS=4 EVAL_STEPS=2 BATCH=2 WARMUP=1 LIMIT=600 PRECISION=fp32 WORKERS=0
 else
@@ -103,6 +115,10 @@ gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
 print(f"python {platform.python_version()} torch {torch.__version__} transformers {transformers.__version__} gpu {gpu}")
 PY
 
+# Every packed corpus at weight 1.0, for training and for validation.
+DATASETS=$(cd "$DATA" && shopt -s nullglob && for d in */; do printf '"%s": 1.0\n' "$DATA/${d%/}"; done | paste -sd, -)
+[ -n "$DATASETS" ] || { echo "no datasets under $DATA" >&2; exit 1; }
+
 # train_arm NAME PRESET LR [SET...]: one SFT run of the arm, bounded by LIMIT seconds.
 train_arm() {
   local name="$1" preset="$2" lr="$3"; shift 3
@@ -113,7 +129,7 @@ train_arm() {
     --set training.num_workers="$WORKERS" --set training.logging_steps=50 \
     --set training.output_dir="$WORK/runs" --set training.run_name="$name" \
     --set checkpointing.save_steps=500 --set checkpointing.save_best=true \
-    --set "train_weighted_datasets={\"$DATA\": 1.0}" --set "val_weighted_datasets={\"$DATA\": 1.0}" \
+    --set "train_weighted_datasets={$DATASETS}" --set "val_weighted_datasets={$DATASETS}" \
     --set metrics.port=0 "$@" > "$WORK/$name.log" 2>&1
 }
 

@@ -16,7 +16,7 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _carried_pins() -> list[str]:
+def carried_pins() -> list[str]:
     proc = subprocess.run(["bash", "-c", 'source bench/gpu_site.sh && printf "%s\\n" "${GPU_PINS[@]}"'], cwd=REPO,
                           capture_output=True, text=True, check=True)
     return proc.stdout.split()
@@ -29,7 +29,7 @@ def image_python(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("image")
     listed = (REPO / "bench" / "gpu_image_packages.txt").read_text().splitlines()
     allowed = {_norm(line) for line in listed if line and not line.startswith("#")}
-    allowed |= {_norm(pin.split("==")[0]) for pin in _carried_pins()}
+    allowed |= {_norm(pin.split("==")[0]) for pin in carried_pins()}
     site = root / "site"
     site.mkdir()
     for dist in md.distributions():

@@ -10,9 +10,9 @@ import re
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 import torch
+from gpu_image import carried_pins
 from safetensors.torch import load_file
 from speechlm_fixtures import REPO, write_vectorized
 
@@ -29,17 +29,19 @@ def _script(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_prepare_merges_and_packs_the_codes_within_the_device_limit(tmp_path):
-    vec = write_vectorized(tmp_path / "vec", sharded=True)
+    vecs = [write_vectorized(tmp_path / "vec", sharded=True), write_vectorized(tmp_path / "vec2", seed=1)]
     gpu = tmp_path / "gpu"
     gpu.mkdir()
-    with tarfile.open(gpu / "site-py312.tar.xz", "w:xz"):  # the site packages are fetched separately
+    with tarfile.open(gpu / "site-py312.tar.xz", "w:xz"):  # stands for a fetched site of the current pins
         pass
-    proc = _script("--prepare", str(vec), GPU_DIR=str(gpu))
+    (gpu / "site-py312.pins").write_text("".join(f"{pin}\n" for pin in carried_pins()))
+    proc = _script("--prepare", *map(str, vecs), GPU_DIR=str(gpu))
     assert re.search(r"a device call would carry \d+ MiB of at most 64", proc.stdout)
     with tarfile.open(gpu / "vectorized.tar.xz") as tar:
-        names = {Path(n).name for n in tar.getnames()}
-    assert {"train_codes.npy", "train_codes_index.npy", "train_samples.jsonl", "val_codes.npy",
-            "val_codes_index.npy", "val_samples.jsonl", "dataset_info.json"} <= names
+        names = {n.removeprefix("./") for n in tar.getnames() if tar.getmember(n).isfile()}
+    files = ["train_codes.npy", "train_codes_index.npy", "train_samples.jsonl", "val_codes.npy",
+             "val_codes_index.npy", "val_samples.jsonl", "dataset_info.json"]
+    assert names == {f"{i}/{f}" for i in ("0", "1") for f in files}  # the merged files, one dir per corpus
 
 
 def test_image_python_lacks_what_the_image_lacks(image_python):
@@ -51,7 +53,9 @@ def test_image_python_lacks_what_the_image_lacks(image_python):
 
 
 def test_smoke_run_trains_both_arms_and_collect_reassembles_the_best_models(tmp_path, image_python):
-    data = write_vectorized(tmp_path / "vec", n_train=40, n_val=8, codebook_size=4096)
+    data = tmp_path / "data"  # as --prepare packs it: one directory per corpus
+    for i in range(2):
+        write_vectorized(data / str(i), n_train=20, n_val=4, codebook_size=4096, seed=i)
     out = tmp_path / "out"
     _script("--smoke", "--out", str(out), GPU_MODELS_SMOKE_DATA=str(data), PYTHON=str(image_python))
     results = (out / "results.txt").read_text()
@@ -62,7 +66,9 @@ def test_smoke_run_trains_both_arms_and_collect_reassembles_the_best_models(tmp_
         best = re.search(rf'^{name}: {{"step": (\d+), "eval_loss": ([\d.]+)}} -> \d part\(s\)$', results, re.M)
         assert best, results
         arm = tmp_path / "models" / name
-        assert f"step {best.group(1)} eval_loss" in (arm / f"{name}.log").read_text()
+        log = (arm / f"{name}.log").read_text()
+        assert f"step {best.group(1)} eval_loss" in log
+        assert "train: 40 samples" in log  # both corpora of 20
         stored = load_file(arm / "model" / "model.safetensors")
         assert {t.dtype for t in stored.values()} == {torch.float16}
         model = load_speechlm(str(arm / "model"))[0]
