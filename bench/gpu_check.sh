@@ -5,7 +5,7 @@
 #       bash bench/gpu_check.sh --fetch-wheels
 #     packs the pinned pure-Python dependencies the GPU machine lacks (and the versions our pins need
 #     where it has others: transformers 4.57, its tokenizers/huggingface-hub) into .gpu/ (git-ignored;
-#     bench/gpu_site.sh: 9.3 MiB, so the call stays under the 64 MiB a device call carries).
+#     bench/gpu_site.sh: 9.5 MiB, so the call stays under the 64 MiB a device call carries).
 #   Step 2, on the GPU machine (torch + CUDA there; nothing else of ours), with .gpu/ carried along:
 #       bash bench/gpu_check.sh [--out FILE]          # default FILE: gpu_check_results.txt
 #     unpacks them into /tmp/site (the machine has no network), puts it first on PYTHONPATH, then runs

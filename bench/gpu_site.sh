@@ -2,8 +2,8 @@
 # needs that the GPU machine's image lacks, carried there as one xz tarball.
 #
 # A device call carries at most 64 MiB: the tracked tree (~49 MiB, the shipped codec is 35 MiB of it)
-# plus the carried paths. The pinned wheels are 19.7 MiB as wheels (zip) but 9.3 MiB unpacked and
-# xz-compressed (measured 2026-12-03), so they travel as that tarball, not as wheels.
+# plus the carried paths. The pinned wheels are 19.7 MiB as wheels (zip) but 9.5 MiB unpacked and
+# xz-compressed (measured 2026-12-03, cffi included), so they travel as that tarball, not as wheels.
 
 GPU_DIR=${GPU_DIR:-.gpu}  # a test packs elsewhere
 SITE_TARBALL=$GPU_DIR/site-py312.tar.xz
