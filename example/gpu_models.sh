@@ -133,15 +133,20 @@ train_arm() {
     --set metrics.port=0 "$@" > "$WORK/$name.log" 2>&1
 }
 
-# Both arms at once (a GPU this size is far from busy with either). An arm that fails before its
-# first checkpoint is retried with SDPA attention (flex attention compiles kernels: the newest path).
+# retry_with_sdpa NAME PRESET LR: after a failed first attempt with no best model yet, once more with
+# SDPA attention (flex attention compiles kernels: the newest path), if a minute or more is left.
+retry_with_sdpa() {
+  local left=$((LIMIT - (SECONDS - start)))
+  [ -d "$WORK/runs/$1/best_model" ] || [ "$left" -lt 60 ] && return 1
+  mv "$WORK/$1.log" "$WORK/$1.flex.log"
+  LIMIT=$left train_arm "$@" --set modeling.parameters.attn_implementation=sdpa
+}
+
+# Both arms at once (a GPU this size is far from busy with either).
 start=$SECONDS
 for arm in "${ARMS[@]}"; do
   read -r name preset lr <<< "$arm"
-  ( train_arm "$name" "$preset" "$lr" \
-    || { [ -d "$WORK/runs/$name/best_model" ] || { mv "$WORK/$name.log" "$WORK/$name.flex.log"; \
-         LIMIT=$((LIMIT - (SECONDS - start))) train_arm "$name" "$preset" "$lr" \
-           --set modeling.parameters.attn_implementation=sdpa; }; } ) &
+  ( train_arm "$name" "$preset" "$lr" || retry_with_sdpa "$name" "$preset" "$lr" ) &
 done
 wait
 
