@@ -62,11 +62,7 @@ run() {
   [ "$rc" = 0 ] || FAILED+=("$name")
 }
 
-"$PY" - <<'PY' 2>&1 | tee -a "$OUT_FILE"
-import platform, torch, transformers
-gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-print(f"python {platform.python_version()} torch {torch.__version__} transformers {transformers.__version__} gpu {gpu}")
-PY
+gpu_versions "$PY" 2>&1 | tee -a "$OUT_FILE"
 
 if [ "$SMOKE" = 1 ]; then
   DEVICE=cpu

@@ -57,6 +57,15 @@ gpu_site_install() {
   export PYTHONPATH=/tmp/site:$PWD
 }
 
+# gpu_versions PY: one line of what a run ran on (python, torch, transformers, GPU), for its results file.
+gpu_versions() {
+  "$1" - <<'PY'
+import platform, torch, transformers
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+print(f"python {platform.python_version()} torch {torch.__version__} transformers {transformers.__version__} gpu {gpu}")
+PY
+}
+
 # travel_mib: MiB a device call would carry with $GPU_DIR (the tracked and untracked-not-ignored files
 # plus it); fails above the limit, so --prepare stops here rather than the call being refused there.
 travel_mib() {

@@ -109,11 +109,7 @@ else
   # stops an arm (SIGTERM: it saves and exits) should the GPU be slower than planned.
   STEPS=3000 EVAL_STEPS=100 BATCH=32 WARMUP=200 LIMIT=450 PRECISION=bf16 WORKERS=4
 fi
-"$PY" - <<'PY' 2>&1 | tee "$RESULTS"
-import platform, torch, transformers
-gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-print(f"python {platform.python_version()} torch {torch.__version__} transformers {transformers.__version__} gpu {gpu}")
-PY
+gpu_versions "$PY" 2>&1 | tee "$RESULTS"
 
 # Every packed corpus at weight 1.0, for training and for validation.
 DATASETS=$(cd "$DATA" && shopt -s nullglob && for d in */; do printf '"%s": 1.0\n' "$DATA/${d%/}"; done | paste -sd, -)

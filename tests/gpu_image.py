@@ -2,18 +2,13 @@
 (bench/gpu_image_packages.txt) and the pins bench/gpu_site.sh carries there, taken from our venv."""
 
 import importlib.metadata as md
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+from packaging.utils import canonicalize_name
+from speechlm_fixtures import REPO
 
 
 def carried_pins() -> list[str]:
@@ -28,12 +23,12 @@ def image_python(tmp_path_factory) -> Path:
     distributions and of the carried pins, linked into one directory, without site-packages (-S)."""
     root = tmp_path_factory.mktemp("image")
     listed = (REPO / "bench" / "gpu_image_packages.txt").read_text().splitlines()
-    allowed = {_norm(line) for line in listed if line and not line.startswith("#")}
-    allowed |= {_norm(pin.split("==")[0]) for pin in carried_pins()}
+    allowed = {canonicalize_name(line) for line in listed if line and not line.startswith("#")}
+    allowed |= {canonicalize_name(pin.split("==")[0]) for pin in carried_pins()}
     site = root / "site"
     site.mkdir()
     for dist in md.distributions():
-        if _norm(dist.metadata["Name"]) not in allowed:
+        if canonicalize_name(dist.metadata["Name"]) not in allowed:
             continue
         for top in {f.parts[0] for f in dist.files or [] if f.parts[0] != ".."}:
             src, dst = Path(dist.locate_file(top)), site / top
