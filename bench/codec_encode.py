@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.audio import read_audio
 from trainer.codec import Codec
 from trainer.codec.presets import PRESETS
-from trainer.data.audio import read_audio
 
 
 def load_clips(manifest: Path, limit: int) -> list[np.ndarray]:

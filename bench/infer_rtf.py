@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from trainer.audio import read_audio
 from trainer.codec import Codec
 from trainer.codec.presets import PRESETS as CODEC_PRESETS
 from trainer.config import SamplingConfig
-from trainer.data.audio import read_audio
 from trainer.model.build import PRESETS, build_speechlm
 from trainer.serve.synthesize import Synthesizer
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.audio import read_audio, resample
 from trainer.codec import Codec
 from trainer.codec.presets import PRESETS
-from trainer.data.audio import read_audio, resample
 from trainer.rl.rewards import RewardScorer, ScorerModels, build_reward_funcs
 from trainer.rl.rewards.functions import DNSMOSRewardFunc, SimilarityRewardFunc, WERRewardFunc
 from trainer.scoring.asr import error_rate, wer_reward

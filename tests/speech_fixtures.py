@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.audio import read_audio
 from trainer.codec import Codec, tiny_codec_config
-from trainer.data.audio import read_audio
 from trainer.data.shards import write_shard
 from trainer.model.build import build_speechlm, save_speechlm
 from trainer.serve.layout import write_codec_reference

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from trainer.audio import read_audio
 from trainer.codec import Codec, tiny_codec_config
 from trainer.config import load_config
-from trainer.data.audio import read_audio
 from trainer.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -126,10 +126,10 @@ def test_mel_term_leads_the_rms_term_at_init() -> None:
     spectral one (the reference's squared dB gave ~250 against ~38 for 15 x mel at full size)."""
     import torch
 
+    from trainer.audio import read_audio
     from trainer.codec import full_codec_config, tiny_codec_config
     from trainer.codec.losses import MultiResolutionMelLoss, rms_loss
     from trainer.config import CodecTrainConfig
-    from trainer.data.audio import read_audio
 
     if not MANIFEST.exists():
         pytest.skip("example dataset not generated")

@@ -22,9 +22,9 @@ import soundfile as sf
 import torch
 from test_codec_xcodec2 import as_xcodec2_name
 
+from trainer.audio import read_audio
 from trainer.codec import Codec, full_codec_config, tiny_codec_config, xcodec2
 from trainer.codec.checkpoint import load_strict
-from trainer.data.audio import read_audio
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = REPO / ".tools" / "xcodec2-ref"

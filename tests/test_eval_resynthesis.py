@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from trainer.audio import read_audio
 from trainer.cli import main
 from trainer.codec import Codec, tiny_codec_config
-from trainer.data.audio import read_audio
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "example" / "configs" / "samples.jsonl"

@@ -23,11 +23,11 @@ from trainer.data.shards import read_shard
 from trainer.errors import ConfigError, StageError
 from trainer.metrics import read_scalars
 from trainer.model.build import load_speechlm
+from trainer.model.lora import added_token_rows
 from trainer.model.prompt import PromptFormat
 from trainer.rl import grpo, rollout
 from trainer.rl.prompts import build_prompts
 from trainer.rl.trl_rewards import TrlRewards
-from trainer.train.lora import added_token_rows
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import pytest
 import soundfile as sf
 from speech_fixtures import example_records, example_wav, make_codec, make_model
 
+from trainer.audio import read_audio
 from trainer.cli import main
 from trainer.config import SamplingConfig
-from trainer.data.audio import read_audio
 from trainer.serve.synthesize import Synthesizer, split_text
 
 MAX_NEW_TOKENS = 20

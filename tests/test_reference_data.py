@@ -20,9 +20,9 @@ import pytest
 from speechlm_fixtures import learnable_codes, sft_config, transcripts
 
 from trainer import cli
+from trainer.audio import read_audio
 from trainer.codec import Codec, tiny_codec_config
 from trainer.data import shards
-from trainer.data.audio import read_audio
 from trainer.data.dataset import VectorizedSplit
 from trainer.data.vectorize import split_of
 

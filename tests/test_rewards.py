@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from trainer.audio import read_audio
 from trainer.codec import Codec, tiny_codec_config
 from trainer.config import load_config
-from trainer.data.audio import read_audio
 from trainer.errors import ConfigError
 from trainer.rl.rewards import RewardBatch, RewardScorer, ScorerModels, build_reward_funcs
 from trainer.rl.rewards.rules import duration_reward, repetition_reward

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,9 +22,9 @@ from trainer.data.dataset import PackedData
 from trainer.metrics import read_scalars
 from trainer.model.attention import use_packed_attention
 from trainer.model.build import build_speechlm
+from trainer.model.lora import added_token_rows, apply_lora, merge_lora_state_dict
 from trainer.model.prompt import PromptFormat
 from trainer.train import checkpoint
-from trainer.train.lora import added_token_rows, apply_lora, merge_lora_state_dict
 from trainer.train.objective import SpeechLMObjective, corrupt_audio_inputs
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -288,15 +289,19 @@ def test_checkpoint_publish_to_object_store_and_ignore_incomplete():
 
 
 def test_save_best_keeps_the_lowest_val_loss_model_across_a_resume(tmp_path):
-    # Six training samples and a high constant lr: the val loss bottoms out at step 16, before the end.
+    # Train audio is one code repeated, val audio another: every step raises the val code's loss, on any
+    # CPU, so the first evaluation is the best and the later ones (the last included) are worse.
     data = write_vectorized(tmp_path / "vec", n_train=6, n_val=8)
+    for split, code in (("train", 0), ("val", 1)):
+        codes = np.load(data / f"{split}_codes.npy")
+        np.save(data / f"{split}_codes.npy", np.full_like(codes, code))
     cfg = sft_config(data, tmp_path, eval_steps=2, learning_rate=3e-2, lr_scheduler="constant")
     cfg["checkpointing"].update(save_steps=2, keep_only_last_n_checkpoints=None, save_best=True)
     assert main(["sft", "--config", str(write_config(tmp_path / "sft.json", cfg))]) == 0
     run = tmp_path / "t"
     evals = run_losses(run, "eval_loss")
     best_step = min(evals, key=evals.get)
-    assert best_step < 20  # the case where the last model is not the best
+    assert best_step < 20 and evals[20] > evals[best_step]  # the case where the last model is not the best
     best = run / checkpoint.BEST_MODEL
     assert checkpoint.io.is_complete(str(best))
     assert json.loads((best / checkpoint.BEST_RECORD).read_text()) == {"step": best_step,

@@ -16,10 +16,10 @@ from trainer.config import TrainerConfig
 from trainer.data.dataset import PackedData, SamplerState
 from trainer.model.attention import use_packed_attention
 from trainer.model.build import build_speechlm
+from trainer.model.lora import added_token_rows
 from trainer.model.prompt import PromptFormat
 from trainer.train import telemetry
 from trainer.train.loop import SFTTrainer, compile_layers
-from trainer.train.lora import added_token_rows
 from trainer.train.objective import SpeechLMObjective
 
 

@@ -8,8 +8,8 @@ import io as _stdio
 import json
 import logging
 import pickle
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import torch
 from pydantic import ValidationError
@@ -19,10 +19,27 @@ from trainer.codec import inworld, xcodec2
 from trainer.config import CodecModelConfig, format_validation_error
 from trainer.errors import ConfigError
 
-if TYPE_CHECKING:
-    from trainer.codec.model import Codec
-
 log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+# Written by releases before 2026-12: read, never written.
+LEGACY_MODEL_FILE = "model.pt"
+CONFIG_FILE = "model_config.json"
+
+
+class CodecModule(Protocol):
+    """What loading needs of the codec module (trainer.codec.model.Codec), which builds on this file."""
+
+    config: CodecModelConfig
+
+    def codec_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> Any: ...
+
+    def to(self, device: torch.device) -> Any: ...
+
+
+C = TypeVar("C", bound=CodecModule)
 
 ENCODER_PREFIXES = ("acoustic_encoder.", "semantic_adapter.", "fc_prior.")
 DECODER_PREFIXES = ("fc_post_a.", "backbone.", "upsampler.", "head.")
@@ -66,7 +83,7 @@ def keep_components(state: dict[str, torch.Tensor], components: Sequence[str]) -
     return {k: v for k, v in state.items() if not k.startswith(dropped)} if dropped else state
 
 
-def load_strict(model: Codec, state: dict[str, torch.Tensor], source: str) -> None:
+def load_strict(model: CodecModule, state: dict[str, torch.Tensor], source: str) -> None:
     """Load `state` into `model`, failing with every missing / unexpected / mis-shaped key listed."""
     expected = model.codec_state_dict()
     missing = sorted(set(expected) - set(state))
@@ -91,8 +108,6 @@ def read_codec_state(
     url: str, semantic_model_path: str | None = None
 ) -> tuple[CodecModelConfig, dict[str, torch.Tensor], list[str], str]:
     """(config, state dict in our names, components saved, description) of a codec checkpoint."""
-    from trainer.codec.model import CONFIG_FILE, LEGACY_MODEL_FILE, MODEL_FILE
-
     if not io.exists(url):
         raise ConfigError(f"codec checkpoint not found: {url}")
     if io.isdir(url):
@@ -132,16 +147,16 @@ def read_codec_state(
 
 
 def load_codec(
-    cls: type[Codec],
+    build: Callable[[CodecModelConfig, Sequence[str]], C],
     url: str,
     device: torch.device,
     components: Sequence[str],
     semantic_model_path: str | None,
-) -> Codec:
+) -> C:
     config, state, saved, source = read_codec_state(url, semantic_model_path)
     absent = [c for c in components if c not in saved]
     if absent:
         raise ConfigError(f"{url} holds only the codec {saved}; {absent} cannot be loaded from it")
-    model = cls(config, components)
+    model = build(config, components)
     load_strict(model, keep_components(state, components), source)
     return model.to(device).eval()

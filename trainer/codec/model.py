@@ -21,18 +21,16 @@ import torch
 from torch import nn
 
 from trainer import io
+from trainer.audio import resample
+from trainer.codec import checkpoint
 from trainer.codec.acoustic_encoder import AcousticEncoder
+from trainer.codec.checkpoint import CONFIG_FILE, MODEL_FILE
 from trainer.codec.decoder import InworldUpsampler, ISTFTHead, Upsampler, VocosBackbone
 from trainer.codec.quantizer import FSQ
 from trainer.codec.semantic import SemanticAdapter, SemanticFeatures
 from trainer.config import CodecModelConfig
-from trainer.data.audio import resample
 from trainer.errors import ConfigError
 
-MODEL_FILE = "model.safetensors"
-# Written by releases before 2026-12: read, never written.
-LEGACY_MODEL_FILE = "model.pt"
-CONFIG_FILE = "model_config.json"
 COMPONENTS = ("encoder", "decoder")
 # Parameters of the frozen Wav2Vec2-BERT live in its own directory, not in our checkpoints.
 SEMANTIC_MODEL_PREFIX = "semantic_model."
@@ -126,8 +124,6 @@ class Codec(nn.Module):
         `semantic_model_path` (a local Wav2Vec2-BERT directory) overrides the one recorded in the
         config; X-codec2 checkpoints record none, so encoding with one needs it.
         """
-        from trainer.codec import checkpoint
-
         return checkpoint.load_codec(cls, str(path), torch.device(device), components, semantic_model_path)
 
     def codec_state_dict(self) -> dict[str, torch.Tensor]:

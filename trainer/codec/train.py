@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer import distributed, io, metrics
+from trainer.audio import AudioError, read_audio, resample
 from trainer.codec.checkpoint import ENCODER_PREFIXES, read_codec_state
 from trainer.codec.discriminators import Discriminators
 from trainer.codec.losses import (
@@ -35,7 +36,6 @@ from trainer.codec.losses import (
 )
 from trainer.codec.model import Codec
 from trainer.config import CodecTrainConfig, TrainerConfig
-from trainer.data.audio import AudioError, read_audio, resample
 from trainer.errors import ConfigError, StageError
 from trainer.train.checkpoint import checkpoint_url, complete_checkpoints
 from trainer.train.schedule import lr_factor

@@ -31,9 +31,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from tqdm import tqdm
 
 from trainer import distributed, io, metrics
+from trainer.audio import Audio, AudioError, read_audio
 from trainer.config import TrainerConfig
 from trainer.data import filters, shards
-from trainer.data.audio import Audio, AudioError, read_audio
 from trainer.data.manifest import LineError, parse_line, read_lines, resolve_wav_path, sample_id
 from trainer.errors import ConfigError, StageError
 

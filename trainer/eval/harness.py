@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from trainer import io
+from trainer.audio import read_audio, write_wav
 from trainer.config import EvalConfig, TrainerConfig
-from trainer.data.audio import read_audio, write_wav
 from trainer.data.manifest import read_json_objects, resolve_wav_path
 from trainer.errors import ConfigError
 from trainer.eval import report

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from trainer import io
-from trainer.data.audio import read_audio
+from trainer.audio import read_audio
 from trainer.data.manifest import read_json_objects, resolve_wav_path
 from trainer.errors import ConfigError
 

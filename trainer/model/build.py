@@ -161,7 +161,7 @@ def resize_embeddings(model: PreTrainedModel, vocab: AudioVocab, seed: int) -> N
             head.weight[old_rows:] = sample_like(head.weight[:old_rows], n_new, generator).to(head.weight.device)
 
 
-def _set_generation_ids(model: PreTrainedModel, vocab: AudioVocab) -> None:
+def set_generation_ids(model: PreTrainedModel, vocab: AudioVocab) -> None:
     """Generation stops at speech-end; pad is the tokenizer's pad."""
     model.config.pad_token_id = vocab.pad_token_id
     model.config.eos_token_id = vocab.speech_end_id
@@ -211,7 +211,7 @@ def build_speechlm(
         model = AutoModelForCausalLM.from_pretrained(local, torch_dtype=dtype)
         vocab = extend_tokenizer(tokenizer, codebook_size, prompt_format)
         resize_embeddings(model, vocab, seed)
-    _set_generation_ids(model, vocab)
+    set_generation_ids(model, vocab)
     return model, tokenizer, vocab
 
 

@@ -347,7 +347,7 @@ def run(config: TrainerConfig) -> int:
     ]
     adapter = None
     if config.modeling.lora.enabled:
-        from trainer.train.lora import peft_config
+        from trainer.model.lora import peft_config
 
         # The same adapter as SFT's: the added (audio) rows train too, so GRPO can move the codes.
         adapter = peft_config(config.modeling.lora, vocab, bool(model.config.tie_word_embeddings))

@@ -150,7 +150,7 @@ class SaveCompletions(TrainerCallback):
         if self.last is None or state.global_step % self.every or not state.is_world_process_zero:
             return
         from trainer import io
-        from trainer.data.audio import write_wav
+        from trainer.audio import write_wav
 
         batch, directory = self.last.batch, io.join(self.run_url, "completions", f"step_{state.global_step}")
         rows = []

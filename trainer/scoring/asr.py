@@ -19,7 +19,7 @@ from typing import Protocol
 import jiwer
 import numpy as np
 
-from trainer.data.audio import resample
+from trainer.audio import resample
 from trainer.errors import ConfigError
 from trainer.model.text_normalization import normalize_text
 from trainer.scoring.model_files import local_model_dir

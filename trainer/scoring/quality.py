@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data.audio import resample
+from trainer.audio import resample
 
 DNSMOS_SAMPLE_RATE = 16000
 WINDOW_SECONDS = 9.01  # the models' fixed input length

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from trainer.data.audio import resample
+from trainer.audio import resample
 from trainer.errors import ConfigError
 from trainer.scoring.model_files import local_model_dir
 

@@ -13,8 +13,8 @@ import logging
 import time
 
 from trainer import io
+from trainer.audio import AudioError, read_audio, write_wav
 from trainer.config import TrainerConfig
-from trainer.data.audio import AudioError, read_audio, write_wav
 from trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def run(config: TrainerConfig) -> int:
         raise ConfigError("--model_checkpoint_path (infer.model_checkpoint_path) is required")
     if not io.exists(cfg.model_checkpoint_path):
         raise ConfigError(f"model checkpoint not found: {cfg.model_checkpoint_path}")
-    from trainer.serve.reference_import import is_seed_checkpoint, seed_hint
+    from trainer.serve.weights import is_seed_checkpoint, seed_hint
 
     if is_seed_checkpoint(cfg.model_checkpoint_path):
         raise ConfigError(seed_hint(cfg.model_checkpoint_path))

@@ -36,16 +36,23 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from trainer import io
 from trainer.config import LoraConfig, TrainerConfig
 from trainer.errors import ConfigError, StageError
-from trainer.model.build import PRESETS, _set_generation_ids, extend_tokenizer, save_speechlm
+from trainer.model.build import PRESETS, extend_tokenizer, save_speechlm, set_generation_ids
 from trainer.model.prompt import FORMATS
 from trainer.model.vocab import SPEECHLM_FILE, AudioVocab
 from trainer.serve import export
-from trainer.serve.export import align_state_dict, load_deepspeed, read_torch_file, ship_codec, state_dict_of
+from trainer.serve.layout import ship_codec
+from trainer.serve.weights import (
+    SEED_CONFIG,
+    align_state_dict,
+    load_deepspeed,
+    parent_dir,
+    read_torch_file,
+    state_dict_of,
+)
 
 log = logging.getLogger(__name__)
 
 FLAGS = export.FLAGS  # import reads the `export` section: same flags, same keys
-SEED_CONFIG = "training_config.json"
 # The seed's 8 tags (tts/core/constants.py); the prompt uses the inworld format's 4.
 SEED_TAGS = (
     "<|speech_start|>", "<|speech_end|>", "<|text_prompt_start|>", "<|text_prompt_end|>",
@@ -58,25 +65,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 KNOWN_BASES = {"llama-3.2-1b": "llama-3.2-1b", "llama-3.2-1b-instruct": "llama-3.2-1b"}
 
 
-def _parent(url: str) -> str:
-    url = url.rstrip("/")
-    return url.rsplit("/", 1)[0] if "/" in url else "."
-
-
-def is_seed_checkpoint(url: str) -> bool:
-    """Whether `url` (a file or directory) is, or sits in, a seed checkpointing directory (and is not
-    one of our SpeechLM directories, e.g. an import written inside it)."""
-    if io.exists(io.join(url, SPEECHLM_FILE)):
-        return False
-    directory = url if io.exists(io.join(url, SEED_CONFIG)) else _parent(url)
-    return io.exists(io.join(directory, SEED_CONFIG)) and not io.exists(io.join(directory, SPEECHLM_FILE))
-
-
-def seed_hint(url: str) -> str:
-    return (f"{url} was written by the Inworld trainer (sorted audio-token ids): convert it first with "
-            f"`tts-train import --checkpoint_path {url} --output_path DIR --base_model_path BASE_LLM`")
-
-
 def locate(url: str) -> tuple[str, str]:
     """(weights URL, directory holding the seed's tokenizer and training_config.json)."""
     if io.isdir(url) and io.exists(io.join(url, "tokenizer.json")):
@@ -87,7 +75,7 @@ def locate(url: str) -> tuple[str, str]:
         if not steps:
             raise ConfigError(f"{url}: no final_model.pt or checkpoint_<step>.pt in the seed's checkpoint directory")
         return io.join(url, max(steps)[1]), url
-    return url, _parent(url)
+    return url, parent_dir(url)
 
 
 @dataclass(frozen=True)
@@ -252,7 +240,7 @@ def import_checkpoint(config: TrainerConfig) -> str:
         model.load_state_dict(state, strict=False)  # a tied head is absent from `state`
     except RuntimeError as err:
         raise StageError(f"{weights} does not fit the architecture of {source}: {str(err).splitlines()[-1]}") from None
-    _set_generation_ids(model, vocab)
+    set_generation_ids(model, vocab)
     log.info(
         "imported %s: %d text rows kept, %d audio codes at %d..%d, %d rows (architecture: %s)", weights,
         seed.text_rows, vocab.codebook_size, vocab.audio_offset, vocab.audio_end - 1, vocab.vocab_size, source,

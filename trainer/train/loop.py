@@ -29,9 +29,9 @@ from trainer.data.dataset import Batch, PackedData, SamplerState
 from trainer.errors import ConfigError, StageError
 from trainer.model.attention import resolve_backend, use_packed_attention
 from trainer.model.build import build_speechlm, save_speechlm
+from trainer.model.lora import added_token_rows, apply_lora, merge_lora_state_dict
 from trainer.model.prompt import PromptFormat
 from trainer.train import checkpoint, telemetry
-from trainer.train.lora import added_token_rows, apply_lora, merge_lora_state_dict
 from trainer.train.objective import SpeechLMObjective
 from trainer.train.parallel import build_strategy
 from trainer.train.schedule import build_scheduler

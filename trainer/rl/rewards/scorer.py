@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from trainer.data.audio import resample
+from trainer.audio import resample
 from trainer.rl.rewards.batch import RewardBatch
 from trainer.rl.rewards.functions import RewardFunc
 

@@ -13,7 +13,7 @@ from torch import nn
 from trainer import distributed
 from trainer.config import TrainingConfig
 from trainer.errors import ConfigError
-from trainer.train.parallel import adamw, trainable
+from trainer.train.parallel.base import adamw, trainable
 
 
 def _import_deepspeed():

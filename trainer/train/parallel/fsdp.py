@@ -24,7 +24,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from trainer import distributed
 from trainer.config import TrainingConfig
-from trainer.train.parallel import adamw, trainable
+from trainer.train.parallel.base import adamw, clip_and_step, trainable
 
 
 class FSDPStrategy:
@@ -56,11 +56,7 @@ class FSDPStrategy:
         loss.backward()
 
     def step(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> float:
-        if self.training.gradient_clip_value:
-            torch.nn.utils.clip_grad_value_(trainable(module), self.training.gradient_clip_value)
-        norm = torch.nn.utils.clip_grad_norm_(trainable(module), self.training.max_grad_norm or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        norm = clip_and_step(module, optimizer, self.training)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor] | None:
