@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from controller import render as renderer
 from controller.backends import BACKENDS, Backend, BackendError, Phase, get_backend
 from controller.pipeline import run_pipeline
-from controller.plan import STAGE_ORDER, build_plan, select_stages
+from controller.plan import build_plan, select_stages
 from controller.spec import load_spec
 from trainer.errors import ConfigError
+from trainer.stages import STEP_ORDER
 
 SUBMIT_START_TIMEOUT_S = 60.0
 
@@ -180,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ttsctl",
         description="Run a SpeechLM TTS training pipeline spec on this machine (local) or on Kubernetes "
-                    f"(kubeflow). Stages, in order: {', '.join(STAGE_ORDER)}.",
+                    f"(kubeflow). Stages, in order: {', '.join(STEP_ORDER)}.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", parents=[backend_opts], help="start one stage and return (attaches if running)")
     p.add_argument("spec")
-    p.add_argument("stage", choices=STAGE_ORDER)
+    p.add_argument("stage", choices=STEP_ORDER)
     p.set_defaults(func=cmd_submit)
 
     for name, func, text in (("status", cmd_status, "show the stages of a run"),
@@ -222,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("logs", parents=[backend_opts], help="print a stage's log (default: the latest stage)")
     p.add_argument("run", help="run name, or its spec file (which also gives the namespace)")
-    p.add_argument("--stage", choices=STAGE_ORDER)
+    p.add_argument("--stage", choices=STEP_ORDER)
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the stage ends")
     p.add_argument("--workers", action="store_true", help="every pod, not only the master (kubeflow)")
     p.set_defaults(func=cmd_logs)

@@ -6,10 +6,10 @@ import time
 from collections.abc import Callable
 
 from controller.backends.base import Backend, Phase
-from controller.layout import TRAINED_MODELS
 from controller.plan import StageRun, build_plan, layout_of
 from controller.spec import PipelineSpec
 from trainer import io
+from trainer.stages import STEPS
 
 
 def already_done(run: StageRun) -> bool:
@@ -51,11 +51,13 @@ def output_summary(spec: PipelineSpec, names: list[str]) -> list[str]:
     """Where to look after a run: the final models, the synthesised audio and the report."""
     layout = layout_of(spec)
     lines = [f"outputs of run {spec.name!r}:"]
-    for source in TRAINED_MODELS:
-        if f"export-{source}" in names:
-            lines.append(f"  {source + ' model (serving dir):':<29} {layout.export_dir(source)}")
+    for name in names:
+        source = STEPS[name].source
+        if source:
+            lines.append(f"  {source + ' model (serving dir):':<29} {layout.output(name)}")
     if "eval" in names:
-        lines.append(f"  {'synthesised audio (WAV):':<29} {io.join(layout.eval_dir, 'audio')}/")
-        lines.append(f"  {'evaluation report:':<29} {io.join(layout.eval_dir, 'report.html')}")
-        lines.append(f"  {'scores (per item + summary):':<29} {io.join(layout.eval_dir, 'results.json')}")
+        report = layout.output("eval")
+        lines.append(f"  {'synthesised audio (WAV):':<29} {io.join(report, 'audio')}/")
+        lines.append(f"  {'evaluation report:':<29} {io.join(report, 'report.html')}")
+        lines.append(f"  {'scores (per item + summary):':<29} {io.join(report, 'results.json')}")
     return lines

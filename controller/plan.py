@@ -1,11 +1,7 @@
 """A pipeline spec -> the ordered stage runs, each with its resolved trainer config.
 
-Run order (each waits for the previous and reads its outputs):
-
-    codec -> vectorize -> merge -> sft -> export-sft -> rlhf -> export-rlhf -> eval
-
-`export-<src>` runs whenever `<src>` runs (RLHF starts from the exported SFT model, eval reads the
-exported RLHF model, or the SFT one when RLHF is disabled).
+The steps, their order, what each publishes and how each is wired to the outputs of the steps before
+it are the stage registry's (trainer/stages.py); here the spec decides which run and with what settings.
 """
 
 from __future__ import annotations
@@ -13,34 +9,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.layout import RunLayout
 from controller.spec import PipelineSpec, StageSpec
 from trainer.config import TrainerConfig, load_config
 from trainer.errors import ConfigError
-
-STAGE_ORDER = ("codec", "vectorize", "merge", "sft", "export-sft", "rlhf", "export-rlhf", "eval")
-
-# Stage run -> `tts-train` stage.
-TRAINER_STAGES = {
-    "codec": "codec-train",
-    "vectorize": "vectorize",
-    "merge": "merge",
-    "sft": "sft",
-    "export-sft": "export",
-    "rlhf": "rlhf",
-    "export-rlhf": "export",
-    "eval": "eval",
-}
+from trainer.stages import STEP_ORDER, STEPS, RunLayout, Step, Wiring
 
 
 @dataclass(frozen=True)
 class StageRun:
-    name: str  # stage run name, one of STAGE_ORDER
-    trainer_stage: str  # `tts-train` subcommand
+    step: Step  # the registry's step: name, `tts-train` stage, outputs
     settings: StageSpec  # nodes, GPUs, resources, env from the spec
     config: TrainerConfig  # resolved: chaining keys set, validated
     # Skip the run when this directory is complete (a previously trained codec).
     skip_if_complete: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.step.name
+
+    @property
+    def trainer_stage(self) -> str:
+        return self.step.stage.name
 
     @property
     def config_file(self) -> str:
@@ -52,28 +41,23 @@ def layout_of(spec: PipelineSpec) -> RunLayout:
 
 
 def stage_settings(spec: PipelineSpec, name: str) -> StageSpec:
-    key = "export" if name.startswith("export-") else name
-    return getattr(spec.stages, key)
+    return getattr(spec.stages, STEPS[name].spec_key)
 
 
 def enabled_stages(spec: PipelineSpec) -> list[str]:
-    names = []
-    for name in STAGE_ORDER:
-        if name.startswith("export-"):
-            source = name.removeprefix("export-")
-            if stage_settings(spec, source).enabled and spec.stages.export.enabled:
-                names.append(name)
-        elif stage_settings(spec, name).enabled:
-            names.append(name)
-    return names
+    def on(name: str) -> bool:
+        step = STEPS[name]
+        return stage_settings(spec, name).enabled and (step.source is None or on(step.source))
+
+    return [name for name in STEP_ORDER if on(name)]
 
 
 def select_stages(spec: PipelineSpec, only: list[str] | None = None, start: str | None = None) -> list[str]:
     """Enabled stages, restricted to `only` and/or those from `start` on (in run order)."""
     names = enabled_stages(spec)
     for name in [*(only or []), *([start] if start else [])]:
-        if name not in STAGE_ORDER:
-            raise ConfigError(f"unknown stage {name!r}; stages are: {', '.join(STAGE_ORDER)}")
+        if name not in STEP_ORDER:
+            raise ConfigError(f"unknown stage {name!r}; stages are: {', '.join(STEP_ORDER)}")
         if name not in names:
             raise ConfigError(f"stage {name!r} is disabled in the spec (enabled stages: {', '.join(names)})")
     if start:
@@ -89,10 +73,10 @@ def build_plan(spec: PipelineSpec, names: list[str] | None = None) -> list[Stage
     return [_stage_run(spec, name) for name in names]
 
 
-def codec_path(spec: PipelineSpec, config: TrainerConfig, configured: str | None) -> str:
+def codec_path(spec: PipelineSpec, configured: str | None) -> str:
     """The codec a stage uses: the trained one, else the spec's, else the stage config's own."""
-    if spec.stages.codec.enabled:
-        return layout_of(spec).codec_final
+    if "codec" in enabled_stages(spec):
+        return layout_of(spec).output("codec")
     path = spec.codec_model_path or configured
     if not path:
         raise ConfigError(
@@ -103,7 +87,7 @@ def codec_path(spec: PipelineSpec, config: TrainerConfig, configured: str | None
 
 def _load_stage_config(spec: PipelineSpec, name: str) -> TrainerConfig:
     settings = stage_settings(spec, name)
-    where = f"stages.{name.split('-')[0]}.config"
+    where = f"stages.{STEPS[name].spec_key}.config"
     try:
         if isinstance(settings.config, str):
             path = Path(settings.config)
@@ -115,39 +99,13 @@ def _load_stage_config(spec: PipelineSpec, name: str) -> TrainerConfig:
 
 
 def _stage_run(spec: PipelineSpec, name: str) -> StageRun:
+    step, settings = STEPS[name], stage_settings(spec, name)
     config = _load_stage_config(spec, name)
     layout = layout_of(spec)
-    rlhf_on = spec.stages.rlhf.enabled
-    skip = None
+    wiring = Wiring(layout, frozenset(enabled_stages(spec)), lambda configured: codec_path(spec, configured))
     try:
-        if name == "codec":
-            config.codec.train.output_dir = layout.codec_dir
-            skip = layout.codec_final if spec.stages.codec.skip_if_exists else None
-        elif name == "vectorize":
-            config.vectorize.output_dir = layout.vectorized
-            config.vectorize.codec_model_path = codec_path(spec, config, config.vectorize.codec_model_path)
-        elif name == "merge":
-            config.merge.dataset_path = layout.vectorized
-        elif name in ("sft", "rlhf"):
-            config.train_weighted_datasets = {layout.vectorized: 1.0}
-            config.val_weighted_datasets = {layout.vectorized: 1.0}
-            config.training.output_dir = layout.checkpoints
-            config.training.run_name = name
-            if name == "rlhf":
-                config.rlhf_training.base_model_dir = layout.export_dir("sft")
-        elif name.startswith("export-"):
-            source = name.removeprefix("export-")
-            config.export.checkpoint_path = layout.final_model(source)
-            config.export.output_path = layout.export_dir(source)
-            config.export.codec_model_path = codec_path(spec, config, config.export.codec_model_path)
-        elif name == "eval":
-            config.eval.model_path = layout.export_dir("rlhf" if rlhf_on else "sft")
-            config.eval.codec_model_path = codec_path(spec, config, config.eval.codec_model_path)
-            config.eval.output_dir = layout.eval_dir
-            sources = ("sft", "rlhf") if rlhf_on else ("sft",)
-            config.eval.metrics_dirs = [layout.model_run_dir(src) for src in sources]
-            if not config.eval.test_list:
-                raise ConfigError("eval.test_list is not set (the JSONL test list)")
+        step.wire(config, wiring)
     except ConfigError as err:
         raise ConfigError(f"stage {name}: {err}") from None
-    return StageRun(name, TRAINER_STAGES[name], stage_settings(spec, name), config, skip)
+    skip = layout.output(name) if getattr(settings, "skip_if_exists", False) else None
+    return StageRun(step, settings, config, skip)

@@ -20,10 +20,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from controller.layout import RunLayout  # noqa: E402
 from trainer.codec import Codec  # noqa: E402
 from trainer.codec.checkpoint import DECODER_PREFIXES  # noqa: E402
 from trainer.metrics import read_scalars  # noqa: E402
+from trainer.stages import RunLayout  # noqa: E402
 
 COMMAND = "make example-models  (ttsctl run example/models.yaml --backend local)"
 CODEC_CONFIG = ROOT / "example" / "configs" / "models" / "codec-small.yaml"
@@ -43,7 +43,7 @@ def run_summary(rows: list[dict]) -> dict:
 
 def ship_codec(layout: RunLayout, out: Path, command: str = COMMAND, config: Path = CODEC_CONFIG,
                corpus: Path | None = None) -> Path:
-    codec = Codec.load(layout.codec_final)
+    codec = Codec.load(layout.output("codec"))
     target = out / "codec-small"
     # The decoder (90 % of the weights) at float16; the encoder stays float32 so its codes are exactly
     # the ones the shipped SpeechLM was trained on.
@@ -53,7 +53,7 @@ def ship_codec(layout: RunLayout, out: Path, command: str = COMMAND, config: Pat
             module.half()
     codec.save(str(target))
     shutil.copy2(config, target / "train_config.yaml")
-    rows = read_scalars(str(Path(layout.codec_dir) / "metrics.jsonl"))
+    rows = read_scalars(str(Path(layout.run_dir("codec")) / "metrics.jsonl"))
     summary = run_summary(rows)
     curve = [{"step": r["step"], "resynth_wer": r["resynth_wer"], "resynth_sim": r["resynth_sim"]}
              for r in rows if "resynth_wer" in r]
@@ -68,8 +68,8 @@ def ship_codec(layout: RunLayout, out: Path, command: str = COMMAND, config: Pat
 
 
 def ship_speechlm(layout: RunLayout, out: Path, command: str = COMMAND) -> Path:
-    source = Path(layout.export_dir("rlhf"))
-    source = source if source.exists() else Path(layout.export_dir("sft"))
+    source = Path(layout.output("export-rlhf"))
+    source = source if source.exists() else Path(layout.output("export-sft"))
     target = out / "speechlm-small"
     if target.exists():
         shutil.rmtree(target)
@@ -77,9 +77,9 @@ def ship_speechlm(layout: RunLayout, out: Path, command: str = COMMAND) -> Path:
     for name in SPEECHLM_FILES:
         if (source / name).exists():
             shutil.copy2(source / name, target / name)
-    runs = {src: run_summary(read_scalars(str(Path(layout.model_run_dir(src)) / "metrics.jsonl")))
-            for src in ("sft", "rlhf") if (Path(layout.model_run_dir(src)) / "metrics.jsonl").exists()}
-    results = Path(layout.eval_dir) / "results.json"
+    runs = {src: run_summary(read_scalars(str(Path(layout.run_dir(src)) / "metrics.jsonl")))
+            for src in ("sft", "rlhf") if (Path(layout.run_dir(src)) / "metrics.jsonl").exists()}
+    results = Path(layout.output("eval")) / "results.json"
     provenance = {
         "command": command,
         "configs": [f"example/configs/models/{src}-small.json" for src in runs],

@@ -1,16 +1,15 @@
 """`tts-train <stage>`: the one entry point of every stage, on a laptop, under torchrun, in a pod.
 
-Each stage lives in its own module, imported only when run (so `--help` is instant), which defines
-`FLAGS` (the seed trainer's command-line flags -> config key paths) and `run(config) -> int`, and
-optionally `NOTED_FLAGS` (reference flags accepted with a warning saying what happens instead or how
-ours differs; a noted flag that is also in `FLAGS` still sets its key) and `REFUSED_FLAGS` (reference
-flags that exit 2 with the reason).
+The stages are those of the registry (trainer/stages.py). Each stage module, imported only when its
+stage runs (so `--help` is instant), defines `FLAGS` (the seed trainer's command-line flags -> config
+key paths) and `run(config) -> int`, and optionally `NOTED_FLAGS` (reference flags accepted with a
+warning saying what happens instead or how ours differs; a noted flag that is also in `FLAGS` still
+sets its key) and `REFUSED_FLAGS` (reference flags that exit 2 with the reason).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -18,18 +17,7 @@ from collections.abc import Sequence
 from trainer.config import load_config
 from trainer.config_compat import stage_notes
 from trainer.errors import ConfigError, StageError
-
-STAGES: dict[str, tuple[str, str]] = {
-    "codec-train": ("trainer.codec.train", "train the audio codec (GAN; DDP under torchrun)"),
-    "vectorize": ("trainer.data.vectorize", "encode a speech manifest into code shards (resumable)"),
-    "merge": ("trainer.data.merge", "merge vectorized shards into one dataset"),
-    "sft": ("trainer.train.sft", "supervised training of the SpeechLM (packed, DDP/FSDP/DeepSpeed)"),
-    "rlhf": ("trainer.rl.grpo", "GRPO alignment with ASR/speaker/quality rewards"),
-    "export": ("trainer.serve.export", "turn any checkpoint into a serving directory (HF + codec)"),
-    "import": ("trainer.serve.reference_import", "Inworld-trainer SpeechLM checkpoint -> serving directory"),
-    "infer": ("trainer.serve.infer", "zero-shot voice-cloning synthesis to a WAV file"),
-    "eval": ("trainer.eval.harness", "Seed-TTS-eval-style evaluation: WER/CER, SIM, DNSMOS, RTF, report"),
-}
+from trainer.stages import STAGES
 
 
 def build_parser(
@@ -40,8 +28,8 @@ def build_parser(
         description="SpeechLM TTS trainer stages. Each stage reads one config (YAML/JSON) plus overrides.",
     )
     sub = parser.add_subparsers(dest="stage", metavar="STAGE")
-    for name, (_, help_text) in STAGES.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    for name, entry in STAGES.items():
+        p = sub.add_parser(name, help=entry.summary, description=entry.summary)
         p.add_argument("--config", "--config_path", dest="config", help="YAML or JSON config file")
         p.add_argument(
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -60,15 +48,10 @@ def build_parser(
     return parser
 
 
-def _load_stage(stage: str):
-    module_name, _ = STAGES[stage]
-    return importlib.import_module(module_name)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     stage = argv[0] if argv and argv[0] in STAGES else None
-    module = _load_stage(stage) if stage else None
+    module = STAGES[stage].load() if stage else None
     flags: dict[str, str] = getattr(module, "FLAGS", {}) if module else {}
     noted: dict[str, str] = getattr(module, "NOTED_FLAGS", {}) if module else {}
     refused: dict[str, str] = getattr(module, "REFUSED_FLAGS", {}) if module else {}

@@ -21,9 +21,10 @@ from kubernetes import config as k8s_config
 
 from controller.backends.api_errors import ApiCaller, Conflict, NotFound
 from controller.backends.base import Backend, BackendError, Phase, RunSummary, StageStatus
-from controller.plan import STAGE_ORDER, StageRun
+from controller.plan import StageRun
 from controller.render import meta, stage_objects, to_dict
 from controller.spec import PipelineSpec
+from trainer.stages import STEP_ORDER, STEPS
 
 POLL_S = 10.0
 # Deleting a finished job before replacing it: its pods and ConfigMap go first (foreground deletion).
@@ -213,7 +214,7 @@ class KubeflowBackend(Backend):
         if not jobs:
             raise BackendError(f"no PyTorchJobs of run {run_name!r} in namespace {self.namespace}")
         by_stage = {j.metadata.labels[meta.STAGE_LABEL]: j for j in jobs}
-        stages = [self._job_status(s, by_stage[s]) for s in STAGE_ORDER if s in by_stage]
+        stages = [self._job_status(s, by_stage[s]) for s in STEP_ORDER if s in by_stage]
         return RunSummary(run_name, self.name, stages)
 
     def _managed_jobs(self) -> list[Any]:
@@ -228,6 +229,7 @@ class KubeflowBackend(Backend):
     # ------------------------------------------------------------------ wait
     def wait(self, run_name: str, stage: str, notify: Callable[[str], None] = print) -> StageStatus:
         job_name = f"{run_name}-{stage}"
+        with_server = STEPS[stage].stage.needs_rollout_server
         reported_pending = False
         master = None
         restarts = 0
@@ -235,7 +237,7 @@ class KubeflowBackend(Backend):
             try:
                 status = self._job_status(stage, self._get_job(job_name))
             except NotFound:
-                if stage == "rlhf":
+                if with_server:
                     self._delete_rollout(run_name)
                 return StageStatus(stage, Phase.FAILED, "Deleted",
                                    f"PyTorchJob {self.namespace}/{job_name} no longer exists (cancelled, or removed "
@@ -243,7 +245,7 @@ class KubeflowBackend(Backend):
             if status.phase is Phase.PENDING and status.message and not reported_pending:
                 notify(status.message)
                 reported_pending = True
-            if stage == "rlhf":
+            if with_server:
                 current = self._master_incarnation(job_name)
                 if master is not None and current is not None and current != master and not status.phase.done:
                     restarts += 1
@@ -251,7 +253,7 @@ class KubeflowBackend(Backend):
                     notify(f"trainer restarted: restarting the rollout server (#{restarts})")
                 master = current if current is not None else master
             if status.phase.done:
-                if stage == "rlhf":
+                if with_server:
                     self._delete_rollout(run_name)
                 return status
             time.sleep(self.poll_s)

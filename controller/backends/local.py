@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from controller.backends.base import Backend, BackendError, Phase, RunSummary, StageStatus
-from controller.plan import STAGE_ORDER, StageRun
+from controller.plan import StageRun
 from controller.spec import PipelineSpec
 from trainer.config import dump_config
+from trainer.stages import STEP_ORDER
 
 POLL_S = 0.5
 KILL_GRACE_S = 10.0
@@ -43,8 +44,11 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def process_count(gpus_per_node: int) -> int:
-    return max(1, min(gpus_per_node, visible_gpus())) if gpus_per_node > 0 else 1
+def process_count(run: StageRun) -> int:
+    gpus = run.settings.gpus_per_node
+    if run.step.stage.launch == "single" or gpus <= 0:
+        return 1
+    return max(1, min(gpus, visible_gpus()))
 
 
 def stage_command(run: StageRun, config_file: Path, nproc: int) -> list[str]:
@@ -131,7 +135,7 @@ class LocalBackend(Backend):
         config_file.write_text(dump_config(run.config) + "\n")
         log = self.log_path(spec.name, run.name)
         log.parent.mkdir(parents=True, exist_ok=True)
-        nproc = process_count(run.settings.gpus_per_node)
+        nproc = process_count(run)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TTS_RUN": spec.name, "TTS_STAGE": run.name,
                **run.settings.env}
         command = stage_command(run, config_file, nproc)
@@ -209,7 +213,7 @@ class LocalBackend(Backend):
 
     def run_status(self, run_name: str) -> RunSummary:
         stages = self._require_run(run_name)["stages"]
-        ordered = [s for s in STAGE_ORDER if s in stages]
+        ordered = [s for s in STEP_ORDER if s in stages]
         return RunSummary(run_name, self.name, [self.status(run_name, s) for s in ordered])
 
     def list_runs(self) -> list[RunSummary]:

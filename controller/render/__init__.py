@@ -36,7 +36,7 @@ class StageObjects:
 
 def stage_objects(spec: PipelineSpec, run: StageRun) -> StageObjects:
     server = ()
-    if run.name == "rlhf":
+    if run.step.stage.needs_rollout_server:
         server = (rollout.deployment(spec), rollout.service(spec), rollout.network_policy(spec))
     return StageObjects(run, config_map(spec, run), pytorch_job(spec, run), server)
 

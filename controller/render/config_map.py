@@ -21,7 +21,7 @@ def cluster_config(spec: PipelineSpec, run: StageRun) -> TrainerConfig:
     """The stage config as pods see it: the cluster's collective timeout and, for RLHF, the rollout server."""
     config = run.config.model_copy(deep=True)
     config.training.process_group_timeout_s = spec.cluster.processGroupTimeoutSeconds
-    if run.name == "rlhf":
+    if run.step.stage.needs_rollout_server:
         host, port, group_port = rollout_address(spec)
         config.rlhf_training.use_vllm = True
         config.rlhf_training.vllm_server_host = host

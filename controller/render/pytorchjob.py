@@ -16,7 +16,7 @@ SHUTDOWN_MARGIN_S = 10
 
 def nproc_per_node(run: StageRun) -> str:
     # The operator multiplies WORLD_SIZE by this only when it is an integer string; CPU stages run 1.
-    return str(run.settings.gpus_per_node or 1)
+    return str(run.settings.gpus_per_node or 1) if run.step.stage.launch == "torchrun" else "1"
 
 
 def command(run: StageRun) -> list[str]:
@@ -34,7 +34,7 @@ def trainer_env(spec: PipelineSpec, run: StageRun) -> list[k8s.V1EnvVar]:
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
         "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": timeout,
     }
-    if run.name == "rlhf":
+    if run.step.stage.needs_rollout_server:
         host, port, group_port = rollout_address(spec)
         env |= {"TTS_VLLM_HOST": host, "TTS_VLLM_PORT": str(port), "TTS_VLLM_GROUP_PORT": str(group_port)}
     # torchrun SIGKILLs its workers this long after forwarding SIGTERM (default 30 s): give them the pod's

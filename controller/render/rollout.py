@@ -14,8 +14,10 @@ from controller.plan import layout_of
 from controller.render import meta, pod
 from controller.spec import PipelineSpec
 from trainer import io
+from trainer.stages import STEPS
 
-STAGE = "rlhf"
+# The step the server serves: the one whose stage needs it (rlhf).
+STAGE = next(s.name for s in STEPS.values() if s.stage.needs_rollout_server)
 CONTAINER = "rollout"
 MODEL_MOUNT = "/model"
 
@@ -23,7 +25,7 @@ MODEL_MOUNT = "/model"
 def _model(spec: PipelineSpec) -> tuple[str, list[k8s.V1Container], list[k8s.V1Volume]]:
     """The served model (the exported SFT model) and, for object-store URLs, an init container that
     copies it to a local volume (vLLM loads local directories only)."""
-    url = layout_of(spec).export_dir("sft")
+    url = layout_of(spec).output("export-sft")
     if io.is_local(url):
         return io.local_path(url), [], []
     fetch = k8s.V1Container(
