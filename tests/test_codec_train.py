@@ -128,8 +128,8 @@ def test_mel_term_leads_the_rms_term_at_init() -> None:
 
     from trainer.audio import read_audio
     from trainer.codec import full_codec_config, tiny_codec_config
-    from trainer.codec.losses import MultiResolutionMelLoss, rms_loss
     from trainer.config import CodecTrainConfig
+    from trainer.train.codec_losses import MultiResolutionMelLoss, rms_loss
 
     if not MANIFEST.exists():
         pytest.skip("example dataset not generated")
@@ -152,7 +152,7 @@ def test_mel_term_leads_the_rms_term_at_init() -> None:
 def test_num_workers_read_the_audio_and_report_unreadable_files(tmp_path) -> None:
     import torch
 
-    from trainer.codec.train import Clips, TrainingBatches
+    from trainer.train.codec import Clips, TrainingBatches
 
     if not MANIFEST.exists():
         pytest.skip("example dataset not generated")

@@ -18,6 +18,8 @@ from typing import Any, Literal, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trainer import io
+from trainer.config_compat import from_reference
 from trainer.errors import ConfigError
 
 
@@ -130,7 +132,6 @@ class CheckpointingConfig(Section):
 
 
 class DatasetConfig(Section):
-    enable_rlhf_training: bool = False
     # None or []: every language is accepted. Case-insensitive; "en" also admits "en-GB" (primary subtag).
     allowed_languages: list[str] | None = None
     # The filters apply at vectorize (rates/durations of the audio file itself) and again when SFT/RLHF
@@ -160,12 +161,30 @@ class DatasetConfig(Section):
         return self
 
 
-class RlhfConfig(Section):
-    base_model_dir: str | None = None
-    top_p: float = Field(0.9, gt=0, le=1)
-    top_k: int = Field(75, ge=0)
+class Sampler(Section):
+    """How the next audio token is drawn (rollouts, inference, eval)."""
+
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0: no top-k cut
     repetition_penalty: float = Field(1.1, gt=0)
-    temperature: float = Field(1.0, gt=0)
+
+
+class ScorerSettings(Section):
+    """The ASR and speaker models that judge speech, for the GRPO rewards and the eval alike; local
+    model directories only, never a hub id."""
+
+    asr_backend: Literal["pocketsphinx", "whisper"] = "pocketsphinx"
+    asr_model_path: str | None = None
+    speaker_backend: Literal["resemblyzer", "wavlm-ecapa"] = "resemblyzer"
+    speaker_model_path: str | None = None
+
+
+class RlhfConfig(ScorerSettings):
+    base_model_dir: str | None = None
+    # Rollout sampling: exploratory (the reference's keys top_p/top_k/repetition_penalty/temperature
+    # sit flat in rlhf_training and map here).
+    sampling: Sampler = Sampler(temperature=1.0, top_p=0.9, top_k=75)
     num_generations: int = Field(8, ge=2)
     max_prompt_length: int = Field(1024, gt=0)
     max_completion_length: int = Field(1024, gt=0)
@@ -178,11 +197,6 @@ class RlhfConfig(Section):
     vllm_server_timeout_s: float = Field(600.0, gt=0)
     reward_funcs: list[str] = ["WERRewardFunc"]
     reward_weights: list[float] | None = None
-    # ASR / speaker backends used by the rewards; local model dirs only, never a hub id.
-    asr_backend: Literal["pocketsphinx", "whisper"] = "pocketsphinx"
-    asr_model_path: str | None = None
-    speaker_backend: Literal["resemblyzer", "wavlm-ecapa"] = "resemblyzer"
-    speaker_model_path: str | None = None
     # DNSMOSRewardFunc: personalised DNSMOS (penalises interfering talkers), as the seed's reward uses.
     dnsmos_personalized: bool = True
     save_completions_steps: int = Field(50, gt=0)
@@ -194,7 +208,6 @@ class RlhfConfig(Section):
     loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "dr_grpo"
     # Completions cut at max_completion_length (no speech-end) do not contribute to the loss.
     mask_truncated_completions: bool = True
-    max_steps: int | None = Field(None, gt=0)
     guard_rail_steps: int = Field(50, gt=0)
     guard_rail_samples: int = Field(8, gt=0)
     # Codec whose decoder turns completions into audio for the rewards. None: the codec the base model's
@@ -403,11 +416,9 @@ class ExportConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
-class SamplingConfig(Section):
-    temperature: float = Field(0.8, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.1, gt=0)
+class SamplingConfig(Sampler):
+    """Sampling for synthesis (infer, eval): the sampler plus the length bounds and the seed."""
+
     max_new_tokens: int = Field(1500, gt=0)
     # Speech-end is suppressed until a chunk holds at least len(text) / max_chars_per_second seconds
     # of audio: a premature stop (an empty or clipped sentence) is the commonest SpeechLM failure.
@@ -440,7 +451,7 @@ class MergeConfig(Section):
     only_glue_samples: bool = False
 
 
-class EvalConfig(Section):
+class EvalConfig(ScorerSettings):
     model_path: str | None = None
     codec_model_path: str | None = None
     # JSONL test list: {"prompt_wav", "prompt_text", "target_text", optional "target_wav", "id", "language"}.
@@ -448,10 +459,6 @@ class EvalConfig(Section):
     output_dir: str | None = None
     # Run directory whose metrics (jsonl) feed the loss/reward plots; optional.
     metrics_dirs: list[str] = []
-    asr_backend: Literal["pocketsphinx", "whisper"] = "pocketsphinx"
-    asr_model_path: str | None = None
-    speaker_backend: Literal["resemblyzer", "wavlm-ecapa"] = "resemblyzer"
-    speaker_model_path: str | None = None
     use_dnsmos: bool = True
     max_items: int | None = Field(None, gt=0)
     sampling: SamplingConfig = SamplingConfig()
@@ -485,8 +492,6 @@ class TrainerConfig(Section):
     def _reference_keys(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        from trainer.config_compat import from_reference
-
         return from_reference(data)
 
     @field_validator("train_weighted_datasets", "val_weighted_datasets")
@@ -499,6 +504,11 @@ class TrainerConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------- loading
+def section_flags(section: str, *keys: str) -> dict[str, str]:
+    """`--<key>` flags that set `<section>.<key>`: a stage's flags named as its config keys."""
+    return {key: f"{section}.{key}" for key in keys}
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a", "b", "c"], typed value). JSON values (numbers, booleans, null, lists,
     objects) are parsed as JSON; anything else stays a string."""
@@ -545,8 +555,6 @@ def format_validation_error(err: ValidationError) -> str:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    from trainer import io
-
     text = io.read_text(str(path))
     try:
         data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
@@ -579,8 +587,6 @@ def load_config(
 
 
 def _exists(path: str | Path) -> bool:
-    from trainer import io
-
     return io.exists(str(path))
 
 

@@ -14,6 +14,8 @@ import copy
 import logging
 from typing import Any
 
+from trainer.errors import ConfigError
+
 log = logging.getLogger("trainer.config")
 
 # section -> key -> why it is not honoured. Warned when the value asks for something (not null/false/empty).
@@ -41,12 +43,19 @@ UNHONOURED: dict[str | None, dict[str, str]] = {
         "steps_per_epoch": "computed from the data at run time (the reference overwrites it)",
         # Not a field of the reference schema: its own example_configs/sft.json sets it and its loader drops it.
         "randomize_slider": "not a key of the reference schema (its loader drops it)",
+        "enable_rlhf_training": "the rlhf stage always builds its prompts from the vectorized datasets; the "
+        "switch has no effect",
     },
 }
 
-# section -> reference key -> our key (same meaning, same unit).
+# section -> reference key -> our key (same meaning, same unit); a dotted key is a subsection's.
 RENAMED: dict[str, dict[str, str]] = {
     "dataset": {"min_audio_duration": "min_duration"},
+    "rlhf_training": {key: f"sampling.{key}" for key in ("temperature", "top_p", "top_k", "repetition_penalty")},
+}
+# (section, key) of our earlier releases -> (section, key) now: one owner per knob.
+MOVED: dict[tuple[str, str], tuple[str, str]] = {
+    ("rlhf_training", "max_steps"): ("training", "max_steps"),
 }
 
 # Lightning precision names the reference passes through for DDP.
@@ -162,7 +171,21 @@ def from_reference(data: dict[str, Any]) -> dict[str, Any]:
         if isinstance(section, dict):
             for old, new in names.items():
                 if old in section:
-                    _put(section, f"{section_name}.", new, section.pop(old), old)
+                    *parents, key = new.split(".")
+                    target = section
+                    for parent in parents:
+                        target = target.setdefault(parent, {})
+                    if isinstance(target, dict):
+                        _put(target, f"{'.'.join([section_name, *parents])}.", key, section.pop(old), old)
+    for (old_section, old_key), (new_section, new_key) in MOVED.items():
+        section = raw.get(old_section)
+        if isinstance(section, dict) and old_key in section:
+            target, value = raw.setdefault(new_section, {}), section.pop(old_key)
+            if isinstance(target, dict):
+                if new_key in target and target[new_key] != value:
+                    raise CompatError(f"{old_section}.{old_key} ({value!r}) and {new_section}.{new_key} "
+                                      f"({target[new_key]!r}) disagree; set {new_section}.{new_key}")
+                target[new_key] = value
     if isinstance(raw.get("training"), dict):
         _training(raw["training"])
     if "lora" in raw:
@@ -174,8 +197,6 @@ def from_reference(data: dict[str, Any]) -> dict[str, Any]:
 
 def stage_notes(config: Any, stage: str) -> None:
     """Warnings (and errors) for reference keys whose effect depends on the stage that runs."""
-    from trainer.errors import ConfigError
-
     t = config.training
     if t.gradient_clip_value and stage == "rlhf":
         log.warning("training.gradient_clip_value is not honoured by rlhf (nor by the reference's): TRL clips "

@@ -11,6 +11,7 @@ master pod restarts: a rollout server keeps a stale weight-sync group and would 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -334,3 +335,12 @@ class KubeflowBackend(Backend):
             done.append(f"deleted {stage} ({phase.value})" if phase.done else f"stopped {stage} ({phase.value})")
         self._delete_rollout(run_name)
         return done
+
+
+def poll_seconds() -> float:
+    """$TTSCTL_POLL_SECONDS: how often the kubeflow backend polls job status (default 10 s)."""
+    value = os.environ.get("TTSCTL_POLL_SECONDS")
+    try:
+        return float(value) if value else POLL_S
+    except ValueError:
+        raise BackendError(f"TTSCTL_POLL_SECONDS={value!r} is not a number of seconds") from None

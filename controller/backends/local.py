@@ -39,7 +39,7 @@ def ttsctl_home() -> Path:
 
 
 def visible_gpus() -> int:
-    import torch  # only when a stage asks for GPUs: importing torch costs seconds
+    import torch  # lazy: only when a stage asks for GPUs (importing torch costs seconds)
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 

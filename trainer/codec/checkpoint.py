@@ -13,6 +13,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 from pydantic import ValidationError
+from safetensors.torch import load as load_bytes
 
 from trainer import io
 from trainer.codec import inworld, xcodec2
@@ -57,8 +58,6 @@ def _torch_load(url: str) -> Any:
 
 def _read_safetensors(url: str) -> dict[str, Any]:
     """Our safetensors codec file as the {"model", "components"} dict a model.pt holds."""
-    from safetensors.torch import load as load_bytes
-
     data = io.read_bytes(url)
     # The format's header: little-endian u64 length, then JSON whose "__metadata__" holds our strings.
     header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from trainer import io
@@ -134,8 +135,6 @@ class Codec(nn.Module):
         """Write `model.safetensors` (components in its metadata) and `model_config.json`, atomically.
 
         safetensors, not a pickle: a codec shipped in a repository or downloaded runs no code on load."""
-        from safetensors.torch import save_file
-
         with io.staged_dir(dir_url) as tmp:
             state = {k: v.detach().cpu().contiguous() for k, v in self.codec_state_dict().items()}
             save_file(state, str(Path(tmp) / MODEL_FILE), metadata={"components": json.dumps(list(self.components))})

@@ -52,6 +52,7 @@ class SemanticFeatures(nn.Module):
 
     def __init__(self, model_dir: str, layer: int, expected_dim: int):
         super().__init__()
+        # lazy: transformers takes seconds to import; only codecs with the semantic branch need it
         from transformers import AutoFeatureExtractor, Wav2Vec2BertModel
 
         if not Path(model_dir).is_dir():

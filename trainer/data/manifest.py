@@ -14,20 +14,23 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from trainer import io
 from trainer.errors import ConfigError
 
-REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
+FieldTypes = Mapping[str, type | tuple[type, ...]]  # field -> the type(s) its value must have
+REQUIRED_FIELDS: FieldTypes = {
     "transcript": str,
     "language": str,
     "wav_path": str,
     "duration": (int, float),
     "sample_rate": (int, float),
 }
+# What audio-only readers (codec training) require of a record: the audio, nothing about its text.
+AUDIO_FIELDS: FieldTypes = {"wav_path": str}
 OPTIONAL_NUMERIC_FIELDS = ("dnsmos", "dnsmos_mos_ovr")
 OPTIONAL_STRING_FIELDS = ("voice_description", "emotion", "style", "sound_effect")
 
@@ -52,8 +55,8 @@ def read_lines(url: str) -> Iterator[tuple[int, str]]:
             yield line_no, raw.decode("utf-8", errors="replace").rstrip("\r\n")
 
 
-def parse_line(text: str) -> dict[str, Any] | LineError:
-    """One manifest line -> its record, or why it is not one."""
+def parse_line(text: str, required: FieldTypes = REQUIRED_FIELDS) -> dict[str, Any] | LineError:
+    """One manifest line -> its record, or why it is not one (`required`: field -> type(s) it must have)."""
     if "\ufffd" in text:
         return LineError("malformed_json", "line is not valid UTF-8", text)
     try:
@@ -62,13 +65,13 @@ def parse_line(text: str) -> dict[str, Any] | LineError:
         return LineError("malformed_json", f"not JSON: {err}", text)
     if not isinstance(record, dict):
         return LineError("malformed_json", f"expected a JSON object, got {type(record).__name__}", text)
-    missing = [name for name in REQUIRED_FIELDS if record.get(name) is None]
+    missing = [name for name in required if record.get(name) is None]
     if missing:
         return LineError("missing_field", f"missing required field(s): {', '.join(missing)}", text)
-    for name, kind in REQUIRED_FIELDS.items():
+    for name, kind in required.items():
         if not isinstance(record[name], kind) or isinstance(record[name], bool):
             return LineError("invalid_field", f"{name} has type {type(record[name]).__name__}", text)
-    if not record["wav_path"].strip():
+    if "wav_path" in required and not record["wav_path"].strip():
         return LineError("invalid_field", "wav_path is empty", text)
     for name in OPTIONAL_NUMERIC_FIELDS:
         value = record.get(name)
@@ -81,11 +84,13 @@ def parse_line(text: str) -> dict[str, Any] | LineError:
     return record
 
 
-def read_manifest(url: str) -> Iterator[tuple[int, dict[str, Any] | LineError]]:
+def read_manifest(
+    url: str, required: FieldTypes = REQUIRED_FIELDS
+) -> Iterator[tuple[int, dict[str, Any] | LineError]]:
     """(1-based line number, record or LineError) for every non-blank line of the manifest at `url`."""
     for line_no, text in read_lines(url):
         if text.strip():
-            yield line_no, parse_line(text)
+            yield line_no, parse_line(text, required)
 
 
 def read_json_objects(url: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -119,3 +124,33 @@ def resolve_wav_path(manifest_url: str, wav_path: str) -> str:
     if not sep:
         path = os.path.abspath(path)
     return scheme + sep + posixpath.normpath(posixpath.join(posixpath.dirname(path), wav_path))
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """Held-out speech with its transcript (codec resynthesis checks)."""
+
+    id: str
+    wav: str
+    text: str
+    language: str
+
+
+def read_utterances(url: str, max_items: int | None = None) -> list[Utterance]:
+    """Speech with transcripts from a seed-format manifest (`wav_path`, `transcript`) or an eval test
+    list (`target_wav`, `target_text`); relative paths are taken from the list's directory."""
+    if not io.exists(url):
+        raise ConfigError(f"{url}: resynthesis list not found")
+    found = []
+    for line_no, record in read_json_objects(url):
+        wav = record.get("wav_path") or record.get("target_wav")
+        text = record.get("transcript") or record.get("target_text")
+        if not wav or not text:
+            raise ConfigError(f"{url}:{line_no}: needs wav_path + transcript or target_wav + target_text")
+        found.append(Utterance(str(record.get("id", f"item_{line_no:04d}")), resolve_wav_path(url, wav), text,
+                               record.get("language", "en")))
+        if max_items and len(found) >= max_items:
+            break
+    if not found:
+        raise ConfigError(f"{url}: no utterances")
+    return found

@@ -27,11 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from tqdm import tqdm
 
 from trainer import distributed, io, metrics
 from trainer.audio import Audio, AudioError, read_audio
+from trainer.codec import Codec
 from trainer.config import TrainerConfig
 from trainer.data import filters, shards
 from trainer.data.manifest import LineError, parse_line, read_lines, resolve_wav_path, sample_id
@@ -411,7 +413,7 @@ def dataset_info(config: TrainerConfig, codec: Any, max_lines: int | None = None
         "manifest": v.dataset_path,
         "samples_per_shard": v.samples_per_shard,
         "val_fraction": v.val_fraction,
-        "filters": config.dataset.model_dump(mode="json", exclude={"enable_rlhf_training"}),
+        "filters": config.dataset.model_dump(mode="json"),
     }
     if max_lines is not None:  # only then, so directories written before this key still resume
         info["dry_run_lines"] = max_lines
@@ -436,12 +438,8 @@ def claim_output_dir(output_dir: str, info: dict[str, Any]) -> None:
 
 
 def load_codec(path: str, compile_model: bool = False) -> Any:
-    from trainer.codec import Codec
-
     codec = Codec.load(path, device=distributed.device(), components=("encoder",))
     if compile_model:
-        import torch
-
         # The whole encoder forward (acoustic encoder, semantic adapter, FSQ), as the seed compiles
         # its encoder; dynamic, as every length bucket has its own shape.
         codec.encode_tensor = torch.compile(codec.encode_tensor, dynamic=True)

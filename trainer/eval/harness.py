@@ -9,7 +9,7 @@ real-time factor of synthesis. Writes `results.json` (per item and aggregate), t
 
 Given a codec and no SpeechLM (`--codec_model_path` without `--model_path`), it judges the codec
 instead: each held-out clip (a manifest or a test list's `target_wav`) is encoded and decoded, and the
-copy is scored against its transcript and, for SIM, against the original (`trainer.eval.resynthesis`).
+copy is scored against its transcript and, for SIM, against the original (`trainer.scoring.resynthesis`).
 """
 
 from __future__ import annotations
@@ -23,23 +23,18 @@ from typing import Any
 import numpy as np
 
 from trainer import io
-from trainer.audio import read_audio, write_wav
-from trainer.config import EvalConfig, TrainerConfig
-from trainer.data.manifest import read_json_objects, resolve_wav_path
+from trainer.audio import Audio, read_audio, write_wav
+from trainer.codec.model import Codec
+from trainer.config import EvalConfig, TrainerConfig, section_flags
+from trainer.data.manifest import read_json_objects, read_utterances, resolve_wav_path
 from trainer.errors import ConfigError
 from trainer.eval import report
-from trainer.scoring.asr import corpus_error_rate, error_rate, load_transcriber
-from trainer.scoring.quality import DNSMOS
-from trainer.scoring.speaker import EmbeddingCache, cosine_similarity, load_speaker_encoder
+from trainer.scoring.resynthesis import Clip, resynthesize, score_resynthesis
+from trainer.scoring.scorers import Scorers, aggregate
 
 log = logging.getLogger(__name__)
 
-FLAGS = {
-    "model_path": "eval.model_path",
-    "codec_model_path": "eval.codec_model_path",
-    "test_list": "eval.test_list",
-    "output_dir": "eval.output_dir",
-}
+FLAGS = section_flags("eval", "model_path", "codec_model_path", "test_list", "output_dir")
 REQUIRED_ITEM_KEYS = ("prompt_wav", "prompt_text", "target_text")
 
 
@@ -62,73 +57,6 @@ def read_test_list(url: str, max_items: int | None = None) -> list[dict[str, Any
     if not items:
         raise ConfigError(f"eval.test_list: {url} has no items")
     return items
-
-
-class Scorers:
-    """WER/CER, speaker similarity and DNSMOS over batches of clips, loaded once."""
-
-    def __init__(self, cfg: EvalConfig):
-        self.asr = load_transcriber(cfg.asr_backend, cfg.asr_model_path)
-        self.speaker = load_speaker_encoder(cfg.speaker_backend, cfg.speaker_model_path)
-        self.references = EmbeddingCache(self.speaker)
-        self.dnsmos = DNSMOS() if cfg.use_dnsmos else None
-
-    def embed_references(self, keys: list[str], clips: list[tuple[np.ndarray, int]]) -> np.ndarray:
-        """Speaker embeddings of voice prompts, one row per clip (a prompt shared by items is embedded once),
-        batched per sample rate."""
-        rows: list[np.ndarray | None] = [None] * len(clips)
-        for sr in sorted({sr for _, sr in clips}):
-            idx = [i for i, (_, s) in enumerate(clips) if s == sr]
-            embedded = self.references.embed([keys[i] for i in idx], [clips[i][0] for i in idx], sr)
-            for i, emb in zip(idx, embedded, strict=True):
-                rows[i] = emb
-        return np.stack(rows)
-
-    def score(
-        self,
-        clips: list[tuple[np.ndarray, int]],
-        prompt_embeddings: np.ndarray,
-        texts: list[str],
-        languages: list[str],
-    ) -> list[dict[str, Any]]:
-        """WER/CER, DNSMOS and speaker similarity to the prompt (its embedding row) of each clip."""
-        rows: list[dict[str, Any]] = [{} for _ in clips]
-        # Scorers take one sample rate per batch: group clips by rate.
-        for sr in sorted({sr for _, sr in clips}):
-            idx = [i for i, (_, s) in enumerate(clips) if s == sr]
-            waves = [clips[i][0] for i in idx]
-            hyps = self.asr.transcribe(waves, sr, [languages[i] for i in idx])
-            for i, hyp in zip(idx, hyps, strict=True):
-                rows[i]["transcript"] = hyp
-                rows[i]["wer"] = float(error_rate(hyp, texts[i], languages[i]))
-            if self.dnsmos is not None:
-                for i, s in zip(idx, self.dnsmos.score(waves, sr), strict=True):
-                    ovrl = s.get("ovrl")
-                    rows[i]["dnsmos"] = None if ovrl is None or np.isnan(ovrl) else float(ovrl)
-            emb = self.speaker.embed(waves, sr)
-            for i, cos in zip(idx, cosine_similarity(emb, prompt_embeddings[idx]), strict=True):
-                rows[i]["sim"] = None if not clips[i][0].size else float(cos)
-        return rows
-
-
-def aggregate(rows: list[dict[str, Any]], texts: list[str], languages: list[str]) -> dict[str, Any]:
-    ok = [i for i, r in enumerate(rows) if "error" not in r]
-
-    def mean(key: str) -> float | None:
-        values = [rows[i][key] for i in ok if rows[i].get(key) is not None]
-        return float(np.mean(values)) if values else None
-
-    language = languages[0] if len(set(languages)) == 1 else "en"
-    return {
-        # Corpus-level like Seed-TTS-eval: failed items count with an empty transcript.
-        "wer": corpus_error_rate([r.get("transcript", "") for r in rows], texts, language),
-        "sim": mean("sim"),
-        "dnsmos": mean("dnsmos"),
-        "rtf": mean("rtf"),
-        "duration": mean("duration"),
-        "items": len(rows),
-        "failed": len(rows) - len(ok),
-    }
 
 
 def _output_dir(cfg: EvalConfig) -> Path:
@@ -155,9 +83,6 @@ def _publish(cfg: EvalConfig, out_dir: Path, results: dict[str, Any], plots: lis
 
 def run_resynthesis(config: TrainerConfig) -> int:
     """Judge the codec alone: copies (encode -> decode) of held-out speech vs their transcripts."""
-    from trainer.codec.model import Codec
-    from trainer.eval.resynthesis import read_utterances, resynthesize, score_resynthesis
-
     cfg = config.eval
     utterances = read_utterances(cfg.test_list, cfg.max_items)
     out_dir = _output_dir(cfg)
@@ -208,34 +133,7 @@ def run(config: TrainerConfig) -> int:
             raise ConfigError(f"eval.{key} is required (or eval.codec_model_path alone to judge the codec)")
     items = read_test_list(cfg.test_list, cfg.max_items)
     out_dir = _output_dir(cfg)
-
-    from trainer.serve.synthesize import Synthesizer
-
-    synth = Synthesizer.load(cfg.model_path, codec_path=cfg.codec_model_path)
-    prompts = [read_audio(it["prompt_wav"]) for it in items]
-    model_clips: list[tuple[np.ndarray, int]] = []
-    model_rows: list[dict[str, Any]] = []
-    for it, prompt in zip(items, prompts, strict=True):
-        row: dict[str, Any] = {}
-        start = time.perf_counter()
-        try:
-            wave, sr = synth.synthesize(
-                it["target_text"], prompt.samples, prompt.sample_rate, it["prompt_text"], cfg.sampling,
-                it["language"],
-            )
-        except Exception as err:  # one bad item must not lose the whole evaluation
-            log.warning("item %s: synthesis failed: %s", it["id"], err)
-            wave, sr = np.zeros(0, np.float32), synth.sample_rate
-            row["error"] = f"{type(err).__name__}: {err}"
-        elapsed = time.perf_counter() - start
-        duration = wave.size / sr
-        row.update(duration=duration, rtf=elapsed / duration if duration else None)
-        if wave.size:
-            row["wav"] = f"audio/{it['id']}.wav"
-            write_wav(str(out_dir / row["wav"]), wave, sr)
-        model_clips.append((wave, sr))
-        model_rows.append(row)
-        log.info("eval %s: %.2f s of audio in %.2f s", it["id"], duration, elapsed)
+    prompts, model_clips, model_rows = _synthesize_items(cfg, items, out_dir)
 
     scorers = Scorers(cfg)
     texts = [it["target_text"] for it in items]
@@ -254,28 +152,80 @@ def run(config: TrainerConfig) -> int:
         "aggregate": {"model": aggregate(model_rows, texts, languages)},
         "items": [],
     }
-    gt_idx = [i for i, it in enumerate(items) if it.get("target_wav")]
-    gt_rows: dict[int, dict[str, Any]] = {}
-    if gt_idx:
-        gt_audio = [read_audio(items[i]["target_wav"]) for i in gt_idx]
-        gt_scores = scorers.score(
-            [(a.samples, a.sample_rate) for a in gt_audio],
-            prompt_embeddings[gt_idx],
-            [texts[i] for i in gt_idx],
-            [languages[i] for i in gt_idx],
-        )
-        for i, audio, scores in zip(gt_idx, gt_audio, gt_scores, strict=True):
-            gt_rows[i] = {**scores, "duration": audio.duration, "wav": f"audio/{items[i]['id']}_gt.wav"}
-            write_wav(str(out_dir / gt_rows[i]["wav"]), audio.samples, audio.sample_rate)
+    gt_rows = _score_ground_truth(scorers, items, prompt_embeddings, out_dir)
+    if gt_rows:
         results["aggregate"]["ground_truth"] = aggregate(
-            list(gt_rows.values()), [texts[i] for i in gt_idx], [languages[i] for i in gt_idx]
+            list(gt_rows.values()), [texts[i] for i in gt_rows], [languages[i] for i in gt_rows]
         )
     for i, it in enumerate(items):
         results["items"].append({
             "id": it["id"], "target_text": it["target_text"], "prompt_text": it["prompt_text"],
             "language": it["language"], "model": model_rows[i], "ground_truth": gt_rows.get(i),
         })
+    results["plots"] = _plot(cfg, items, model_clips, gt_rows, results["items"], out_dir)
+    _publish(cfg, out_dir, results, results["plots"])
+    return 0
 
+
+def _synthesize_items(
+    cfg: EvalConfig, items: list[dict[str, Any]], out_dir: Path
+) -> tuple[list[Audio], list[Clip], list[dict[str, Any]]]:
+    """(prompts, synthesised clips, per-item rows with duration, RTF, wav or error), WAVs written."""
+    # lazy: the SpeechLM stack (transformers models) is not needed to judge a codec alone (run_resynthesis)
+    from trainer.serve.synthesize import Synthesizer
+
+    synth = Synthesizer.load(cfg.model_path, codec_path=cfg.codec_model_path)
+    prompts = [read_audio(it["prompt_wav"]) for it in items]
+    clips: list[Clip] = []
+    rows: list[dict[str, Any]] = []
+    for it, prompt in zip(items, prompts, strict=True):
+        row: dict[str, Any] = {}
+        start = time.perf_counter()
+        try:
+            wave, sr = synth.synthesize(
+                it["target_text"], prompt.samples, prompt.sample_rate, it["prompt_text"], cfg.sampling,
+                it["language"],
+            )
+        except Exception as err:  # one bad item must not lose the whole evaluation
+            log.warning("item %s: synthesis failed: %s", it["id"], err)
+            wave, sr = np.zeros(0, np.float32), synth.sample_rate
+            row["error"] = f"{type(err).__name__}: {err}"
+        elapsed = time.perf_counter() - start
+        duration = wave.size / sr
+        row.update(duration=duration, rtf=elapsed / duration if duration else None)
+        if wave.size:
+            row["wav"] = f"audio/{it['id']}.wav"
+            write_wav(str(out_dir / row["wav"]), wave, sr)
+        clips.append((wave, sr))
+        rows.append(row)
+        log.info("eval %s: %.2f s of audio in %.2f s", it["id"], duration, elapsed)
+    return prompts, clips, rows
+
+
+def _score_ground_truth(scorers: Scorers, items: list[dict[str, Any]], prompt_embeddings: np.ndarray,
+                        out_dir: Path) -> dict[int, dict[str, Any]]:
+    """Item index -> scores of its ground-truth `target_wav` (items that have one), WAVs copied."""
+    gt_idx = [i for i, it in enumerate(items) if it.get("target_wav")]
+    if not gt_idx:
+        return {}
+    gt_audio = [read_audio(items[i]["target_wav"]) for i in gt_idx]
+    gt_scores = scorers.score(
+        [(a.samples, a.sample_rate) for a in gt_audio],
+        prompt_embeddings[gt_idx],
+        [items[i]["target_text"] for i in gt_idx],
+        [items[i]["language"] for i in gt_idx],
+    )
+    gt_rows: dict[int, dict[str, Any]] = {}
+    for i, audio, scores in zip(gt_idx, gt_audio, gt_scores, strict=True):
+        gt_rows[i] = {**scores, "duration": audio.duration, "wav": f"audio/{items[i]['id']}_gt.wav"}
+        write_wav(str(out_dir / gt_rows[i]["wav"]), audio.samples, audio.sample_rate)
+    return gt_rows
+
+
+def _plot(cfg: EvalConfig, items: list[dict[str, Any]], model_clips: list[Clip], gt_rows: dict[int, dict[str, Any]],
+          result_items: list[dict[str, Any]], out_dir: Path) -> list[str]:
+    """Training curves, a spectrogram of the first synthesised clip (beside its ground truth) and score
+    histograms: the file names of the plots written."""
     plots = []
     if report.plot_curves([io.join(d, "metrics.jsonl") for d in cfg.metrics_dirs], out_dir / "curves.png"):
         plots.append("curves.png")
@@ -287,11 +237,9 @@ def run(config: TrainerConfig) -> int:
             spectra.append(("ground truth", gt.samples, gt.sample_rate))
         report.plot_spectrograms(spectra, out_dir / "spectrogram.png")
         plots.append("spectrogram.png")
-    report.plot_histograms(results["items"], out_dir / "histograms.png")
+    report.plot_histograms(result_items, out_dir / "histograms.png")
     plots.append("histograms.png")
-    results["plots"] = plots
-    _publish(cfg, out_dir, results, plots)
-    return 0
+    return plots
 
 
 def _maybe(value: float | None) -> str:

@@ -45,6 +45,7 @@ def resolve_backend(requested: str, device: torch.device) -> str:
 
 @functools.cache
 def _compiled_flex():
+    # lazy: flex attention compiles on first use; SDPA runs never load it
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
@@ -67,6 +68,7 @@ def build_attention_inputs(doc_ids: torch.Tensor, backend: str) -> dict[str, Any
         max_len = int((cu[1:] - cu[:-1]).max())
         return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_len, "max_length_k": max_len}
     if backend == "flex":
+        # lazy: flex attention compiles on first use; SDPA runs never load it
         from torch.nn.attention.flex_attention import create_block_mask
 
         def same_doc_causal(b, h, q, kv):
@@ -119,6 +121,7 @@ def packed_attention(
     batch, heads, length, dim = query.shape
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None:
+        # lazy: optional GPU dependency
         from flash_attn import flash_attn_varlen_func
 
         def flat(x: torch.Tensor) -> torch.Tensor:

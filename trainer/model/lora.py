@@ -16,12 +16,16 @@ trainable-tokens layer cannot wrap an `nn.Linear` (it reads `embedding_dim`).
 
 from __future__ import annotations
 
+import tempfile
+
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
+from trainer import io
 from trainer.config import LoraConfig
+from trainer.errors import ConfigError
 from trainer.model.vocab import AudioVocab
 
 PEFT_PREFIX = "base_model.model."
@@ -55,13 +59,6 @@ def apply_lora(lm: PreTrainedModel, lora: LoraConfig, vocab: AudioVocab) -> torc
 
 def _load_adapter(lm: PreTrainedModel, lora: LoraConfig) -> torch.nn.Module:
     """Continue training a saved peft adapter (the reference's `lora.adapter_path`)."""
-    import tempfile
-
-    from peft import PeftModel
-
-    from trainer import io
-    from trainer.errors import ConfigError
-
     config_url = io.join(lora.adapter_path, "adapter_config.json")
     if not io.exists(config_url):
         raise ConfigError(f"modeling.lora.adapter_path: {lora.adapter_path!r} holds no adapter_config.json")

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from trainer import io
+
 if TYPE_CHECKING:
     import torch
 
@@ -100,6 +102,4 @@ class AudioVocab:
     @classmethod
     def load(cls, directory: str | Path) -> AudioVocab:
         """Read `speechlm.json` from a local directory or any fsspec URL."""
-        from trainer import io
-
         return cls.from_json(io.read_json(io.join(str(directory), SPEECHLM_FILE)))

@@ -25,12 +25,14 @@ trainer/metrics.py).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -38,9 +40,11 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from trainer import distributed, io, metrics
-from trainer.config import TrainerConfig
+from trainer.codec import Codec
+from trainer.config import RlhfConfig, TrainerConfig, section_flags
 from trainer.errors import ConfigError, StageError
 from trainer.model.build import load_speechlm, save_speechlm
+from trainer.model.lora import peft_config
 from trainer.model.prompt import PromptFormat
 from trainer.model.vocab import AudioVocab
 from trainer.rl import rollout
@@ -56,24 +60,16 @@ from trainer.rl.telemetry import (
 )
 from trainer.rl.trl_rewards import TrlRewards
 from trainer.serve.layout import codec_path, write_codec_reference
-from trainer.train import checkpoint
+from trainer.train import checkpoint, preflight
 
 log = logging.getLogger(__name__)
 
 FLAGS = {
-    "base_model_dir": "rlhf_training.base_model_dir",
-    "codec_model_path": "rlhf_training.codec_model_path",
-    "use_vllm": "rlhf_training.use_vllm",
-    "max_steps": "rlhf_training.max_steps",
-    "run_name": "training.run_name",
-    "output_dir": "training.output_dir",
+    **section_flags("rlhf_training", "base_model_dir", "codec_model_path", "use_vllm", "vllm_server_host"),
+    **section_flags("training", "max_steps", "run_name", "output_dir", "project_name", "use_wandb", "dry_run"),
     # The reference's rlhf_main.py flags.
     "experiment_dir": "training.output_dir",
-    "project_name": "training.project_name",
-    "use_wandb": "training.use_wandb",
-    "vllm_server_host": "rlhf_training.vllm_server_host",
     "vllm_server_timeout": "rlhf_training.vllm_server_timeout_s",
-    "dry_run": "training.dry_run",
 }
 HF_CHECKPOINT_PREFIX = "checkpoint-"  # what transformers' Trainer writes; published as step_<N>
 
@@ -95,35 +91,81 @@ def resolve_codec(config: TrainerConfig) -> str:
     )
 
 
-def validate(config: TrainerConfig) -> None:
-    rl = config.rlhf_training
+def problems(config: TrainerConfig) -> list[str]:
+    """What stops a GRPO run before anything is built, one message each."""
+    rl, t = config.rlhf_training, config.training
+    found = preflight.precision_problems(config, "GRPO", "no loss scaling")
     if not rl.base_model_dir:
-        raise ConfigError("rlhf_training.base_model_dir is required (an exported SFT model directory)")
-    if not io.exists(rl.base_model_dir):
-        raise ConfigError(f"rlhf_training.base_model_dir not found: {rl.base_model_dir}")
-    if not config.train_weighted_datasets:
-        raise ConfigError("train_weighted_datasets is empty: GRPO builds its prompts from vectorized data")
-    for url in [*config.train_weighted_datasets, *config.val_weighted_datasets]:
-        if not io.exists(url):
-            raise ConfigError(f"dataset path {url!r} does not exist")
-    if rl.use_vllm:
-        rollout.check_weight_sync()
-    if config.training.precision == "fp16":
-        raise ConfigError("training.precision=fp16 is not supported for GRPO; use bf16 or fp32")
+        found.append("rlhf_training.base_model_dir is required (an exported SFT model directory)")
+    elif not io.exists(rl.base_model_dir):
+        found.append(f"rlhf_training.base_model_dir not found: {rl.base_model_dir}")
+    found += preflight.dataset_problems(config)
+    unknown = [name for name in rl.reward_funcs if name not in REWARD_FUNCS]
+    if unknown:
+        found.append(f"rlhf_training.reward_funcs: unknown {unknown}; known: {sorted(REWARD_FUNCS)}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    generation_batch = rl.per_device_train_batch_size * world * config.training.gradient_accumulation_steps
+    generation_batch = rl.per_device_train_batch_size * world * t.gradient_accumulation_steps
     if generation_batch % rl.num_generations:
-        raise ConfigError(
+        found.append(
             f"per_device_train_batch_size ({rl.per_device_train_batch_size}) x processes ({world}) x "
-            f"gradient_accumulation_steps ({config.training.gradient_accumulation_steps}) = {generation_batch} "
+            f"gradient_accumulation_steps ({t.gradient_accumulation_steps}) = {generation_batch} "
             f"completions per generation must be divisible by num_generations ({rl.num_generations})"
         )
+    found += preflight.resume_problems(config)
+    if not found:  # asked once the inputs are there
+        try:
+            if rl.use_vllm:
+                rollout.check_weight_sync()
+            resolve_codec(config)
+        except ConfigError as err:
+            found.append(str(err))
+    return found
+
+
+def plan(config: TrainerConfig) -> dict[str, Any]:
+    """The dry run's plan: model, data, rewards, GRPO and sampling settings, rollouts, codec."""
+    rl, t = config.rlhf_training, config.training
+    found = problems(config)
+    out = preflight.common_plan(config, "rlhf", checkpoint.run_url(t))
+    base = rl.base_model_dir
+    out["model"] = {"base_model_dir": base, "exists": bool(base) and io.exists(base)}
+    out["data"] = preflight.datasets_plan(config, found)
+    out["rewards"] = {"funcs": rl.reward_funcs, "weights": rl.reward_weights, "asr_backend": rl.asr_backend,
+                      "speaker_backend": rl.speaker_backend}
+    out["grpo"] = {
+        **rl.model_dump(include={"num_generations", "per_device_train_batch_size", "max_prompt_length",
+                                 "max_completion_length", "min_completion_length", "kl_beta", "loss_type",
+                                 "num_iterations", "scale_rewards", "sampling"}),
+        "rollouts": "vLLM server" if rl.use_vllm else "local generate",
+    }
+    if rl.use_vllm:
+        server = rollout.vllm_server(rl)
+        out["grpo"]["vllm_server"] = {"url": server.base_url, "group_port": server.group_port,
+                                      "timeout_s": rl.vllm_server_timeout_s}
+    if not found:
+        out["codec"] = resolve_codec(config)
+    out["schedule"] = preflight.schedule_plan(config, t.max_steps)
+    out["problems"] = found
+    return out
+
+
+# Our keys that are TRL's own (same name, same meaning) go to GRPOConfig as they are; the rest is mapped
+# below. Same name, other meaning: max_prompt_length (ours drops longer prompts, TRL's would cut them),
+# the server address (ours may be overridden by TTS_VLLM_*; TRL gets the resolved base URL), sampling
+# (top_k 0 means "off", which TRL spells None).
+_AS_TRL = {name for name in RlhfConfig.model_fields if name in {f.name for f in dataclasses.fields(GRPOConfig)}}
+_AS_TRL -= {"max_prompt_length", "vllm_server_host", "vllm_server_port", "sampling"}
+_TRAINING_AS_TRL = {"seed": "seed", "learning_rate": "learning_rate", "lr_scheduler": "lr_scheduler_type",
+                    "warmup_steps": "warmup_steps", "weight_decay": "weight_decay", "adam_beta1": "adam_beta1",
+                    "adam_beta2": "adam_beta2", "adam_eps": "adam_epsilon", "max_grad_norm": "max_grad_norm",
+                    "num_epochs": "num_train_epochs", "gradient_accumulation_steps": "gradient_accumulation_steps",
+                    "gradient_checkpointing": "gradient_checkpointing", "logging_steps": "logging_steps",
+                    "run_name": "run_name"}
 
 
 def grpo_args(config: TrainerConfig, hf_output_dir: str, vocab: AudioVocab, vocab_size: int) -> GRPOConfig:
-    t, rl, ck = config.training, config.rlhf_training, config.checkpointing
+    t, rl = config.training, config.rlhf_training
     cuda = torch.cuda.is_available()
-    max_steps = rl.max_steps or t.max_steps or -1
     if rl.use_vllm:
         server = rollout.vllm_server(rl)
         generation_kwargs = rollout.vllm_sampling_kwargs(vocab, rl.min_completion_length)
@@ -134,45 +176,22 @@ def grpo_args(config: TrainerConfig, hf_output_dir: str, vocab: AudioVocab, voca
         vllm = {}
     return GRPOConfig(
         output_dir=hf_output_dir,
-        run_name=t.run_name,
-        seed=t.seed,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_steps,
+        **{trl: getattr(t, ours) for ours, trl in _TRAINING_AS_TRL.items()},
+        **rl.model_dump(include=_AS_TRL),
+        **rl.sampling.model_dump(exclude={"top_k"}),
+        top_k=rl.sampling.top_k or None,
         warmup_ratio=t.warmup_ratio or 0.0,
-        weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        adam_epsilon=t.adam_eps,
-        max_grad_norm=t.max_grad_norm,
-        num_train_epochs=t.num_epochs,
-        max_steps=max_steps,
-        per_device_train_batch_size=rl.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        gradient_checkpointing=t.gradient_checkpointing,
+        max_steps=t.max_steps or -1,
         bf16=cuda and t.precision == "bf16",
         use_cpu=not cuda,
-        logging_steps=t.logging_steps,
         save_strategy="steps",
-        save_steps=ck.save_steps,
+        save_steps=config.checkpointing.save_steps,
         save_total_limit=None,  # pruning is ours, on the published step_<N> directories
         report_to=["wandb"] if t.use_wandb else [],
         dataloader_num_workers=0,
         disable_dropout=True,
-        num_generations=rl.num_generations,
         max_prompt_length=None,  # prompts over rlhf_training.max_prompt_length are dropped, never cut
-        max_completion_length=rl.max_completion_length,
-        temperature=rl.temperature,
-        top_p=rl.top_p,
-        top_k=rl.top_k or None,
-        repetition_penalty=rl.repetition_penalty,
-        num_iterations=rl.num_iterations,
         beta=rl.kl_beta,
-        scale_rewards=rl.scale_rewards,
-        loss_type=rl.loss_type,
-        mask_truncated_completions=rl.mask_truncated_completions,
-        reward_weights=rl.reward_weights,
-        use_vllm=rl.use_vllm,
         generation_kwargs=generation_kwargs,
         **vllm,
     )
@@ -281,34 +300,10 @@ def _guard_prompts(config: TrainerConfig, prompt_format: PromptFormat):
     return build_prompts(config.train_weighted_datasets, "train", **kwargs)
 
 
-def run(config: TrainerConfig) -> int:
-    if config.training.dry_run:
-        from trainer.plan import report, rlhf_plan
-
-        return report(rlhf_plan(config))
-    validate(config)
-    rl, t = config.rlhf_training, config.training
-    if t.use_wandb and t.project_name:
-        os.environ["WANDB_PROJECT"] = t.project_name  # read by transformers' WandbCallback
-    run = checkpoint.run_url(config.training)
-    metrics.serve(config.metrics.port)
-    scalars = metrics.ScalarLog(io.join(run, "metrics.jsonl"), "rlhf")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    ck = config.checkpointing
-    weights_only = ck.only_load_model_weights and ck.checkpoint_file_to_resume_from
-    model, tokenizer, vocab = load_speechlm(ck.checkpoint_file_to_resume_from if weights_only else rl.base_model_dir)
-    prompt_format = PromptFormat(tokenizer, vocab, config.modeling.parameters.enable_text_normalization)
-    train_prompts = build_prompts(
-        config.train_weighted_datasets, "train", prompt_format, rl.max_prompt_length,
-        config.dataset, t.seed, vllm_server=rl.use_vllm,
-    )
-    guard_prompts = _guard_prompts(config, prompt_format)
-
-    from trainer.codec import Codec
-
-    codec_url = resolve_codec(config)
-    codec = Codec.load(codec_url, device=device, components=("decoder",))
+def _rewards(config: TrainerConfig, codec: Codec, vocab: AudioVocab, run: str,
+             device: str) -> tuple[TrlRewards, RewardScorer, SaveCompletions]:
+    """The reward functions TRL calls, the guard rails' scorer, and the completion samples saved."""
+    rl = config.rlhf_training
     models = ScorerModels(rl.asr_backend, rl.asr_model_path, rl.speaker_backend, rl.speaker_model_path,
                           rl.dnsmos_personalized, device)
     funcs = build_reward_funcs(rl.reward_funcs, models)
@@ -320,44 +315,31 @@ def run(config: TrainerConfig) -> int:
 
     rewards = TrlRewards(RewardScorer(codec, funcs, rl.reward_weights), vocab, on_scored=on_scored)
     guard_scorer = RewardScorer(codec, GuardRails.scorer_functions(funcs, lambda name: REWARD_FUNCS[name](models)))
+    return rewards, guard_scorer, completions
 
-    # TRL stops sampling and masks the loss at the tokenizer's eos: for a SpeechLM that is speech-end.
-    policy_tokenizer = copy.deepcopy(tokenizer)
-    policy_tokenizer.eos_token = vocab.speech_end
-    policy_tokenizer.model_input_names = ["input_ids", "attention_mask"]  # LLaMA takes no token_type_ids
-    vocab_size = model.get_input_embeddings().weight.shape[0]
-    if io.is_local(run):  # shared by the ranks (a shared volume when multi-node)
-        hf_dir = io.join(io.local_path(run), checkpoint.CHECKPOINTS)
-        Path(hf_dir).mkdir(parents=True, exist_ok=True)
-    else:  # this rank's scratch space; PublishCheckpoints uploads and empties it
-        hf_dir = tempfile.mkdtemp(prefix="grpo-")
-    args = grpo_args(config, hf_dir, vocab, vocab_size)
-    guard_generation = {
+
+def _guard_generation(rl: RlhfConfig, vocab: AudioVocab, vocab_size: int) -> dict[str, Any]:
+    """The guard rails sample with HF generate as the rollouts do (same constraints and sampler)."""
+    s = rl.sampling
+    return {
         **rollout.hf_generation_kwargs(vocab, vocab_size, rl.min_completion_length),
-        "max_new_tokens": rl.max_completion_length, "do_sample": True, "temperature": rl.temperature,
-        "top_p": rl.top_p, "top_k": rl.top_k or None, "repetition_penalty": rl.repetition_penalty,
+        "max_new_tokens": rl.max_completion_length, "do_sample": True, "temperature": s.temperature,
+        "top_p": s.top_p, "top_k": s.top_k or None, "repetition_penalty": s.repetition_penalty,
         "pad_token_id": vocab.pad_token_id, "eos_token_id": vocab.speech_end_id,
     }
-    callbacks = [
-        ScalarLogCallback(scalars),
-        GuardRails(guard_prompts, prompt_format, guard_scorer, guard_generation, rl.guard_rail_steps, scalars,
-                   t.seed),
-        PublishCheckpoints(run, vocab, codec_url, config.checkpointing.keep_only_last_n_checkpoints),
-        completions,
-    ]
-    adapter = None
-    if config.modeling.lora.enabled:
-        from trainer.model.lora import peft_config
 
-        # The same adapter as SFT's: the added (audio) rows train too, so GRPO can move the codes.
-        adapter = peft_config(config.modeling.lora, vocab, bool(model.config.tie_word_embeddings))
-    server_group_port = rollout.vllm_server(rl).group_port if rl.use_vllm else 51216
-    with rollout.speech_vllm_client(policy_tokenizer, server_group_port):
-        trainer = SpeechGRPOTrainer(
-            model=model, reward_funcs=rewards.functions(), args=args,
-            train_dataset=Dataset.from_list(as_rows(train_prompts)), processing_class=policy_tokenizer,
-            callbacks=callbacks, peft_config=adapter, rewards=rewards,
-        )
+
+def _scratch_dir(run: str) -> str:
+    """Where transformers' Trainer writes checkpoint-<N>: shared by the ranks when the run is local (a shared
+    volume when multi-node), else this rank's scratch space that PublishCheckpoints uploads and empties."""
+    if io.is_local(run):
+        hf_dir = io.join(io.local_path(run), checkpoint.CHECKPOINTS)
+        Path(hf_dir).mkdir(parents=True, exist_ok=True)
+        return hf_dir
+    return tempfile.mkdtemp(prefix="grpo-")
+
+
+def _train(trainer: SpeechGRPOTrainer, config: TrainerConfig, run: str, hf_dir: str) -> None:
     resume_url = resume_source(config, run)
     resume = str(checkpoint.local_copy(resume_url)) if resume_url else None
     try:
@@ -368,14 +350,68 @@ def run(config: TrainerConfig) -> int:
         if not io.is_local(run):
             shutil.rmtree(hf_dir, ignore_errors=True)
 
-    if trainer.accelerator.is_main_process:
-        policy = trainer.accelerator.unwrap_model(trainer.model)
-        if config.modeling.lora.enabled:
-            policy = policy.merge_and_unload()
-        final = io.join(run, checkpoint.FINAL_MODEL)
-        with io.staged_dir(final) as staging:
-            save_speechlm(policy, tokenizer, vocab, staging)
-            write_codec_reference(str(staging), codec_url)
-        log.info("final model: %s", final)
+
+def _save_final(trainer: SpeechGRPOTrainer, config: TrainerConfig, tokenizer, vocab: AudioVocab, codec_url: str,
+                run: str) -> None:
+    if not trainer.accelerator.is_main_process:
+        return
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    if config.modeling.lora.enabled:
+        policy = policy.merge_and_unload()
+    final = io.join(run, checkpoint.FINAL_MODEL)
+    with io.staged_dir(final) as staging:
+        save_speechlm(policy, tokenizer, vocab, staging)
+        write_codec_reference(str(staging), codec_url)
+    log.info("final model: %s", final)
+
+
+def run(config: TrainerConfig) -> int:
+    if config.training.dry_run:
+        return preflight.report(plan(config))
+    preflight.require(problems(config))
+    rl, t, ck = config.rlhf_training, config.training, config.checkpointing
+    if t.use_wandb and t.project_name:
+        os.environ["WANDB_PROJECT"] = t.project_name  # read by transformers' WandbCallback
+    run = checkpoint.run_url(config.training)
+    metrics.serve(config.metrics.port)
+    scalars = metrics.ScalarLog(io.join(run, "metrics.jsonl"), "rlhf")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    weights_only = ck.only_load_model_weights and ck.checkpoint_file_to_resume_from
+    model, tokenizer, vocab = load_speechlm(ck.checkpoint_file_to_resume_from if weights_only else rl.base_model_dir)
+    prompt_format = PromptFormat(tokenizer, vocab, config.modeling.parameters.enable_text_normalization)
+    train_prompts = build_prompts(
+        config.train_weighted_datasets, "train", prompt_format, rl.max_prompt_length,
+        config.dataset, t.seed, vllm_server=rl.use_vllm,
+    )
+    codec_url = resolve_codec(config)
+    codec = Codec.load(codec_url, device=device, components=("decoder",))
+    rewards, guard_scorer, completions = _rewards(config, codec, vocab, run, device)
+
+    # TRL stops sampling and masks the loss at the tokenizer's eos: for a SpeechLM that is speech-end.
+    policy_tokenizer = copy.deepcopy(tokenizer)
+    policy_tokenizer.eos_token = vocab.speech_end
+    policy_tokenizer.model_input_names = ["input_ids", "attention_mask"]  # LLaMA takes no token_type_ids
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    hf_dir = _scratch_dir(run)
+    callbacks = [
+        ScalarLogCallback(scalars),
+        GuardRails(_guard_prompts(config, prompt_format), prompt_format, guard_scorer,
+                   _guard_generation(rl, vocab, vocab_size), rl.guard_rail_steps, scalars, t.seed),
+        PublishCheckpoints(run, vocab, codec_url, ck.keep_only_last_n_checkpoints),
+        completions,
+    ]
+    # The same adapter as SFT's: the added (audio) rows train too, so GRPO can move the codes.
+    adapter = (peft_config(config.modeling.lora, vocab, bool(model.config.tie_word_embeddings))
+               if config.modeling.lora.enabled else None)
+    server_group_port = rollout.vllm_server(rl).group_port if rl.use_vllm else 51216
+    with rollout.speech_vllm_client(policy_tokenizer, server_group_port):
+        trainer = SpeechGRPOTrainer(
+            model=model, reward_funcs=rewards.functions(), args=grpo_args(config, hf_dir, vocab, vocab_size),
+            train_dataset=Dataset.from_list(as_rows(train_prompts)), processing_class=policy_tokenizer,
+            callbacks=callbacks, peft_config=adapter, rewards=rewards,
+        )
+    _train(trainer, config, run, hf_dir)
+    _save_final(trainer, config, tokenizer, vocab, codec_url, run)
     scalars.close()
     return 0

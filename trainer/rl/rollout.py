@@ -29,8 +29,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
+import trl.trainer.grpo_trainer as grpo_module
 from transformers import PreTrainedTokenizerBase
 from trl.extras.vllm_client import VLLMClient
+from trl.import_utils import is_vllm_available
 
 from trainer.config import RlhfConfig
 from trainer.errors import ConfigError
@@ -92,8 +94,6 @@ def vllm_server(config: RlhfConfig, environ: Mapping[str, str] = os.environ) -> 
 
 def check_weight_sync() -> None:
     """TRL's client syncs weights over an NCCL communicator it imports from vllm: both must be there."""
-    from trl.import_utils import is_vllm_available
-
     if not torch.cuda.is_available() or not is_vllm_available():
         raise ConfigError(
             "rlhf_training.use_vllm needs a CUDA trainer with vllm installed (the weight sync to the "
@@ -129,8 +129,6 @@ class SpeechVLLMClient(VLLMClient):
 def speech_vllm_client(tokenizer: PreTrainedTokenizerBase, group_port: int) -> Iterator[None]:
     """While GRPOTrainer is built, its `VLLMClient` is ours, bound to our group port (TRL 0.21 builds it
     with neither: plain prompt text, always port 51216)."""
-    import trl.trainer.grpo_trainer as grpo_module
-
     original = grpo_module.VLLMClient
     grpo_module.VLLMClient = functools.partial(SpeechVLLMClient, tokenizer=tokenizer, group_port=group_port)
     try:

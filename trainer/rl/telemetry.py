@@ -16,6 +16,8 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 from transformers import TrainerCallback
 
+from trainer import io
+from trainer.audio import write_wav
 from trainer.metrics import ScalarLog
 from trainer.model.prompt import PromptFormat
 from trainer.rl.prompts import RlPrompt
@@ -149,9 +151,6 @@ class SaveCompletions(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.last is None or state.global_step % self.every or not state.is_world_process_zero:
             return
-        from trainer import io
-        from trainer.audio import write_wav
-
         batch, directory = self.last.batch, io.join(self.run_url, "completions", f"step_{state.global_step}")
         rows = []
         for i, wave in enumerate(batch.waves):

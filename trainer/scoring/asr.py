@@ -105,6 +105,7 @@ class PocketsphinxTranscriber:
     language model (~0.5 s) dominates short utterances otherwise."""
 
     def __init__(self) -> None:
+        # lazy: each ASR backend loads only its own library
         from pocketsphinx import Decoder
 
         self._decoder = Decoder(samprate=ASR_SAMPLE_RATE, loglevel="FATAL")
@@ -130,6 +131,7 @@ class WhisperTranscriber:
     language (Whisper's language token is per batch)."""
 
     def __init__(self, model_path: str, device: str = "cpu", batch_size: int = 16) -> None:
+        # lazy: the whisper backend only (torch + transformers)
         import torch
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 

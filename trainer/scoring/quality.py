@@ -29,6 +29,7 @@ class DNSMOS:
     """`score(waves, sr)` -> per clip {"sig", "bak", "ovrl"} (+ "p808" when asked), NaN for empty clips."""
 
     def __init__(self, personalized: bool = False, p808: bool = False, batch_size: int = 32) -> None:
+        # lazy: DNSMOS (speechmos + onnxruntime) only when asked for
         import speechmos
         from speechmos.dnsmos import DNSMOS as SpeechmosDNSMOS
 

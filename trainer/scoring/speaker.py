@@ -54,10 +54,11 @@ class ResemblyzerEncoder:
     of every clip go through the LSTM in one forward pass instead of one pass per clip."""
 
     def __init__(self, device: str = "cpu") -> None:
-        import torch
+        import torch  # lazy: scoring imports no torch until a backend is built
 
         with warnings.catch_warnings():  # resemblyzer imports a deprecated scipy namespace
             warnings.simplefilter("ignore", DeprecationWarning)
+            # lazy: each speaker backend loads only its own library
             from resemblyzer import VoiceEncoder, audio
 
         self._torch = torch
@@ -101,6 +102,7 @@ class WavLMEncoder:
     """x-vectors from a local `WavLMForXVector` checkpoint; clips are padded into batches."""
 
     def __init__(self, model_path: str, device: str = "cpu", batch_size: int = 16) -> None:
+        # lazy: the wavlm-ecapa backend only (torch + transformers)
         import torch
         from transformers import AutoFeatureExtractor, WavLMForXVector
 

@@ -23,9 +23,10 @@ import logging
 import tempfile
 
 import torch
+from peft import PeftModel
 
 from trainer import io
-from trainer.config import ExportConfig, TrainerConfig
+from trainer.config import ExportConfig, TrainerConfig, section_flags
 from trainer.errors import ConfigError
 from trainer.model.build import load_speechlm, save_speechlm
 from trainer.model.lora import added_token_rows
@@ -43,12 +44,7 @@ from trainer.serve.weights import (
 
 log = logging.getLogger(__name__)
 
-FLAGS = {
-    "checkpoint_path": "export.checkpoint_path",
-    "output_path": "export.output_path",
-    "codec_model_path": "export.codec_model_path",
-    "base_model_path": "export.base_model_path",
-}
+FLAGS = section_flags("export", "checkpoint_path", "output_path", "codec_model_path", "base_model_path")
 
 
 def _enclosing_speechlm(url: str) -> str | None:
@@ -106,8 +102,6 @@ def export(config: TrainerConfig) -> str:
     if kind == "hf":
         model, tokenizer, vocab = load_speechlm(url)
     elif kind == "lora":
-        from peft import PeftModel
-
         adapter_base = str(io.read_json(io.join(url, "adapter_config.json")).get("base_model_name_or_path") or "")
         base = _base_model(cfg, url, adapter_base if adapter_base and io.exists(adapter_base) else None)
         model, tokenizer, vocab = load_speechlm(base)

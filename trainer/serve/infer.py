@@ -14,27 +14,18 @@ import time
 
 from trainer import io
 from trainer.audio import AudioError, read_audio, write_wav
-from trainer.config import TrainerConfig
+from trainer.config import TrainerConfig, section_flags
 from trainer.errors import ConfigError
+from trainer.serve.synthesize import Synthesizer, check_inputs
+from trainer.serve.weights import is_seed_checkpoint, seed_hint
 
 log = logging.getLogger(__name__)
 
 FLAGS = {
-    "model_checkpoint_path": "infer.model_checkpoint_path",
-    "audio_encoder_path": "infer.audio_encoder_path",
-    "audio_decoder_path": "infer.audio_decoder_path",
-    "prompt_wav_path": "infer.prompt_wav_path",
-    "prompt_transcription": "infer.prompt_transcription",
-    "text": "infer.text",
-    "language": "infer.language",
-    "output_path": "infer.output_path",
-    "use_vllm": "infer.use_vllm",
-    "seed": "infer.sampling.seed",
-    "temperature": "infer.sampling.temperature",
-    "top_p": "infer.sampling.top_p",
-    "top_k": "infer.sampling.top_k",
-    "repetition_penalty": "infer.sampling.repetition_penalty",
-    "max_new_tokens": "infer.sampling.max_new_tokens",
+    **section_flags("infer", "model_checkpoint_path", "audio_encoder_path", "audio_decoder_path", "prompt_wav_path",
+                    "prompt_transcription", "text", "language", "output_path", "use_vllm"),
+    **section_flags("infer.sampling", "seed", "temperature", "top_p", "top_k", "repetition_penalty",
+                    "max_new_tokens"),
 }
 
 
@@ -44,8 +35,6 @@ def run(config: TrainerConfig) -> int:
         raise ConfigError("--model_checkpoint_path (infer.model_checkpoint_path) is required")
     if not io.exists(cfg.model_checkpoint_path):
         raise ConfigError(f"model checkpoint not found: {cfg.model_checkpoint_path}")
-    from trainer.serve.weights import is_seed_checkpoint, seed_hint
-
     if is_seed_checkpoint(cfg.model_checkpoint_path):
         raise ConfigError(seed_hint(cfg.model_checkpoint_path))
     for flag in ("audio_encoder_path", "audio_decoder_path"):
@@ -58,8 +47,6 @@ def run(config: TrainerConfig) -> int:
             prompt = read_audio(cfg.prompt_wav_path)
         except AudioError as err:
             raise ConfigError(f"--prompt_wav_path: {err}") from None
-
-    from trainer.serve.synthesize import Synthesizer, check_inputs
 
     text = cfg.text or ""
     check_inputs(text, None if prompt is None else prompt.samples, cfg.prompt_transcription, cfg.max_text_chars)

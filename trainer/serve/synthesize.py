@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from trainer import io
+from trainer.codec import Codec
 from trainer.config import SamplingConfig
 from trainer.errors import ConfigError
 from trainer.model.build import load_speechlm
@@ -112,8 +113,6 @@ class Synthesizer:
              **kwargs) -> Synthesizer:
         """`codec_path` sets both codec halves; `encoder_path`/`decoder_path` set one each (the seed's
         flags); unset halves come from the serving directory's codec reference."""
-        from trainer.codec import Codec
-
         if not model_dir or not io.exists(model_dir):
             raise ConfigError(f"model directory not found: {model_dir}")
         default = codec_path or layout.codec_path(model_dir)
@@ -198,6 +197,7 @@ class Synthesizer:
     @staticmethod
     def _start_vllm(model_dir: str):
         try:
+            # lazy: vLLM only with --use_vllm (its own environment)
             from vllm import LLM
         except ImportError as err:
             raise ConfigError(
@@ -209,6 +209,7 @@ class Synthesizer:
 
     def _generate_vllm(self, prompts: list[np.ndarray], sampling: SamplingConfig, min_tokens: int
                        ) -> list[list[int]]:
+        # lazy: vLLM only with --use_vllm (its own environment)
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

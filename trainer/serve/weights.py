@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load as load_safetensors
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from trainer import io
 from trainer.config import LoraConfig
@@ -72,15 +74,11 @@ def state_dict_of(obj: object, url: str) -> dict[str, torch.Tensor]:
 
 def load_state_file(url: str) -> dict[str, torch.Tensor]:
     if url.endswith(".safetensors"):
-        from safetensors.torch import load as load_safetensors
-
         return load_safetensors(io.read_bytes(url))
     return state_dict_of(read_torch_file(url), url)
 
 
 def load_fsdp(url: str) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     local = io.download_dir(url, tempfile.mkdtemp(prefix="dcp-"))
     if not (local / ".metadata").exists() and (local / "sharded" / ".metadata").exists():
         local = local / "sharded"
@@ -94,7 +92,7 @@ def load_fsdp(url: str) -> dict[str, torch.Tensor]:
 
 def load_deepspeed(url: str) -> dict[str, torch.Tensor]:
     try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # lazy: optional dep
     except ImportError as err:
         raise ConfigError(f"exporting a DeepSpeed checkpoint needs the deepspeed package: {err}") from None
     local = io.download_dir(url, tempfile.mkdtemp(prefix="deepspeed-"))

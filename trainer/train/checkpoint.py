@@ -7,6 +7,9 @@
     <output_dir>/<run_name>/best_model/             HF directory + best.json (step, eval_loss) of the
                                                     lowest validation loss (checkpointing.save_best)
 
+codec-train (`trainer.train.codec`) publishes the same way: `<output_dir>/checkpoints/step_<N>/` holds
+`codec/` and `train_state.pt`, the final codec goes to `<output_dir>/final/`.
+
 Only directories with the `_COMPLETE` marker count: a run killed mid-save leaves a temporary
 directory (local) or an unmarked one (object store) that resume never picks.
 """

@@ -39,17 +39,9 @@ from trainer.train.schedule import build_scheduler
 log = logging.getLogger(__name__)
 
 
-def validate(config: TrainerConfig) -> None:
-    """Config errors that can be found without building anything."""
+def _advise(config: TrainerConfig) -> None:
+    """Settings that run, but not as a user may expect (the hard checks are sft.problems)."""
     t, p = config.training, config.modeling.parameters
-    if t.precision == "fp16":
-        raise ConfigError("training.precision=fp16 is not supported for SFT (no loss scaling); use bf16 or fp32")
-    if not config.train_weighted_datasets:
-        raise ConfigError("train_weighted_datasets is empty: name at least one vectorized dataset")
-    for section in ("train_weighted_datasets", "val_weighted_datasets"):
-        for url in getattr(config, section):
-            if not io.exists(url):
-                raise ConfigError(f"{section}: dataset path {url!r} does not exist")
     if t.packing and p.max_seq_len > t.pack_length:
         log.info("max_seq_len %d > pack_length %d: samples longer than a row are skipped", p.max_seq_len, t.pack_length)
     if t.precision == "bf16" and not torch.cuda.is_available():
@@ -86,7 +78,7 @@ class SFTTrainer:
         self.config = config
         t, p = config.training, config.modeling.parameters
         self.t, self.p = t, p
-        validate(config)
+        _advise(config)
         distributed.init(t.process_group_timeout_s)
         self.device = distributed.device()
         self.world = distributed.world_size()
@@ -192,6 +184,7 @@ class SFTTrainer:
         if not self.t.use_wandb or not distributed.is_main():
             return None
         try:
+            # lazy: optional, only with training.use_wandb
             import wandb
         except ImportError:
             log.warning("--use_wandb was given but wandb is not installed (pip install wandb): not logging to W&B")
@@ -237,7 +230,7 @@ class SFTTrainer:
                  self.sampler.epoch, self.sampler.batch)
 
     # ------------------------------------------------------------------------------------ train
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
         dtype = self.strategy.autocast_dtype
         return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
@@ -248,7 +241,7 @@ class SFTTrainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, batch in enumerate(micro):
             batch = batch.to(self.device)
-            with self.strategy.sync(self.module, last=i == len(micro) - 1), self._autocast():
+            with self.strategy.sync(self.module, last=i == len(micro) - 1), self.autocast():
                 ce_sum, _ = self.module(batch)
             self.strategy.backward(self.module, ce_sum * scale)
             loss_sum += ce_sum.detach().double()
@@ -292,7 +285,7 @@ class SFTTrainer:
         self.module.eval()
         loss_sum, count = 0.0, 0.0
         for batch in self.val_data.eval_batches():
-            with self._autocast():
+            with self.autocast():
                 ce_sum, n = self.module(batch.to(self.device))
             loss_sum += float(ce_sum)
             count += float(n)

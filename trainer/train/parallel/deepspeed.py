@@ -18,6 +18,7 @@ from trainer.train.parallel.base import adamw, trainable
 
 def _import_deepspeed():
     try:
+        # lazy: optional, only with strategy deepspeed
         import deepspeed
     except ImportError as err:
         raise ConfigError(
