@@ -73,7 +73,6 @@ class TrainingConfig(Section):
     use_wandb: bool = False
     # W&B project (None: wandb's own default, e.g. $WANDB_PROJECT).
     project_name: str | None = None
-    dry_run: bool = False
 
     @model_validator(mode="after")
     def _one_warmup(self) -> TrainingConfig:
@@ -344,8 +343,6 @@ class CodecTrainConfig(Section):
     min_sample_rate: int = Field(0, ge=0)
     # Checkpoints and metrics go to output_dir/run_name when set (the reference's --run_name).
     run_name: str | None = None
-    # Build codec, discriminators and data, compute the losses of one batch, exit (no step, no files).
-    dry_run: bool = False
     # Resume from the latest complete checkpoint under output_dir/checkpoints.
     resume: bool = True
     # Clips whose loss is measured before and after training (eval_mel_loss in metrics.jsonl).
@@ -393,8 +390,6 @@ class VectorizeConfig(Section):
     sort_window: int = Field(256, gt=0)
     # Accepted for the seed's `--use_wandb` flag; vectorize reports through Prometheus and its summary JSON.
     use_wandb: bool = False
-    # The seed's `--dry_run`: vectorize only the first batch_size x world_size x 50 manifest lines.
-    dry_run: bool = False
     # The seed's `--compile_model`: torch.compile the codec's encoder forward.
     compile_model: bool = False
 
@@ -472,6 +467,10 @@ class MetricsConfig(Section):
 
 # ------------------------------------------------------------------------------------------ root
 class TrainerConfig(Section):
+    # The seed's `--dry_run`, as each stage means it: sft/rlhf validate and print the run plan (SFT with
+    # the loss of one batch) and train nothing; codec-train computes the losses of one batch and writes
+    # nothing; vectorize encodes only the first batch_size x world_size x 50 manifest lines.
+    dry_run: bool = False
     training: TrainingConfig = TrainingConfig()
     modeling: ModelingConfig = ModelingConfig()
     checkpointing: CheckpointingConfig = CheckpointingConfig()

@@ -54,8 +54,11 @@ RENAMED: dict[str, dict[str, str]] = {
     "rlhf_training": {key: f"sampling.{key}" for key in ("temperature", "top_p", "top_k", "repetition_penalty")},
 }
 # (section, key) of our earlier releases -> (section, key) now: one owner per knob.
-MOVED: dict[tuple[str, str], tuple[str, str]] = {
-    ("rlhf_training", "max_steps"): ("training", "max_steps"),
+MOVED: dict[str, str] = {
+    "rlhf_training.max_steps": "training.max_steps",
+    "training.dry_run": "dry_run",
+    "vectorize.dry_run": "dry_run",
+    "codec.train.dry_run": "dry_run",
 }
 
 # Lightning precision names the reference passes through for DDP.
@@ -153,6 +156,31 @@ def _codec(section: dict[str, Any]) -> None:
         _put(train, "codec.train.", "segment_seconds", window / rate, "audio_window_size")
 
 
+def _section(raw: dict[str, Any], path: list[str], create: bool) -> dict[str, Any] | None:
+    node: Any = raw
+    for part in path:
+        if not isinstance(node, dict) or (part not in node and not create):
+            return None
+        node = node.setdefault(part, {})
+    return node if isinstance(node, dict) else None
+
+
+def _move(raw: dict[str, Any], old: str, new: str) -> None:
+    """Move the value at the dotted path `old` to `new` (a key of an earlier release of ours)."""
+    *old_parents, old_key = old.split(".")
+    source = _section(raw, old_parents, create=False)
+    if source is None or old_key not in source:
+        return
+    value = source.pop(old_key)
+    *new_parents, new_key = new.split(".")
+    target = _section(raw, new_parents, create=True)
+    if target is None:
+        return  # validation reports the section that is not a mapping
+    if new_key in target and target[new_key] != value:
+        raise CompatError(f"{old} ({value!r}) and {new} ({target[new_key]!r}) disagree; set {new}")
+    target[new_key] = value
+
+
 def from_reference(data: dict[str, Any]) -> dict[str, Any]:
     """A copy of `data` with the reference's keys mapped to ours (see the module docstring)."""
     raw = copy.deepcopy(data)
@@ -177,15 +205,8 @@ def from_reference(data: dict[str, Any]) -> dict[str, Any]:
                         target = target.setdefault(parent, {})
                     if isinstance(target, dict):
                         _put(target, f"{'.'.join([section_name, *parents])}.", key, section.pop(old), old)
-    for (old_section, old_key), (new_section, new_key) in MOVED.items():
-        section = raw.get(old_section)
-        if isinstance(section, dict) and old_key in section:
-            target, value = raw.setdefault(new_section, {}), section.pop(old_key)
-            if isinstance(target, dict):
-                if new_key in target and target[new_key] != value:
-                    raise CompatError(f"{old_section}.{old_key} ({value!r}) and {new_section}.{new_key} "
-                                      f"({target[new_key]!r}) disagree; set {new_section}.{new_key}")
-                target[new_key] = value
+    for old, new in MOVED.items():
+        _move(raw, old, new)
     if isinstance(raw.get("training"), dict):
         _training(raw["training"])
     if "lora" in raw:

@@ -53,7 +53,7 @@ FLAGS = {
     "use_wandb": "vectorize.use_wandb",
     "val_split": "vectorize.val_fraction",
     "num_workers": "vectorize.num_workers",
-    "dry_run": "vectorize.dry_run",
+    "dry_run": "dry_run",
     "compile_model": "vectorize.compile_model",
 }
 NOTED_FLAGS = {
@@ -400,7 +400,7 @@ def push_summary(summary: dict[str, Any], gateway_url: str | None, run_name: str
 # ---------------------------------------------------------------------------------------------- run
 def dry_run_lines(config: TrainerConfig, world_size: int) -> int | None:
     v = config.vectorize
-    return v.batch_size * world_size * DRY_RUN_BATCHES if v.dry_run else None
+    return v.batch_size * world_size * DRY_RUN_BATCHES if config.dry_run else None
 
 
 def dataset_info(config: TrainerConfig, codec: Any, max_lines: int | None = None) -> dict[str, Any]:

@@ -66,7 +66,8 @@ log = logging.getLogger(__name__)
 
 FLAGS = {
     **section_flags("rlhf_training", "base_model_dir", "codec_model_path", "use_vllm", "vllm_server_host"),
-    **section_flags("training", "max_steps", "run_name", "output_dir", "project_name", "use_wandb", "dry_run"),
+    **section_flags("training", "max_steps", "run_name", "output_dir", "project_name", "use_wandb"),
+    "dry_run": "dry_run",
     # The reference's rlhf_main.py flags.
     "experiment_dir": "training.output_dir",
     "vllm_server_timeout": "rlhf_training.vllm_server_timeout_s",
@@ -366,7 +367,7 @@ def _save_final(trainer: SpeechGRPOTrainer, config: TrainerConfig, tokenizer, vo
 
 
 def run(config: TrainerConfig) -> int:
-    if config.training.dry_run:
+    if config.dry_run:
         return preflight.report(plan(config))
     preflight.require(problems(config))
     rl, t, ck = config.rlhf_training, config.training, config.checkpointing

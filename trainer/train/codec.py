@@ -62,7 +62,7 @@ FLAGS: dict[str, str] = {
     "run_name": "codec.train.run_name",
     "experiment_dir": "codec.train.output_dir",
     "seed": "codec.train.seed",
-    "dry_run": "codec.train.dry_run",
+    "dry_run": "dry_run",
 }
 NOTED_FLAGS = {
     "use_wandb": "codec-train does not log to W&B; its losses go to <output_dir>/metrics.jsonl and Prometheus",
@@ -578,6 +578,6 @@ def run(config: TrainerConfig) -> int:
     metrics.serve(config.metrics.port)
     scalars = metrics.ScalarLog(io.join(train.output_dir, "metrics.jsonl"), "codec-train")
     clips, gan = _build(config, train, device)
-    if train.dry_run:
+    if config.dry_run:
         return _dry_run(clips, gan, train, random.Random(train.seed), device)
     return CodecTrainer(config, train, clips, gan, scalars).fit()

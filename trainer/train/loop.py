@@ -123,7 +123,7 @@ class SFTTrainer:
                 f"the training data gives {self.train_data.batches_per_epoch(0)} micro-batches per epoch, fewer "
                 f"than gradient_accumulation_steps={t.gradient_accumulation_steps}"
             )
-        self.total_steps = 1 if t.dry_run else (t.max_steps or t.num_epochs * steps_per_epoch)
+        self.total_steps = 1 if config.dry_run else (t.max_steps or t.num_epochs * steps_per_epoch)
 
         objective = SpeechLMObjective(
             lm, self.vocab, self.backend, p.loss_vocab, p.loss_chunk_size, t.audio_input_noise
@@ -153,7 +153,7 @@ class SFTTrainer:
         """(checkpoint to resume from, whether to take only its model weights)."""
         ck = self.config.checkpointing
         explicit = ck.checkpoint_file_to_resume_from
-        own = checkpoint.latest_checkpoint(self.run_url) if ck.resume == "auto" and not self.t.dry_run else None
+        own = checkpoint.latest_checkpoint(self.run_url) if ck.resume == "auto" and not self.config.dry_run else None
         if explicit:
             if not io.is_complete(explicit):
                 raise ConfigError(
@@ -316,7 +316,7 @@ class SFTTrainer:
             self._record(stats, elapsed, started, first_step)
             if self.val_data is not None and (self.step % t.eval_steps == 0 or self.step == self.total_steps):
                 self._record_eval()
-            if t.dry_run:
+            if self.config.dry_run:
                 log.info("dry run: one step done, loss %.4f; configuration, data and model are valid", stats.loss)
                 return 0
             if stats.stop:

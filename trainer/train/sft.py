@@ -23,7 +23,7 @@ from trainer.train.loop import SFTTrainer, train
 FLAGS = {
     "run_name": "training.run_name",
     "use_wandb": "training.use_wandb",
-    "dry_run": "training.dry_run",
+    "dry_run": "dry_run",
     "compile_model": "training.compile_model",
     # The reference's training/main.py flags. Its run directory is <experiment_dir>/<run_name>, as ours.
     "seed": "training.seed",
@@ -88,7 +88,7 @@ def _first_batch(config: TrainerConfig) -> tuple[int, float, int]:
 
 
 def run(config: TrainerConfig) -> int:
-    if config.training.dry_run:
+    if config.dry_run:
         return preflight.report(plan(config))
     preflight.require(problems(config))
     return train(config)
