@@ -179,11 +179,14 @@ class ScorerSettings(Section):
     speaker_model_path: str | None = None
 
 
+ROLLOUT_SAMPLING = {"temperature": 1.0, "top_p": 0.9, "top_k": 75}
+
+
 class RlhfConfig(ScorerSettings):
     base_model_dir: str | None = None
-    # Rollout sampling: exploratory (the reference's keys top_p/top_k/repetition_penalty/temperature
-    # sit flat in rlhf_training and map here).
-    sampling: Sampler = Sampler(temperature=1.0, top_p=0.9, top_k=75)
+    # Rollout sampling, exploratory by default (ROLLOUT_SAMPLING, under any keys given); the reference's
+    # top_p/top_k/repetition_penalty/temperature sit flat in rlhf_training and map here.
+    sampling: Sampler = Sampler(**ROLLOUT_SAMPLING)
     num_generations: int = Field(8, ge=2)
     max_prompt_length: int = Field(1024, gt=0)
     max_completion_length: int = Field(1024, gt=0)
@@ -212,6 +215,11 @@ class RlhfConfig(ScorerSettings):
     # Codec whose decoder turns completions into audio for the rewards. None: the codec the base model's
     # serving directory references (codec.json / codec/), else the dataset's dataset_info.json.
     codec_model_path: str | None = None
+
+    @field_validator("sampling", mode="before")
+    @classmethod
+    def _rollout_defaults(cls, value: Any) -> Any:
+        return {**ROLLOUT_SAMPLING, **value} if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _consistent(self) -> RlhfConfig:
