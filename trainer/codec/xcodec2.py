@@ -88,19 +88,3 @@ def to_codec_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
         if ours is not None:
             mapped[ours] = value
     return mapped
-
-
-def from_codec_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse mapping: our names -> X-codec2 names (used to export and to test the import)."""
-    inverse = {ours: theirs for theirs, ours in PREFIXES.items()}
-    out = {}
-    for key, value in state_dict.items():
-        for ours, theirs in inverse.items():
-            if key.startswith(ours):
-                name = theirs + key[len(ours) :]
-                for old, new in SUFFIXES.items():
-                    if name.endswith(new):
-                        name = name[: -len(new)] + old
-                out[name] = value
-                break
-    return out

@@ -128,4 +128,3 @@ def run(config: TrainerConfig) -> int:
     out = export(config)
     log.info("serving directory: %s", out)
     return 0
-
