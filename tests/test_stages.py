@@ -117,3 +117,10 @@ def test_enable_rlhf_training_is_warned_as_having_no_effect(caplog):
     with caplog.at_level(logging.WARNING):
         load_config(data={"dataset": {"enable_rlhf_training": True}})
     assert "dataset.enable_rlhf_training is not honoured" in caplog.text
+
+
+def test_an_override_named_by_an_old_or_reference_key_wins_over_the_file(tmp_path):
+    path = tmp_path / "rlhf.json"
+    path.write_text('{"training": {"max_steps": 3}, "rlhf_training": {"sampling": {"top_k": 9}}}')
+    config = load_config(path, ["rlhf_training.max_steps=1", "rlhf_training.top_k=5"])
+    assert (config.training.max_steps, config.rlhf_training.sampling.top_k) == (1, 5)

@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer import io
-from trainer.config_compat import from_reference
+from trainer.config_compat import CompatError, canonical_key, from_reference
 from trainer.errors import ConfigError
 
 
@@ -532,6 +532,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     for item in overrides:
         path, value = parse_override(item)
+        path = canonical_key(".".join(path)).split(".")
         node, model = raw, TrainerConfig
         i = 0
         while i < len(path) - 1:
@@ -586,9 +587,12 @@ def load_config(
         if not _exists(path):
             raise ConfigError(f"config file not found: {path}")
         raw = read_config_file(path)
-    raw = apply_overrides(raw, overrides)
     try:
+        # The file's reference keys become ours first, so an override (named either way) wins over them.
+        raw = apply_overrides(from_reference(raw), overrides)
         return TrainerConfig.model_validate(raw)
+    except CompatError as err:
+        raise ConfigError(str(err)) from None
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
 

@@ -156,6 +156,15 @@ def _codec(section: dict[str, Any]) -> None:
         _put(train, "codec.train.", "segment_seconds", window / rate, "audio_window_size")
 
 
+def canonical_key(key: str) -> str:
+    """Our dotted key path for a reference key or a key of an earlier release (others unchanged)."""
+    if key in MOVED:
+        return MOVED[key]
+    section, _, rest = key.partition(".")
+    renamed = RENAMED.get(section, {}).get(rest)
+    return f"{section}.{renamed}" if renamed else key
+
+
 def _section(raw: dict[str, Any], path: list[str], create: bool) -> dict[str, Any] | None:
     node: Any = raw
     for part in path:
