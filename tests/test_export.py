@@ -7,10 +7,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from speech_fixtures import make_codec, make_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from trainer.cli import main
-from trainer.model.build import load_speechlm
+from trainer.model.build import build_speechlm, load_speechlm, save_speechlm
 from trainer.serve import layout
 
 
@@ -124,3 +124,14 @@ def test_export_bad_inputs_are_config_errors(tmp_path, capsys):
     (tmp_path / "junk" / "notes.txt").write_text("hi")
     assert main(["export", "--checkpoint_path", str(tmp_path / "junk"), "--output_path", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_export_refuses_a_model_vllm_cannot_serve_and_says_why(tmp_path, capsys):
+    model, tokenizer, vocab = build_speechlm("tiny", codebook_size=256, seed=0)
+    config = model.config
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 16  # 4 heads of 16
+    save_speechlm(LlamaForCausalLM(config), tokenizer, vocab, tmp_path / "narrow")
+    out = tmp_path / "served"
+    assert main(["export", "--checkpoint_path", str(tmp_path / "narrow"), "--output_path", str(out)]) == 2
+    assert "vLLM cannot serve this model: its head_dim is 16" in capsys.readouterr().err
+    assert not out.exists()

@@ -21,6 +21,7 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -41,9 +42,10 @@ FULL_COVARIANCE_MAX_DIM = 4096
 
 
 def _tiny_config(vocab_size: int) -> LlamaConfig:
+    # 2 heads of 32: vLLM serves no head_dim below 32 (VLLM_HEAD_DIMS).
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, rope_theta=10000.0,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192, rope_theta=10000.0,
         tie_word_embeddings=True,
     )
 
@@ -75,6 +77,24 @@ def _llama_3_2_1b_config(vocab_size: int) -> LlamaConfig:
         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     )
+
+
+# Head sizes vLLM (0.32) serves on CPU and on GPU alike: its CPU attention's list, all of which
+# FlashAttention (multiples of 8 up to 256) and Triton (>= 32) take on GPUs. Every preset uses one.
+VLLM_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+def head_dim(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def vllm_servable(config: PretrainedConfig) -> str | None:
+    """Why vLLM cannot serve a model of this config, or None when it can."""
+    size = head_dim(config)
+    if size not in VLLM_HEAD_DIMS:
+        return (f"its head_dim is {size} (hidden_size {config.hidden_size} / {config.num_attention_heads} heads); "
+                f"vLLM serves head_dim {', '.join(map(str, VLLM_HEAD_DIMS))} only")
+    return None
 
 
 # preset -> (text vocabulary rows or None for the trained BPE size, config factory)

@@ -28,7 +28,7 @@ from peft import PeftModel
 from trainer import io
 from trainer.config import ExportConfig, TrainerConfig, section_flags
 from trainer.errors import ConfigError
-from trainer.model.build import load_speechlm, save_speechlm
+from trainer.model.build import load_speechlm, save_speechlm, vllm_servable
 from trainer.model.lora import added_token_rows
 from trainer.model.vocab import SPEECHLM_FILE
 from trainer.serve import layout
@@ -113,6 +113,9 @@ def export(config: TrainerConfig) -> str:
         loaders = {"state_file": load_state_file, "fsdp": load_fsdp, "deepspeed": load_deepspeed}
         state = align_state_dict(loaders[kind](url), model, config.modeling.lora, added_token_rows(vocab))
         model.load_state_dict(state, strict=False)
+    unservable = vllm_servable(model.config)
+    if unservable:  # a serving directory vLLM (rollouts, --use_vllm) cannot load is no serving directory
+        raise ConfigError(f"{url}: vLLM cannot serve this model: {unservable}")
     model = model.to(getattr(torch, cfg.dtype))
     codec_url = _codec_source(cfg, url, base)
     with io.staged_dir(cfg.output_path) as staging:

