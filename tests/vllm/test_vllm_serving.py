@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from speech_fixtures import make_codec, make_model
+from speech_fixtures import make_codec
 
 from trainer.cli import main
-from trainer.model.build import load_speechlm
-from trainer.serve.vllm_server import VllmServer, complete_ids
+from trainer.model.build import build_speechlm, load_speechlm, save_speechlm
+from trainer.serve.vllm_server import VllmServer, complete_ids, reload_weights, save_for_reload
 
 pytestmark = pytest.mark.vllm
 
@@ -34,22 +34,45 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> lis
     return outputs
 
 
+def varied_model(seed: int):
+    """A tiny SpeechLM whose greedy output varies (a fresh init repeats one token): weights ~ N(0, 0.3)."""
+    model, tokenizer, vocab = build_speechlm("tiny", codebook_size=256, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return model, tokenizer, vocab
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("vllm")
     codec = make_codec(root / "codec")
-    make_model(root / "sft" / "final_model", codec, seed=3)
+    save_speechlm(*varied_model(3), root / "sft" / "final_model")
+    (root / "sft" / "final_model" / "codec.json").write_text(f'{{"codec_model_path": "{codec}"}}')
     out = root / "export" / "sft"
     assert main(["export", "--checkpoint_path", str(root / "sft" / "final_model"), "--output_path", str(out)]) == 0
     return out
 
 
-def test_vllm_greedy_equals_hf_greedy_on_an_sft_export(exported, vllm_python, tmp_path):
-    _, tokenizer, vocab = load_speechlm(str(exported))
-    prompts = [tokenizer("hello there", add_special_tokens=True)["input_ids"] + [vocab.audio_offset + 5],
-               tokenizer("a longer sentence to say", add_special_tokens=True)["input_ids"]]
+def _prompts(model_dir: Path) -> list[list[int]]:
+    _, tokenizer, vocab = load_speechlm(str(model_dir))
+    return [tokenizer("hello there", add_special_tokens=True)["input_ids"] + [vocab.audio_offset + 5],
+            tokenizer("a longer sentence to say", add_special_tokens=True)["input_ids"]]
+
+
+def test_vllm_greedy_equals_hf_greedy_and_follows_a_weight_reload(exported, vllm_python, tmp_path):
+    prompts = _prompts(exported)
     server = VllmServer(vllm_python, str(exported), free_port(), max_model_len=256, log_path=tmp_path / "vllm.log")
+    policy, tokenizer, vocab = varied_model(11)  # same architecture, other weights
+    save_speechlm(policy, tokenizer, vocab, tmp_path / "other")
+    save_for_reload(policy, str(tmp_path / "published"))
+    other = tmp_path / "other"
     with server:
         served = complete_ids(server.base_url, str(exported), prompts, max_tokens=24, temperature=0.0,
                               ignore_eos=True)
+        reload_weights(server.base_url, str(tmp_path / "published"))
+        reloaded = complete_ids(server.base_url, str(exported), prompts, max_tokens=24, temperature=0.0,
+                                ignore_eos=True)
     assert served == hf_greedy(exported, prompts, 24)
+    assert reloaded == hf_greedy(other, prompts, 24) != served

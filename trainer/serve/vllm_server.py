@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import save_file
+
+from trainer import io
 from trainer.errors import StageError
 
 HEALTH_TIMEOUT_S = 300.0
@@ -115,3 +119,24 @@ def complete_ids(base_url: str, model: str, prompts: list[list[int]], max_tokens
     body = {"model": model, "prompt": prompts, "max_tokens": max_tokens, "return_token_ids": True, **sampling}
     choices = sorted(post(base_url, "/v1/completions", body)["choices"], key=lambda c: c["index"])
     return [list(c["token_ids"]) for c in choices]
+
+
+RELOAD_FILE = "model.safetensors"
+
+
+def save_for_reload(model: torch.nn.Module, directory: str) -> None:
+    """The weights of `model` as `reload_weights` takes them, published atomically. The head is written
+    even when tied to the embedding: vLLM 0.32's in-place reload does not re-tie it (it logs
+    "ParallelLMHead: Failed to load weights" and keeps serving the old head)."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state["lm_head.weight"] = model.get_output_embeddings().weight.detach().to("cpu").clone()  # own storage
+    with io.staged_dir(directory) as staging:
+        save_file(state, str(Path(staging) / RELOAD_FILE), metadata={"format": "pt"})
+
+
+def reload_weights(base_url: str, weights_dir: str) -> None:
+    """Swap the served weights for those in `weights_dir` (same architecture; the `storage` weight sync:
+    any two processes sharing a filesystem path, no NCCL, no extra port). Needs the server started with
+    VLLM_SERVER_DEV_MODE=1; the prefix cache is reset so no KV state of the old weights is reused."""
+    post(base_url, "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": weights_dir}})
+    post(base_url, "/reset_prefix_cache", {})
