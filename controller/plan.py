@@ -73,9 +73,9 @@ def build_plan(spec: PipelineSpec, names: list[str] | None = None) -> list[Stage
     return [_stage_run(spec, name) for name in names]
 
 
-def codec_path(spec: PipelineSpec, configured: str | None) -> str:
+def codec_path(spec: PipelineSpec, enabled: frozenset[str], configured: str | None) -> str:
     """The codec a stage uses: the trained one, else the spec's, else the stage config's own."""
-    if "codec" in enabled_stages(spec):
+    if "codec" in enabled:
         return layout_of(spec).output("codec")
     path = spec.codec_model_path or configured
     if not path:
@@ -102,7 +102,8 @@ def _stage_run(spec: PipelineSpec, name: str) -> StageRun:
     step, settings = STEPS[name], stage_settings(spec, name)
     config = _load_stage_config(spec, name)
     layout = layout_of(spec)
-    wiring = Wiring(layout, frozenset(enabled_stages(spec)), lambda configured: codec_path(spec, configured))
+    enabled = frozenset(enabled_stages(spec))
+    wiring = Wiring(layout, enabled, lambda configured: codec_path(spec, enabled, configured))
     try:
         step.wire(config, wiring)
     except ConfigError as err:

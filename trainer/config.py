@@ -168,6 +168,11 @@ class Sampler(Section):
     top_k: int = Field(0, ge=0)  # 0: no top-k cut
     repetition_penalty: float = Field(1.1, gt=0)
 
+    def hf_kwargs(self) -> dict[str, Any]:
+        """The sampler as transformers' `generate` (and TRL) name it: "no top-k cut" is None there."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k or None,
+                "repetition_penalty": self.repetition_penalty}
+
 
 class ScorerSettings(Section):
     """The ASR and speaker models that judge speech, for the GRPO rewards and the eval alike; local

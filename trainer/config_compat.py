@@ -209,10 +209,8 @@ def from_reference(data: dict[str, Any]) -> dict[str, Any]:
             for old, new in names.items():
                 if old in section:
                     *parents, key = new.split(".")
-                    target = section
-                    for parent in parents:
-                        target = target.setdefault(parent, {})
-                    if isinstance(target, dict):
+                    target = _section(section, parents, create=True)
+                    if target is not None:
                         _put(target, f"{'.'.join([section_name, *parents])}.", key, section.pop(old), old)
     for old, new in MOVED.items():
         _move(raw, old, new)

@@ -153,7 +153,7 @@ def plan(config: TrainerConfig) -> dict[str, Any]:
 # Our keys that are TRL's own (same name, same meaning) go to GRPOConfig as they are; the rest is mapped
 # below. Same name, other meaning: max_prompt_length (ours drops longer prompts, TRL's would cut them),
 # the server address (ours may be overridden by TTS_VLLM_*; TRL gets the resolved base URL), sampling
-# (top_k 0 means "off", which TRL spells None).
+# (Sampler.hf_kwargs: top_k 0 means "off", which TRL spells None).
 _AS_TRL = {name for name in RlhfConfig.model_fields if name in {f.name for f in dataclasses.fields(GRPOConfig)}}
 _AS_TRL -= {"max_prompt_length", "vllm_server_host", "vllm_server_port", "sampling"}
 _TRAINING_AS_TRL = {"seed": "seed", "learning_rate": "learning_rate", "lr_scheduler": "lr_scheduler_type",
@@ -179,8 +179,7 @@ def grpo_args(config: TrainerConfig, hf_output_dir: str, vocab: AudioVocab, voca
         output_dir=hf_output_dir,
         **{trl: getattr(t, ours) for ours, trl in _TRAINING_AS_TRL.items()},
         **rl.model_dump(include=_AS_TRL),
-        **rl.sampling.model_dump(exclude={"top_k"}),
-        top_k=rl.sampling.top_k or None,
+        **rl.sampling.hf_kwargs(),
         warmup_ratio=t.warmup_ratio or 0.0,
         max_steps=t.max_steps or -1,
         bf16=cuda and t.precision == "bf16",
@@ -321,11 +320,9 @@ def _rewards(config: TrainerConfig, codec: Codec, vocab: AudioVocab, run: str,
 
 def _guard_generation(rl: RlhfConfig, vocab: AudioVocab, vocab_size: int) -> dict[str, Any]:
     """The guard rails sample with HF generate as the rollouts do (same constraints and sampler)."""
-    s = rl.sampling
     return {
-        **rollout.hf_generation_kwargs(vocab, vocab_size, rl.min_completion_length),
-        "max_new_tokens": rl.max_completion_length, "do_sample": True, "temperature": s.temperature,
-        "top_p": s.top_p, "top_k": s.top_k or None, "repetition_penalty": s.repetition_penalty,
+        **rollout.hf_generation_kwargs(vocab, vocab_size, rl.min_completion_length), **rl.sampling.hf_kwargs(),
+        "max_new_tokens": rl.max_completion_length, "do_sample": True,
         "pad_token_id": vocab.pad_token_id, "eos_token_id": vocab.speech_end_id,
     }
 

@@ -186,8 +186,7 @@ class Synthesizer:
         torch.manual_seed(sampling.seed)
         out = self.model.generate(
             input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=True,
-            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None,
-            repetition_penalty=sampling.repetition_penalty, max_new_tokens=sampling.max_new_tokens,
+            **sampling.hf_kwargs(), max_new_tokens=sampling.max_new_tokens,
             min_new_tokens=min_tokens, suppress_tokens=self._suppress, eos_token_id=self.vocab.speech_end_id,
             pad_token_id=pad,
             use_cache=True,

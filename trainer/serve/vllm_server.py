@@ -54,9 +54,13 @@ class VllmServer:
     def start(self, timeout_s: float = HEALTH_TIMEOUT_S) -> VllmServer:
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                "VLLM_SERVER_DEV_MODE": "1"}  # /collective_rpc: the storage weight reload
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+        log = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
+        try:
+            self.process = subprocess.Popen(self.command(), stdout=log or subprocess.DEVNULL,
+                                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        finally:
+            if log is not None:
+                log.close()  # the child keeps its own descriptor
         self.wait_healthy(timeout_s)
         return self
 
