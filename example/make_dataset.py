@@ -1,5 +1,6 @@
 """Regenerate the example speech dataset: `python example/make_dataset.py`; or write a larger
-training corpus at run time: `python example/make_dataset.py corpus --out DIR [--n 3000 --seed 0]`.
+training corpus at run time: `python example/make_dataset.py corpus --out DIR [--n 3000 --seed 0]`;
+or the phone-aligned corpus of the shipped SpeechLM: `python example/make_dataset.py phones --out DIR`.
 
 Real synthetic speech from Debian's `flite` (four distinct voices: rms, kal16, awb, slt; pocketsphinx
 understands them, so WER and speaker-similarity rewards carry signal) and `espeak-ng` (more voices
@@ -210,7 +211,7 @@ TEMPLATES = [
     "the {noun} {verb_i} {prep} {place} {time}",
     "a {adj} {noun} {verb_t} a {adj} {thing} in {place}",
     "my {noun} {verb_i} {prep} the {adj} {thing}",
-    "the {noun} {verb_t} {number} {thing}s {time}",
+    "the {noun} {verb_t} {number} {things} {time}",
     "we {verb_i} {prep} {place} with the {adj} {noun}",
     "her {adj} {thing} was {prep} the {thing} in {place}",
     "the {adj} {noun} and the {noun} {verb_i} {time}",
@@ -229,9 +230,13 @@ def grammar_sentence(rng: random.Random) -> str:
     while "{" in out:
         start = out.index("{")
         key = out[start + 1:out.index("}", start)]
-        fields[key] = rng.choice(WORDS[key])
+        fields[key] = plural(rng.choice(WORDS["thing"])) if key == "things" else rng.choice(WORDS[key])
         out = out[:start] + fields[key] + out[out.index("}", start) + 1:]
     return out[0].upper() + out[1:] + "."
+
+
+def plural(noun: str) -> str:
+    return noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
 
 
 def words_of(text: str) -> set[str]:
@@ -316,7 +321,7 @@ def write_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, workers:
     _write_atomic(out / "eval_list.jsonl", "".join(json.dumps(e) + "\n" for e in eval_items))
     vocab = {split: set().union(*(words_of(s) for s in sentences)) for split, sentences in sets.items()}
     grammar_vocab = {w for values in WORDS.values() for v in values for w in words_of(v)}
-    grammar_vocab |= {f"{thing}s" for thing in WORDS["thing"]}  # the "{number} {thing}s" template
+    grammar_vocab |= {plural(thing) for thing in WORDS["thing"]}  # the "{number} {things}" template
     grammar_vocab |= {w for t in TEMPLATES for w in words_of(t) if "{" not in w}
     demo_words = set().union(*(words_of(sentence) for sentence in HELD_OUT))
     summary = {
@@ -333,6 +338,113 @@ def write_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, workers:
         # The demo's eval sentences (example/configs/eval_list.jsonl): their words, never themselves.
         "demo_eval_words_seen_in_train": len(demo_words & vocab["train"]) / len(demo_words),
         "demo_eval_sentences_in_train": len(set(HELD_OUT) & set(sets["train"])),
+    }
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary))
+
+
+# Everyday sentences no corpus of ours holds: the open-vocabulary test of a phone-aligned model.
+EVERYDAY = [
+    "Could you tell me where the nearest pharmacy is?",
+    "I think we should leave before the traffic gets worse.",
+    "My sister is moving to a new apartment next month.",
+    "The meeting has been moved to Thursday afternoon.",
+    "Please remember to water the plants while I am away.",
+    "He forgot his password again and had to reset it.",
+    "We ordered pizza because nobody wanted to cook.",
+    "The weather forecast says it will rain tomorrow.",
+    "Can you turn the music down a little, please?",
+    "She finally finished reading that long novel.",
+    "Our flight was delayed by almost three hours.",
+    "I usually take the bus to work on Mondays.",
+    "The children are building a snowman in the yard.",
+    "Do you know how much these tickets cost?",
+    "The restaurant on the corner serves excellent noodles.",
+    "Let me know if you need any help with the project.",
+    "They are planning a surprise party for their teacher.",
+    "This coffee machine makes a terrible noise.",
+    "We watched an old movie and went to bed early.",
+    "The museum will be closed for repairs until June.",
+]
+
+
+def frequent_words(n: int) -> list[str]:
+    """The `n` most frequent English words (wordfreq's list, shipped in its PyPI package), letters only."""
+    from wordfreq import top_n_list  # lazy: only the phones corpus needs it
+
+    return [w for w in top_n_list("en", int(n * 1.2)) if w.isascii() and w.isalpha() and len(w) > 1][:n]
+
+
+def varied_sentence(rng: random.Random, words: list[str]) -> str:
+    """4 to 11 frequent words, some with a comma: no grammar, every phone context of open English text."""
+    picks = [rng.choice(words) for _ in range(rng.randint(4, 11))]
+    if len(picks) > 6 and rng.random() < 0.5:
+        picks[rng.randint(2, len(picks) - 3)] += ","
+    text = " ".join(picks)
+    return text[0].upper() + text[1:] + rng.choice([".", ".", ".", "?", "!"])
+
+
+def write_phones_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, workers: int, voice: str,
+                        varied: float, vocabulary: int) -> None:
+    """The phone-aligned corpus: one flite voice, untrimmed (flite's phone end times then match the clip
+    within ~30 ms and are written to each line's "phone_times"), peak -3 dBFS, 16 kHz. Training text is a
+    `varied` share of frequent-word sentences (open vocabulary) and grammar sentences; val and test are
+    grammar sentences never in training; `everyday.jsonl` holds EVERYDAY, outside any corpus."""
+    rng = random.Random(seed)
+    sets = corpus_sentences(n, n_val, n_test, seed)
+    words = frequent_words(vocabulary)
+    held = set(sets["val"]) | set(sets["test"]) | set(EVERYDAY) | set(HELD_OUT)
+    train = []
+    for grammar in sets["train"]:
+        sentence = varied_sentence(rng, words) if rng.random() < varied else grammar
+        if sentence not in held:
+            train.append(sentence)
+    sets = {"train": train, "val": sets["val"], "test": sets["test"], "everyday": EVERYDAY}
+    wav_dir = out / "wavs"
+    wav_dir.mkdir(parents=True, exist_ok=True)
+
+    def run(job: tuple[str, int, str]) -> dict:
+        split, i, text = job
+        utt_id = f"{split}_{i:05d}"
+        path, times_path = wav_dir / f"{utt_id}.flac", wav_dir / f"{utt_id}.phones.json"
+        if not (path.exists() and times_path.exists()):
+            with tempfile.TemporaryDirectory() as tmp:
+                raw, part = Path(tmp) / "raw.wav", Path(tmp) / "part.flac"
+                done = subprocess.run(["flite", "-voice", voice, "-psdur", "-t", text, "-o", str(raw)],
+                                      check=True, capture_output=True, text=True)
+                times = [[p, float(e)] for p, _, e in (item.rpartition(":") for item in done.stdout.split())]
+                subprocess.run(["sox", "-D", "-R", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(part),
+                                "gain", "-n", "-3"], check=True, capture_output=True)
+                _write_atomic(times_path, json.dumps(times))
+                os.replace(part, path)  # last: an interrupted run leaves no clip without its timings
+        info = sf.info(str(path))
+        return {"id": utt_id, "transcript": text, "language": "en", "wav_path": f"wavs/{path.name}",
+                "duration": round(info.duration, 3), "sample_rate": info.samplerate, "speaker_id": voice,
+                "phone_times": json.loads(times_path.read_text()), "split": split}
+
+    jobs = [(split, i, text) for split, texts in sets.items() for i, text in enumerate(texts)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        records = list(pool.map(run, jobs))
+    by_split: dict[str, list[dict]] = {s: [] for s in sets}
+    for record in records:
+        by_split[record.pop("split")].append(record)
+    for split, rows in by_split.items():
+        _write_atomic(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    # Eval lists: the voice prompt is the training clip nearest 3 s (its phones are prefilled).
+    prompt = min(by_split["train"], key=lambda r: abs(r["duration"] - 3))
+    for split, name in (("test", "eval_list.jsonl"), ("everyday", "eval_everyday.jsonl")):
+        items = [{"id": r["id"], "prompt_wav": prompt["wav_path"], "prompt_text": prompt["transcript"],
+                  "target_text": r["transcript"], "target_wav": r["wav_path"], "language": "en"}
+                 for r in by_split[split]]
+        _write_atomic(out / name, "".join(json.dumps(e) + "\n" for e in items))
+    vocab = {split: set().union(*(words_of(t) for t in texts)) for split, texts in sets.items()}
+    summary = {
+        "seed": seed, "voice": voice, "varied_share": varied,
+        "utterances": {split: len(rows) for split, rows in by_split.items()},
+        "hours": {split: round(sum(r["duration"] for r in rows) / 3600, 3) for split, rows in by_split.items()},
+        "train_vocabulary_size": len(vocab["train"]),
+        "everyday_words_seen_in_train": round(len(vocab["everyday"] & vocab["train"]) / len(vocab["everyday"]), 3),
+        "heldout_sentences_in_train": len(set(train) & held),
     }
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
@@ -356,8 +468,21 @@ def main(argv: list[str] | None = None) -> None:
     corpus.add_argument("--n_pairs", type=int, default=1000,
                         help="extra training utterances of two training sentences (zero-shot cloning practice)")
     corpus.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    phones = sub.add_parser("phones", help="write the phone-aligned corpus (one voice, phone timings)")
+    phones.add_argument("--out", type=Path, required=True)
+    phones.add_argument("--n", type=int, default=9000, help="training utterances")
+    phones.add_argument("--n_val", type=int, default=100)
+    phones.add_argument("--n_test", type=int, default=40)
+    phones.add_argument("--seed", type=int, default=0)
+    phones.add_argument("--voice", default="rms", choices=FLITE_VOICES)
+    phones.add_argument("--varied", type=float, default=0.5, help="share of frequent-word training sentences")
+    phones.add_argument("--vocabulary", type=int, default=8000, help="frequent words drawn from")
+    phones.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
-    if args.mode == "corpus":
+    if args.mode == "phones":
+        write_phones_corpus(args.out, args.n, args.n_val, args.n_test, args.seed, args.workers, args.voice,
+                            args.varied, args.vocabulary)
+    elif args.mode == "corpus":
         write_corpus(args.out, args.n, args.n_val, args.n_test, args.seed, args.workers, args.n_pairs)
     else:
         write_example()

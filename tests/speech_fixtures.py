@@ -33,8 +33,8 @@ def make_codec(directory: Path, sample_rate: int = 16000) -> Path:
     return directory
 
 
-def make_model(directory: Path, codec_dir: Path | None = None, seed: int = 0) -> Path:
-    model, tokenizer, vocab = build_speechlm("tiny", codebook_size=256, seed=seed)
+def make_model(directory: Path, codec_dir: Path | None = None, seed: int = 0, prompt_format: str = "inworld") -> Path:
+    model, tokenizer, vocab = build_speechlm("tiny", codebook_size=256, prompt_format=prompt_format, seed=seed)
     save_speechlm(model, tokenizer, vocab, directory)
     if codec_dir is not None:
         write_codec_reference(str(directory), str(codec_dir))

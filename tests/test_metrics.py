@@ -76,3 +76,24 @@ def test_local_scalar_log_appends_lines(tmp_path):
     log.log(2, reward=0.75)
     assert [r["reward"] for r in read_scalars(url)] == [0.5, 0.75]
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_metrics_server_listens_on_loopback_outside_kubernetes(tmp_path):
+    """A laptop or CI run exposes nothing: the server binds 127.0.0.1 unless in a pod (or told otherwise)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = ("import socket, sys; from trainer import metrics; metrics.serve(int(sys.argv[1])); "
+              "print(open('/proc/net/tcp').read())")
+    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    out = subprocess.run([sys.executable, "-c", script, str(port)], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    rows = [line.split() for line in out.splitlines()[1:] if len(line.split()) > 3]
+    listening = [row[1] for row in rows if row[3] == "0A"]  # 0A: LISTEN
+    assert f"0100007F:{port:04X}" in listening  # 127.0.0.1, little-endian hex
+    assert f"00000000:{port:04X}" not in listening

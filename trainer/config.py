@@ -103,7 +103,8 @@ class ModelParameters(Section):
     # A local Hugging Face directory, or a preset name ("tiny", "small", "small-wide", "llama-3.2-1b") for random init.
     model_name: str = "tiny"
     enable_text_normalization: bool = True
-    prompt_format: Literal["inworld", "llasa"] = "inworld"
+    # "phones": phone-aligned (trainer/model/prompt.py), for data vectorized with vectorize.phone_alignment.
+    prompt_format: Literal["inworld", "llasa", "phones"] = "inworld"
     attn_implementation: Literal["auto", "flash_attention_2", "flex", "sdpa"] = "auto"
     # "audio": cross-entropy over the audio rows of the head only (+ speech-end); "full": whole vocabulary.
     loss_vocab: Literal["audio", "full"] = "audio"
@@ -167,6 +168,9 @@ class Sampler(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # 0: no top-k cut
     repetition_penalty: float = Field(1.1, gt=0)
+    # False: greedy (the most likely token; temperature/top_p/top_k unused). Phone-aligned models speak
+    # most clearly greedy; GRPO rollouts must sample (a group of equal completions has no advantage).
+    do_sample: bool = True
 
     def hf_kwargs(self) -> dict[str, Any]:
         """The sampler as transformers' `generate` (and TRL) name it: "no top-k cut" is None there."""
@@ -405,6 +409,10 @@ class VectorizeConfig(Section):
     use_wandb: bool = False
     # The seed's `--compile_model`: torch.compile the codec's encoder forward.
     compile_model: bool = False
+    # Record each sample's phones and the codec frames of each (what the `phones` prompt format trains
+    # on): from the manifest line's "phone_times" ([[phone, end seconds], ...], e.g. flite -psdur of the
+    # clip), else flite's predicted durations stretched to the clip (approximate; counted in the summary).
+    phone_alignment: bool = False
 
 
 class ExportConfig(Section):
@@ -475,6 +483,9 @@ class EvalConfig(ScorerSettings):
 class MetricsConfig(Section):
     # Rank 0 serves Prometheus metrics here; 0 disables the HTTP server.
     port: int = Field(9090, ge=0, le=65535)
+    # None: all interfaces inside a Kubernetes pod (KUBERNETES_SERVICE_HOST is set; Prometheus scrapes the
+    # pod IP), loopback anywhere else (a laptop or CI machine exposes nothing).
+    address: str | None = None
     pushgateway_url: str | None = None
 
 

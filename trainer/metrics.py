@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,15 +24,18 @@ _server_started = False
 PARTS_SUFFIX = ".parts"  # remote scalar logs: <url>.parts/<NNNNNN>.jsonl
 
 
-def serve(port: int) -> None:
-    """Expose the default registry on `port` from rank 0 only (0 disables)."""
+def serve(port: int, address: str | None = None) -> None:
+    """Expose the default registry on `port` from rank 0 only (0 disables); `address` None: every
+    interface in a Kubernetes pod, loopback elsewhere."""
     global _server_started
     if port <= 0 or not distributed.is_main() or _server_started:
         return
+    if address is None:
+        address = "0.0.0.0" if os.environ.get("KUBERNETES_SERVICE_HOST") else "127.0.0.1"
     try:
-        start_http_server(port)
+        start_http_server(port, addr=address)
         _server_started = True
-        log.info("prometheus metrics on :%d/metrics", port)
+        log.info("prometheus metrics on %s:%d/metrics", address, port)
     except OSError as err:  # a busy port must not kill a training run
         log.warning("metrics server not started on port %d: %s", port, err)
 

@@ -60,6 +60,7 @@ class VectorizedSplit:
         rejected: list[bool] = []
         reasons: dict[str, int] = {}
         languages: list[str] = []
+        phones: list[list[tuple[str, int]] | None] = []
         for files in parts:
             codes = open_codes(io.join(self.url, files.codes), cache)
             records = read_jsonl(io.join(self.url, files.samples))
@@ -69,6 +70,8 @@ class VectorizedSplit:
             texts.extend(str(r["transcript"]) for r in records)
             # Each transcript is normalised by its own sample's language (the seed's rule).
             languages.extend(str(r.get("language") or DEFAULT_LANGUAGE) for r in records)
+            # [phone, frames] pairs, written by vectorize.phone_alignment (the phones prompt format).
+            phones.extend([(str(p), int(n)) for p, n in r["phones"]] if r.get("phones") else None for r in records)
             for record in records if dataset_filter is not None else ():
                 rejection = check_sample(record, dataset_filter)
                 rejected.append(rejection is not None)
@@ -76,6 +79,7 @@ class VectorizedSplit:
                     reasons[rejection.reason] = reasons.get(rejection.reason, 0) + 1
         self.texts = texts
         self.languages = languages
+        self.phones = phones
         # Samples the `dataset` filters reject at load (never trained on).
         self.rejected = np.array(rejected, dtype=bool) if dataset_filter is not None else np.zeros(len(texts), bool)
         if reasons:
@@ -178,13 +182,22 @@ class PackedData:
         if codebook_size is not None:
             for ds in self.datasets:
                 ds.check_codebook(codebook_size)
-        overhead = len(prompt.prefix_ids("")) + 1  # template + speech-end
         self.lengths = []
         self.keep = []
         for ds in self.datasets:
-            texts = [prompt.clean_text(t, lang) for t, lang in zip(ds.texts, ds.languages, strict=True)]
-            text_len = np.array([len(ids) for ids in prompt.tokenizer(texts, add_special_tokens=False)["input_ids"]])
-            lengths = overhead + text_len.astype(np.int64) + ds.num_codes
+            if prompt.phone_aligned:
+                if any(p is None for p in ds.phones):
+                    raise ConfigError(
+                        f"{ds.url} ({split}): samples without phones; the phones prompt format trains on data "
+                        "vectorized with vectorize.phone_alignment: true"
+                    )
+                num_phones = np.array([len(p) for p in ds.phones], dtype=np.int64)
+                lengths = prompt.example_length(0, ds.num_codes, num_phones)
+            else:
+                texts = [prompt.clean_text(t, lang) for t, lang in zip(ds.texts, ds.languages, strict=True)]
+                tokenized = prompt.tokenizer(texts, add_special_tokens=False)["input_ids"]
+                text_len = np.array([len(ids) for ids in tokenized])
+                lengths = prompt.example_length(text_len.astype(np.int64), ds.num_codes)
             fits = (lengths <= self.max_len) & (ds.num_codes > 0)
             if (~fits).any():
                 log.warning(
@@ -252,7 +265,8 @@ class PackedData:
         examples = [
             [
                 self.prompt.training_example(
-                    self.datasets[d].texts[k], self.datasets[d].sample_codes(k), self.datasets[d].languages[k]
+                    self.datasets[d].texts[k], self.datasets[d].sample_codes(k), self.datasets[d].languages[k],
+                    self.datasets[d].phones[k],
                 )
                 for d, k in row
             ]

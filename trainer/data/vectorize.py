@@ -38,6 +38,7 @@ from trainer.config import TrainerConfig
 from trainer.data import filters, shards
 from trainer.data.manifest import LineError, parse_line, read_lines, resolve_wav_path, sample_id
 from trainer.errors import ConfigError, StageError
+from trainer.model import phones as front_end
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,17 @@ class Vectorizer:
             [audio.sample_rate for _, audio, _ in window],
             batch_size=self.vcfg.batch_size,
         )
+        accepted = 0
         for (candidate, audio, notes), item_codes in zip(window, codes, strict=True):
+            if self.vcfg.phone_alignment:
+                try:
+                    phones, approximate = self._phones(candidate.record, audio.duration, len(item_codes))
+                except (ConfigError, ValueError, TypeError) as err:
+                    result.reject(candidate.line, candidate.raw, "bad_phone_times", str(err))
+                    continue
+                candidate.record["phones"] = phones
+                notes = [*notes, "approximate_phone_times"] if approximate else notes
+            accepted += 1
             record = {
                 **candidate.record,
                 "duration": round(audio.duration, 6),
@@ -291,9 +302,25 @@ class Vectorizer:
                 record["notes"] = notes
             result.samples[candidate.split].append((record, np.asarray(item_codes)))
         seconds = sum(audio.duration for _, audio, _ in window)
-        ITEMS.labels("accepted").inc(len(window))
+        ITEMS.labels("accepted").inc(accepted)
         AUDIO_SECONDS.inc(seconds)
-        self.progress.update(seconds, accepted=len(window))
+        self.progress.update(seconds, accepted=accepted)
+
+    def _phones(self, record: dict[str, Any], seconds: float, num_frames: int) -> tuple[list[list], bool]:
+        """The sample's [phone, frames] list and whether its timings are flite's estimate, not the clip's."""
+        given = record.get("phone_times")
+        if given is None:
+            times, approximate = front_end.approximate_times(str(record["transcript"]), seconds), True
+        else:
+            times = [(str(phone), float(end)) for phone, end in given]
+            unknown = sorted({p for p, _ in times} - set(front_end.PHONES))
+            if not times or unknown:
+                raise ValueError(f"phone_times: empty or phones outside flite's set: {unknown}")
+            if any(b < a for (_, a), (_, b) in itertools.pairwise(times)):
+                raise ValueError("phone_times: end times must not decrease")
+            approximate = False
+        frames = front_end.frames_per_phone(times, num_frames, float(self.codec.token_rate))
+        return [[phone, n] for phone, n in frames], approximate
 
     def _remove_stale_temporaries(self, unit: int) -> None:
         """Temporary files a killed run left for this unit (local filesystems only have them)."""
@@ -415,6 +442,8 @@ def dataset_info(config: TrainerConfig, codec: Any, max_lines: int | None = None
         "val_fraction": v.val_fraction,
         "filters": config.dataset.model_dump(mode="json"),
     }
+    if v.phone_alignment:  # only then, so directories written before this key still resume
+        info["phone_alignment"] = True
     if max_lines is not None:  # only then, so directories written before this key still resume
         info["dry_run_lines"] = max_lines
     return info
@@ -456,7 +485,7 @@ def run(config: TrainerConfig) -> int:
     if v.use_wandb:
         log.warning("--use_wandb is accepted for compatibility; vectorize reports via Prometheus and %s", SUMMARY)
     rank, world = distributed.rank(), distributed.world_size()
-    metrics.serve(config.metrics.port)
+    metrics.serve(config.metrics.port, config.metrics.address)
 
     codec = load_codec(v.codec_model_path, v.compile_model)
     output_dir = str(v.output_dir)

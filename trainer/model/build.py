@@ -145,6 +145,7 @@ def extend_tokenizer(tokenizer: PreTrainedTokenizerBase, codebook_size: int, pro
         special_tokens={t: vocab[t] for t in (*spec.tags, *spec.chat_tokens)},
         speech_start=spec.speech_start,
         speech_end=spec.speech_end,
+        end_of_phone=spec.end_of_phone,
         pad_token_id=tokenizer.pad_token_id,
         vocab_size=padded(len(tokenizer)),
     )

@@ -42,6 +42,8 @@ class AudioVocab:
     special_tokens: dict[str, int] = field(default_factory=dict)
     speech_start: str = ""
     speech_end: str = ""
+    # Phone-aligned formats: the tag after each phone's codes (right before speech-end); "" otherwise.
+    end_of_phone: str = ""
     pad_token_id: int = 0
     # Rows of the embedding matrix (>= audio_offset + codebook_size; padded to a multiple of 64).
     vocab_size: int = 0
@@ -56,17 +58,33 @@ class AudioVocab:
         return self.special_tokens[self.speech_end]
 
     @property
+    def end_of_phone_id(self) -> int:
+        return self.special_tokens[self.end_of_phone]
+
+    @property
+    def head_specials(self) -> list[int]:
+        """The non-audio ids a completion may hold: [end-of-phone,] speech-end."""
+        return [self.end_of_phone_id, self.speech_end_id] if self.end_of_phone else [self.speech_end_id]
+
+    @property
     def audio_end(self) -> int:
         """One past the last audio id."""
         return self.audio_offset + self.codebook_size
 
     def completion_ids(self) -> list[int]:
-        """The ids a generated completion may hold: audio tokens and speech-end (sampling constraints)."""
-        return [*range(self.audio_offset, self.audio_end), self.speech_end_id]
+        """The ids a generated completion may hold: audio tokens, end-of-phone (phone formats) and
+        speech-end (sampling constraints)."""
+        return [*range(self.audio_offset, self.audio_end), *self.head_specials]
 
     @property
     def audio_head_contiguous(self) -> bool:
-        return self.speech_end_id == self.audio_offset - 1
+        """Whether the head specials sit right before `<|s_0|>` (rows [head_start, audio_end))."""
+        specials = self.head_specials
+        return specials == list(range(self.audio_offset - len(specials), self.audio_offset))
+
+    @property
+    def head_start(self) -> int:
+        return self.audio_offset - len(self.head_specials)
 
     def code_ids(self, codes: np.ndarray | list[int]) -> np.ndarray:
         codes = np.asarray(codes, dtype=np.int64)

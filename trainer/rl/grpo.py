@@ -45,6 +45,7 @@ from trainer.config import RlhfConfig, TrainerConfig, section_flags
 from trainer.errors import ConfigError, StageError
 from trainer.model.build import load_speechlm, save_speechlm
 from trainer.model.lora import peft_config
+from trainer.model.phone_forcing import MAX_PHONE_SECONDS, PhoneForcing
 from trainer.model.prompt import PromptFormat
 from trainer.model.vocab import AudioVocab
 from trainer.rl import rollout
@@ -112,6 +113,13 @@ def problems(config: TrainerConfig) -> list[str]:
             f"gradient_accumulation_steps ({t.gradient_accumulation_steps}) = {generation_batch} "
             f"completions per generation must be divisible by num_generations ({rl.num_generations})"
         )
+    if rl.use_vllm and rl.base_model_dir and io.exists(rl.base_model_dir) and \
+            AudioVocab.load(rl.base_model_dir).end_of_phone:
+        found.append("rlhf_training.use_vllm: the phones prompt format samples with phone forcing, a logits "
+                     "processor of HF generate; use local rollouts (use_vllm: false)")
+    if not rl.sampling.do_sample:
+        found.append("rlhf_training.sampling.do_sample must be true: a group of greedy completions is one "
+                     "completion repeated, which has no advantage to learn from")
     found += preflight.resume_problems(config)
     if not found:  # asked once the inputs are there
         try:
@@ -200,14 +208,18 @@ def grpo_args(config: TrainerConfig, hf_output_dir: str, vocab: AudioVocab, voca
 class SpeechGRPOTrainer(GRPOTrainer):
     """GRPOTrainer plus rollout/weight-sync timings (Prometheus and the logged scalars)."""
 
-    def __init__(self, *args, rewards: TrlRewards, **kwargs):
+    def __init__(self, *args, rewards: TrlRewards, phone_forcing: PhoneForcing | None = None, **kwargs):
         self.rewards = rewards
+        self.phone_forcing = phone_forcing
         super().__init__(*args, **kwargs)
 
     def _generate_and_score_completions(self, inputs):
         start = time.perf_counter()
         scoring_before = self.rewards.seconds_total
         output = super()._generate_and_score_completions(inputs)
+        if self.phone_forcing is not None:  # forced phones are the text's, not the policy's choice: no loss
+            forced = self.phone_forcing.is_phone(output["completion_ids"])
+            output["completion_mask"] = output["completion_mask"] * (~forced).to(output["completion_mask"].dtype)
         scoring = self.rewards.seconds_total - scoring_before
         rollout_seconds = time.perf_counter() - start - scoring
         ROLLOUT_SECONDS.observe(rollout_seconds)
@@ -371,20 +383,25 @@ def run(config: TrainerConfig) -> int:
     if t.use_wandb and t.project_name:
         os.environ["WANDB_PROJECT"] = t.project_name  # read by transformers' WandbCallback
     run = checkpoint.run_url(config.training)
-    metrics.serve(config.metrics.port)
+    metrics.serve(config.metrics.port, config.metrics.address)
     scalars = metrics.ScalarLog(io.join(run, "metrics.jsonl"), "rlhf")
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     weights_only = ck.only_load_model_weights and ck.checkpoint_file_to_resume_from
     model, tokenizer, vocab = load_speechlm(ck.checkpoint_file_to_resume_from if weights_only else rl.base_model_dir)
-    prompt_format = PromptFormat(tokenizer, vocab, config.modeling.parameters.enable_text_normalization)
+    codec_url = resolve_codec(config)
+    codec = Codec.load(codec_url, device=device, components=("decoder",))
+    prompt_format = PromptFormat(tokenizer, vocab, config.modeling.parameters.enable_text_normalization,
+                                 frame_rate=float(codec.token_rate))
     train_prompts = build_prompts(
         config.train_weighted_datasets, "train", prompt_format, rl.max_prompt_length,
         config.dataset, t.seed, vllm_server=rl.use_vllm,
     )
-    codec_url = resolve_codec(config)
-    codec = Codec.load(codec_url, device=device, components=("decoder",))
     rewards, guard_scorer, completions = _rewards(config, codec, vocab, run, device)
+    forcing = (PhoneForcing(vocab, round(MAX_PHONE_SECONDS * codec.token_rate)) if prompt_format.phone_aligned
+               else None)
+    if forcing is not None:
+        rollout.force_phones(model, forcing)
 
     # TRL stops sampling and masks the loss at the tokenizer's eos: for a SpeechLM that is speech-end.
     policy_tokenizer = copy.deepcopy(tokenizer)
@@ -407,7 +424,7 @@ def run(config: TrainerConfig) -> int:
         trainer = SpeechGRPOTrainer(
             model=model, reward_funcs=rewards.functions(), args=grpo_args(config, hf_dir, vocab, vocab_size),
             train_dataset=Dataset.from_list(as_rows(train_prompts)), processing_class=policy_tokenizer,
-            callbacks=callbacks, peft_config=adapter, rewards=rewards,
+            callbacks=callbacks, peft_config=adapter, rewards=rewards, phone_forcing=forcing,
         )
     _train(trainer, config, run, hf_dir)
     _save_final(trainer, config, tokenizer, vocab, codec_url, run)

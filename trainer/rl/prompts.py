@@ -42,6 +42,7 @@ class _Sample:
     text: str
     language: str
     codes: np.ndarray
+    phones: list[tuple[str, int]] | None = None  # the phone format's timings (vectorize.phone_alignment)
 
 
 def _read_shards(
@@ -63,8 +64,9 @@ def _read_shards(
             if rejection:
                 rejected[rejection.reason] = rejected.get(rejection.reason, 0) + 1
                 continue
+            phones = [(str(p), int(n)) for p, n in r["phones"]] if r.get("phones") else None
             group.append(_Sample(f"{name}#{k}", str(r.get("transcript", "")), str(r.get("language", "en")),
-                                 data.sample(k)))
+                                 data.sample(k), phones))
         groups.append(group)
     return groups
 
@@ -82,6 +84,7 @@ def build_prompts(
     if not datasets:
         raise ConfigError(f"{split}_weighted_datasets is empty: GRPO needs vectorized data for its prompts")
     pools: list[list[RlPrompt]] = []
+    first_ids: np.ndarray | None = None
     skipped = {"single_sample_shard": 0, "empty": 0, "too_long": 0}
     rejected: dict[str, int] = {}
     for url in datasets:
@@ -96,11 +99,13 @@ def build_prompts(
                     skipped["empty"] += 1
                     continue
                 ids = prompt_format.inference_prompt(
-                    target.text, reference.text, reference.codes, target.language, reference.language
+                    target.text, reference.text, reference.codes, target.language, reference.language,
+                    reference.phones,
                 )
                 if len(ids) > max_prompt_length:
                     skipped["too_long"] += 1
                     continue
+                first_ids = ids if first_ids is None else first_ids
                 pool.append(
                     RlPrompt(
                         prompt=prompt_format.render(ids), prompt_codes=[int(c) for c in reference.codes],
@@ -110,6 +115,7 @@ def build_prompts(
                 )
         pools.append(pool)
     picks = epoch_picks([len(p) for p in pools], list(datasets.values()), seed, 0)
+    first = next((pool[0] for pool in pools if pool), None)
     prompts = [pools[d][k] for d, k in picks]
     if limit is not None:
         prompts = prompts[:limit]
@@ -120,18 +126,15 @@ def build_prompts(
             f"no usable GRPO prompts in {list(datasets)} ({split}); skipped {skipped}, rejected by the dataset "
             f"filters {rejected} (max_prompt_length={max_prompt_length})"
         )
-    check_round_trip(prompts[0], prompt_format, vllm_server)
+    check_round_trip(first, first_ids, prompt_format, vllm_server)
     return prompts
 
 
-def check_round_trip(prompt: RlPrompt, prompt_format: PromptFormat, vllm_server: bool = False) -> None:
-    """The prompt text must tokenise back to exactly the ids the model was trained on, as TRL tokenises
-    it (no special tokens added: what the policy is scored on) and, for server rollouts, as a vLLM server
-    does (special tokens added, to the text `SpeechVLLMClient` sends: what rollouts are sampled from)."""
-    ids = prompt_format.inference_prompt(
-        prompt.target_text, prompt.reference_text, np.asarray(prompt.prompt_codes), prompt.language,
-        prompt.reference_language,
-    )
+def check_round_trip(prompt: RlPrompt, ids: np.ndarray, prompt_format: PromptFormat, vllm_server: bool = False
+                     ) -> None:
+    """The prompt text must tokenise back to exactly its ids, as TRL tokenises it (no special tokens
+    added: what the policy is scored on) and, for server rollouts, as a vLLM server does (special tokens
+    added, to the text `SpeechVLLMClient` sends: what rollouts are sampled from)."""
     tokenizer = prompt_format.tokenizer
     seen = {"TRL": tokenizer(prompt.prompt, add_special_tokens=False)["input_ids"]}
     if vllm_server:

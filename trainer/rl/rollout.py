@@ -30,12 +30,13 @@ from dataclasses import dataclass
 
 import torch
 import trl.trainer.grpo_trainer as grpo_module
-from transformers import PreTrainedTokenizerBase
+from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 from trl.extras.vllm_client import VLLMClient
 from trl.import_utils import is_vllm_available
 
 from trainer.config import RlhfConfig
 from trainer.errors import ConfigError
+from trainer.model.phone_forcing import PhoneForcing
 from trainer.model.vocab import AudioVocab
 
 
@@ -46,6 +47,19 @@ def hf_generation_kwargs(vocab: AudioVocab, model_vocab_size: int, min_new_token
     if min_new_tokens:
         kwargs["min_new_tokens"] = min_new_tokens
     return kwargs
+
+
+def force_phones(model: PreTrainedModel, forcing: PhoneForcing) -> None:
+    """Phone-aligned rollouts: TRL calls `model.generate(**inputs, generation_config=...)`, with no way to
+    pass a logits processor, so the policy's own `generate` gets the phone forcing (an instance attribute:
+    TRL's rollouts and the guard rails both sample through it)."""
+    generate = model.generate
+
+    def forced(*args, **kwargs):
+        kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), forcing])
+        return generate(*args, **kwargs)
+
+    model.generate = forced
 
 
 def vllm_sampling_kwargs(vocab: AudioVocab, min_tokens: int) -> dict:

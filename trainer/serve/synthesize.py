@@ -19,12 +19,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import LogitsProcessorList
 
 from trainer import io
 from trainer.codec import Codec
 from trainer.config import SamplingConfig
 from trainer.errors import ConfigError
 from trainer.model.build import load_speechlm
+from trainer.model.phone_forcing import MAX_PHONE_SECONDS, PhoneForcing
 from trainer.model.prompt import DEFAULT_LANGUAGE, PromptFormat
 from trainer.serve import layout
 
@@ -88,6 +90,7 @@ class Synthesis:
     sample_rate: int
     chunks: list[str]
     codes: list[np.ndarray]  # generated codes per chunk
+    ids: list[list[int]]  # generated token ids per chunk (codes, speech-end; fed phones and end-of-phone)
     truncated: list[bool]  # a chunk hit max_new_tokens without speech-end
 
 
@@ -96,12 +99,17 @@ class Synthesizer:
                  normalize_text: bool = True, max_chunk_chars: int = 300, max_text_chars: int = 5000):
         self.model = model
         self.vocab = vocab
-        self.prompt_format = PromptFormat(tokenizer, vocab, normalize_text)
+        self.prompt_format = PromptFormat(tokenizer, vocab, normalize_text, frame_rate=float(decoder.token_rate))
         self.encoder = encoder
         self.decoder = decoder
+        self._forcing = (PhoneForcing(vocab, round(MAX_PHONE_SECONDS * decoder.token_rate))
+                         if self.prompt_format.phone_aligned else None)
         self.model_dir = model_dir
         self.max_chunk_chars = max_chunk_chars
         self.max_text_chars = max_text_chars
+        if use_vllm and self._forcing:
+            raise ConfigError("--use_vllm does not run the phones prompt format in-process (phone forcing is a "
+                              "logits processor of HF generate); drop --use_vllm")
         self._vllm = self._start_vllm(model_dir) if use_vllm else None
         vocab_rows = model.get_input_embeddings().weight.shape[0]
         allowed = set(vocab.completion_ids())
@@ -156,8 +164,9 @@ class Synthesizer:
         )
         chunks = split_text(text, self.max_chunk_chars)
         prompts = [self.prompt_format.inference_prompt(c, prompt_text, prompt_codes, language) for c in chunks]
-        # One bound per batch: the shortest chunk's, so no chunk is forced past its own text.
-        min_tokens = min(self.min_new_tokens(c, sampling) for c in chunks)
+        # One bound per batch: the shortest chunk's, so no chunk is forced past its own text. The phone
+        # format needs none: its length follows the phones.
+        min_tokens = 0 if self._forcing else min(self.min_new_tokens(c, sampling) for c in chunks)
         generated = (self._generate_vllm(prompts, sampling, min_tokens) if self._vllm
                      else self._generate_hf(prompts, sampling, min_tokens))
         codes = [self.vocab.codes_from_ids(ids) for ids in generated]
@@ -167,7 +176,7 @@ class Synthesizer:
                 log.warning("chunk %r hit max_new_tokens=%d before speech-end", chunk[:40], sampling.max_new_tokens)
         waves = self.decoder.decode(codes, prompt_codes=[prompt_codes] * len(codes) if prompt_codes.size else None)
         wave = np.concatenate(waves) if waves else np.zeros(0, dtype=np.float32)
-        return Synthesis(wave.astype(np.float32), self.sample_rate, chunks, codes, truncated)
+        return Synthesis(wave.astype(np.float32), self.sample_rate, chunks, codes, generated, truncated)
 
     def min_new_tokens(self, text: str, sampling: SamplingConfig) -> int:
         seconds = len(text) / sampling.max_chars_per_second
@@ -185,10 +194,10 @@ class Synthesizer:
             attention[row, width - len(ids) :] = 1
         torch.manual_seed(sampling.seed)
         out = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=True,
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=sampling.do_sample,
             **sampling.hf_kwargs(), max_new_tokens=sampling.max_new_tokens,
             min_new_tokens=min_tokens, suppress_tokens=self._suppress, eos_token_id=self.vocab.speech_end_id,
-            pad_token_id=pad,
+            pad_token_id=pad, logits_processor=LogitsProcessorList([self._forcing] if self._forcing else []),
             use_cache=True,
         )
         return [row[width:].tolist() for row in out.cpu()]

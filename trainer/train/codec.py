@@ -575,7 +575,7 @@ def run(config: TrainerConfig) -> int:
     distributed.init(config.training.process_group_timeout_s)
     device = distributed.device()
     torch.manual_seed(train.seed)
-    metrics.serve(config.metrics.port)
+    metrics.serve(config.metrics.port, config.metrics.address)
     scalars = metrics.ScalarLog(io.join(train.output_dir, "metrics.jsonl"), "codec-train")
     clips, gan = _build(config, train, device)
     if config.dry_run:

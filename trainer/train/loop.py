@@ -295,7 +295,7 @@ class SFTTrainer:
 
     def train(self) -> int:
         self._stop.install()
-        metrics.serve(self.config.metrics.port)
+        metrics.serve(self.config.metrics.port, self.config.metrics.address)
         t = self.t
         accum = t.gradient_accumulation_steps
         batches = self.micro_batches()

@@ -89,11 +89,12 @@ class SpeechLMObjective(nn.Module):
         return chunked_cross_entropy(hidden, weight, targets, self.chunk_size), picked.new_tensor(picked.numel())
 
     def _audio_head(self, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Head rows [speech-end, <|s_0|>..<|s_K-1|>] and the targets renumbered into them."""
+        """Head rows [end-of-phone (phone formats), speech-end, <|s_0|>..<|s_K-1|>] and the targets
+        renumbered into them."""
         v = self.vocab
         if v.audio_head_contiguous:
-            rows = weight[v.speech_end_id : v.audio_end]
-        else:
-            rows = torch.cat([weight[v.speech_end_id : v.speech_end_id + 1], weight[v.audio_offset : v.audio_end]])
+            return weight[v.head_start : v.audio_end], targets - v.head_start
+        # Only a seed model converted in place can have speech-end elsewhere; no phone format there.
+        rows = torch.cat([weight[v.speech_end_id : v.speech_end_id + 1], weight[v.audio_offset : v.audio_end]])
         local = torch.where(targets == v.speech_end_id, torch.zeros_like(targets), targets - v.audio_offset + 1)
         return rows, local
