@@ -72,12 +72,12 @@ lint: $(STAMP)  ## ruff
 demo: $(STAMP)  ## the main job: the whole recipe on the local backend, CPU, example data
 	$(BIN)/ttsctl run example/pipeline.yaml --backend local
 
-# The shipped example models from scratch: corpus (~10 min), codec, vectorize, SFT, GRPO, eval on the
-# local backend, then copied into example/models with their provenance. CPU hours on 2 cores; every
+# The shipped example SpeechLM from scratch: the phone-aligned corpus (~5 min), vectorize with the shipped
+# codec, SFT, eval on the local backend, then copied into example/models with its provenance. Every
 # stage resumes, so re-running the target after an interruption continues where it stopped.
 EXAMPLE_RUN := runs/example-models
 example-models: $(STAMP)  ## train the shipped example models from scratch (resumable; CPU hours)
-	$(BIN)/python example/make_dataset.py corpus --out $(EXAMPLE_RUN)/corpus
+	$(BIN)/python example/make_dataset.py phones --out $(EXAMPLE_RUN)/corpus
 	$(BIN)/ttsctl run example/models.yaml --backend local
 	$(BIN)/python example/ship_models.py --run $(EXAMPLE_RUN) --out example/models
 
