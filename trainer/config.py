@@ -173,7 +173,10 @@ class Sampler(Section):
     do_sample: bool = True
 
     def hf_kwargs(self) -> dict[str, Any]:
-        """The sampler as transformers' `generate` (and TRL) name it: "no top-k cut" is None there."""
+        """The sampler as transformers' `generate` (and TRL) name it: "no top-k cut" is None there;
+        greedy decoding takes no temperature/top-p/top-k."""
+        if not self.do_sample:
+            return {"repetition_penalty": self.repetition_penalty}
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k or None,
                 "repetition_penalty": self.repetition_penalty}
 
