@@ -82,7 +82,7 @@ def ship_speechlm(layout: RunLayout, out: Path, command: str = COMMAND) -> Path:
     results = Path(layout.output("eval")) / "results.json"
     provenance = {
         "command": command,
-        "configs": [f"example/configs/models/{src}-small.json" for src in runs],
+        "configs": [f"example/configs/models/{src}-phones.json" for src in runs],
         "exported_from": str(source), "runs": {k: {"steps": v["steps"], "wall_time_s": v["wall_time_s"]}
                                                for k, v in runs.items()},
         "eval": json.loads(results.read_text())["aggregate"] if results.exists() else None,

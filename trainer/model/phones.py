@@ -27,8 +27,9 @@ PHONES = (
     "ey", "f", "g", "hh", "ih", "iy", "jh", "k", "l", "m", "n", "nx", "ng", "ow", "oy", "p", "r", "s", "sh",
     "t", "th", "uh", "uw", "v", "w", "y", "z", "zh",
 )
-# The voice whose lexicon and duration model the front end uses (flite's US English voices share the
-# lexicon; durations only feed `approximate_times`).
+# The voice whose lexicon and duration model the front end uses: the corpus voice. (flite's voices do not
+# all agree on phones: kal's older lexicon reads some vowels differently.) Its ~25 ms per call is why the
+# GRPO prompts take phones from the vectorized records.
 FRONT_END_VOICE = "rms"
 FLITE = "flite"
 

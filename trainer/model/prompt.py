@@ -202,13 +202,14 @@ class PromptFormat:
     def inference_prompt(
         self, target_text: str, ref_text: str | None = None, ref_codes: np.ndarray | None = None,
         language: str | None = DEFAULT_LANGUAGE, ref_language: str | None = None,
-        ref_phones: PhoneFrames | None = None,
+        ref_phones: PhoneFrames | None = None, target_phones: list[str] | None = None,
     ) -> np.ndarray:
         """Zero-shot prompt: text = reference transcript + target text, reference codes prefilled. Each
         text is normalised by its own language (`ref_language` defaults to `language`). The phone format
-        prefills the reference phone by phone (`ref_phones`: its vectorized timings, if known)."""
+        prefills the reference phone by phone (`ref_phones`: its vectorized timings, if known) and reads
+        the target's phones from `target_phones` when known (else from the front end)."""
         if self.phone_aligned:
-            return self._phone_prompt(target_text, ref_text, ref_codes, ref_phones)
+            return self._phone_prompt(target_text, ref_text, ref_codes, ref_phones, target_phones)
         text = self.clean_text(target_text, language)
         if ref_text:
             text = f"{self.clean_text(ref_text, language if ref_language is None else ref_language)} {text}"
@@ -218,11 +219,11 @@ class PromptFormat:
         return np.asarray(ids, dtype=np.int64)
 
     def _phone_prompt(self, target_text: str, ref_text: str | None, ref_codes: np.ndarray | None,
-                      ref_phones: PhoneFrames | None) -> np.ndarray:
+                      ref_phones: PhoneFrames | None, target_phones: list[str] | None) -> np.ndarray:
         """The phones of reference transcript + target text, the reference's codes phone by phone (its
         own timings, else flite's durations stretched to it: `phones.approximate_times`), then the first
         target phone; `phone_forcing` feeds the rest."""
-        target = front_end.phonemize(target_text)
+        target = target_phones or front_end.phonemize(target_text)
         ref_frames: PhoneFrames = []
         if ref_codes is not None and len(ref_codes):
             if ref_phones is None:

@@ -100,7 +100,7 @@ def build_prompts(
                     continue
                 ids = prompt_format.inference_prompt(
                     target.text, reference.text, reference.codes, target.language, reference.language,
-                    reference.phones,
+                    reference.phones, [p for p, _ in target.phones] if target.phones else None,
                 )
                 if len(ids) > max_prompt_length:
                     skipped["too_long"] += 1
