@@ -79,7 +79,7 @@ EXAMPLE_RUN := runs/example-models
 example-models: $(STAMP)  ## train the shipped example models from scratch (resumable; CPU hours)
 	$(BIN)/python example/make_dataset.py phones --out $(EXAMPLE_RUN)/corpus
 	$(BIN)/ttsctl run example/models.yaml --backend local
-	$(BIN)/python example/ship_models.py --run $(EXAMPLE_RUN) --out example/models
+	$(BIN)/python example/ship_models.py --run $(EXAMPLE_RUN) --out example/models --only speechlm
 
 bench: $(STAMP)  ## benchmarks (CPU sizes; each prints a ratio against its baseline)
 	$(BIN)/python bench/packing.py

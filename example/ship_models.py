@@ -80,12 +80,16 @@ def ship_speechlm(layout: RunLayout, out: Path, command: str = COMMAND) -> Path:
     runs = {src: run_summary(read_scalars(str(Path(layout.run_dir(src)) / "metrics.jsonl")))
             for src in ("sft", "rlhf") if (Path(layout.run_dir(src)) / "metrics.jsonl").exists()}
     results = Path(layout.output("eval")) / "results.json"
+    # Every eval of the run (the pipeline's, and any other list scored into <run>/eval-*/ by hand).
+    evals = {d.name: json.loads((d / "results.json").read_text())["aggregate"]
+             for d in sorted(Path(layout.output("eval")).parent.glob("eval-*")) if (d / "results.json").exists()}
     provenance = {
         "command": command,
         "configs": [f"example/configs/models/{src}-phones.json" for src in runs],
-        "exported_from": str(source), "runs": {k: {"steps": v["steps"], "wall_time_s": v["wall_time_s"]}
-                                               for k, v in runs.items()},
+        "exported_from": str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else str(source),
+        "runs": {k: {"steps": v["steps"], "wall_time_s": v["wall_time_s"]} for k, v in runs.items()},
         "eval": json.loads(results.read_text())["aggregate"] if results.exists() else None,
+        "other_evals": evals,
     }
     (target / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return target

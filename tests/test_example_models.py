@@ -16,22 +16,40 @@ REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "example" / "models.yaml"
 
 
-def test_the_spec_chains_codec_corpus_sft_grpo_and_eval() -> None:
+def test_the_spec_chains_phone_corpus_sft_grpo_and_eval_on_the_shipped_codec() -> None:
     plan = {run.name: run for run in build_plan(load_spec(SPEC))}
-    assert list(plan) == ["codec", "vectorize", "merge", "sft", "export-sft", "rlhf", "export-rlhf", "eval"]
-    codec = plan["codec"].config.codec
-    assert codec.model == small_codec_config()
-    assert codec.train.dataset_path == "runs/example-models/corpus/train.jsonl"
-    assert codec.train.eval_list == "runs/example-models/corpus/val.jsonl" and codec.train.resume
-    assert plan["vectorize"].config.vectorize.codec_model_path == "runs/example-models/checkpoints/codec/final"
+    assert list(plan) == ["vectorize", "merge", "sft", "export-sft", "rlhf", "export-rlhf", "eval"]
+    vectorize = plan["vectorize"].config.vectorize
+    assert vectorize.codec_model_path == "example/models/codec-small" and vectorize.phone_alignment
+    assert vectorize.dataset_path == "runs/example-models/corpus/train.jsonl"
     sft = plan["sft"].config
-    assert sft.modeling.parameters.model_name == "small"
+    assert sft.modeling.parameters.model_name == "small" and sft.modeling.parameters.prompt_format == "phones"
     assert sft.modeling.parameters.codebook_size == small_codec_config().codebook_size
     assert sft.checkpointing.resume == "auto" and plan["rlhf"].config.checkpointing.resume == "auto"
     rl = plan["rlhf"].config.rlhf_training
-    assert rl.reward_funcs == ["WERRewardFunc", "SimilarityRewardFunc"]
+    assert rl.reward_funcs == ["WERRewardFunc", "SimilarityRewardFunc"] and rl.sampling.do_sample
     assert rl.base_model_dir == "runs/example-models/export/sft"
-    assert plan["eval"].config.eval.test_list == "runs/example-models/corpus/eval_list.jsonl"
+    evaluation = plan["eval"].config.eval
+    assert evaluation.test_list == "runs/example-models/corpus/eval_list.jsonl" and not evaluation.sampling.do_sample
+
+
+def test_the_shipped_speechlm_speaks_every_phone_of_new_text() -> None:
+    """The shipped model loads with the shipped codec and, greedy, says each phone of a sentence it never
+    saw, in order, ending by itself within the phone budget (how well it sounds: bench/RESULTS.md)."""
+    from trainer.config import SamplingConfig
+    from trainer.model import phones
+    from trainer.serve.synthesize import Synthesizer
+
+    model = REPO / "example" / "models" / "speechlm-small"
+    synth = Synthesizer.load(str(model), codec_path=str(REPO / "example" / "models" / "codec-small"))
+    assert synth.vocab.prompt_format == "phones"
+    text = "The museum will be closed for repairs until June."
+    result = synth.generate(text, None, None, None, SamplingConfig(do_sample=False, max_new_tokens=1500))
+    assert result.truncated == [False]
+    fed = [i for i in result.ids[0] if i in set(synth.prompt_format.phone_ids(list(phones.PHONES)))]
+    assert fed == synth.prompt_format.phone_ids(phones.phonemize(text))[1:]
+    seconds = len(result.codes[0]) / synth.decoder.token_rate
+    assert 1.0 < seconds < 10.0 and result.wave.size == len(result.codes[0]) * 320
 
 
 def test_the_small_speechlm_fits_the_shipping_budget() -> None:
