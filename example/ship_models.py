@@ -2,8 +2,8 @@
 
     python example/ship_models.py [--run runs/example-models] [--out example/models] [--only codec]
 
-For each model: the weights as safetensors (the codec's decoder at float16, half the bytes; its
-encoder at float32, so codes are unchanged), the stage config that produced it, the command, steps,
+For each model: the weights as safetensors (the SpeechLM and the codec's decoder at float16, half the
+bytes; the codec's encoder at float32, so codes are unchanged), the stage config that produced it, the command, steps,
 wall time and the figures its run measured (`provenance.json`).
 """
 
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -77,6 +78,10 @@ def ship_speechlm(layout: RunLayout, out: Path, command: str = COMMAND) -> Path:
     for name in SPEECHLM_FILES:
         if (source / name).exists():
             shutil.copy2(source / name, target / name)
+    # float16 on disk (half the bytes; loaded as float32): the repository travels to a GPU machine whole.
+    weights = load_file(str(target / "model.safetensors"))
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items()},
+              str(target / "model.safetensors"), metadata={"format": "pt"})
     runs = {src: run_summary(read_scalars(str(Path(layout.run_dir(src)) / "metrics.jsonl")))
             for src in ("sft", "rlhf") if (Path(layout.run_dir(src)) / "metrics.jsonl").exists()}
     results = Path(layout.output("eval")) / "results.json"
