@@ -23,6 +23,8 @@ from pathlib import Path
 
 import soundfile as sf
 
+from trainer.model.phones import phone_times
+
 ROOT = Path(__file__).resolve().parent
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -298,27 +300,15 @@ def write_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, workers:
                 part = Path(tmp) / "part.flac"
                 synthesize(text, f"flite:{voice}", part, stretch, Path(tmp))
                 os.replace(part, path)  # atomic: an interrupted run leaves no half-written clip
-        info = sf.info(str(path))
-        return {"id": utt_id, "transcript": text, "language": "en", "wav_path": f"wavs/{path.name}",
-                "duration": round(info.duration, 3), "sample_rate": info.samplerate, "speaker_id": voice,
-                "split": split}
+        return _record(split, utt_id, text, path, voice)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        records = list(pool.map(run, jobs))
-    by_split: dict[str, list[dict]] = {s: [] for s in sets}
-    for record in records:
-        by_split[record.pop("split")].append(record)
-    for split, rows in by_split.items():
-        _write_atomic(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    by_split = _synthesize_splits(out, jobs, run, workers, sets)
     # Prompt: the voice's training clip nearest 4 s (long enough to carry the voice, short enough to
     # leave room for the target in the context).
     singles = [r for r in by_split["train"] if not r["id"].startswith("pair_")]
     prompts = {v: min((r for r in singles if r["speaker_id"] == v), key=lambda r: abs(r["duration"] - 4))
                for v in FLITE_VOICES}
-    eval_items = [{"id": r["id"], "prompt_wav": prompts[r["speaker_id"]]["wav_path"],
-                   "prompt_text": prompts[r["speaker_id"]]["transcript"], "target_text": r["transcript"],
-                   "target_wav": r["wav_path"], "language": "en"} for r in by_split["test"]]
-    _write_atomic(out / "eval_list.jsonl", "".join(json.dumps(e) + "\n" for e in eval_items))
+    _write_jsonl(out / "eval_list.jsonl", [_eval_item(r, prompts[r["speaker_id"]]) for r in by_split["test"]])
     vocab = {split: set().union(*(words_of(s) for s in sentences)) for split, sentences in sets.items()}
     grammar_vocab = {w for values in WORDS.values() for v in values for w in words_of(v)}
     grammar_vocab |= {plural(thing) for thing in WORDS["thing"]}  # the "{number} {things}" template
@@ -410,33 +400,19 @@ def write_phones_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, w
         if not (path.exists() and times_path.exists()):
             with tempfile.TemporaryDirectory() as tmp:
                 raw, part = Path(tmp) / "raw.wav", Path(tmp) / "part.flac"
-                done = subprocess.run(["flite", "-voice", voice, "-psdur", "-t", text, "-o", str(raw)],
-                                      check=True, capture_output=True, text=True)
-                times = [[p, float(e)] for p, _, e in (item.rpartition(":") for item in done.stdout.split())]
+                times = phone_times(text, voice=voice, wav_out=str(raw))  # the clip and its timings at once
                 subprocess.run(["sox", "-D", "-R", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(part),
                                 "gain", "-n", "-3"], check=True, capture_output=True)
                 _write_atomic(times_path, json.dumps(times))
                 os.replace(part, path)  # last: an interrupted run leaves no clip without its timings
-        info = sf.info(str(path))
-        return {"id": utt_id, "transcript": text, "language": "en", "wav_path": f"wavs/{path.name}",
-                "duration": round(info.duration, 3), "sample_rate": info.samplerate, "speaker_id": voice,
-                "phone_times": json.loads(times_path.read_text()), "split": split}
+        return _record(split, utt_id, text, path, voice, phone_times=json.loads(times_path.read_text()))
 
     jobs = [(split, i, text) for split, texts in sets.items() for i, text in enumerate(texts)]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        records = list(pool.map(run, jobs))
-    by_split: dict[str, list[dict]] = {s: [] for s in sets}
-    for record in records:
-        by_split[record.pop("split")].append(record)
-    for split, rows in by_split.items():
-        _write_atomic(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    by_split = _synthesize_splits(out, jobs, run, workers, sets)
     # Eval lists: the voice prompt is the training clip nearest 3 s (its phones are prefilled).
     prompt = min(by_split["train"], key=lambda r: abs(r["duration"] - 3))
     for split, name in (("test", "eval_list.jsonl"), ("everyday", "eval_everyday.jsonl")):
-        items = [{"id": r["id"], "prompt_wav": prompt["wav_path"], "prompt_text": prompt["transcript"],
-                  "target_text": r["transcript"], "target_wav": r["wav_path"], "language": "en"}
-                 for r in by_split[split]]
-        _write_atomic(out / name, "".join(json.dumps(e) + "\n" for e in items))
+        _write_jsonl(out / name, [_eval_item(r, prompt) for r in by_split[split]])
     vocab = {split: set().union(*(words_of(t) for t in texts)) for split, texts in sets.items()}
     summary = {
         "seed": seed, "voice": voice, "varied_share": varied,
@@ -448,6 +424,36 @@ def write_phones_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, w
     }
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
+
+
+def _record(split: str, utt_id: str, text: str, path: Path, voice: str, **extra) -> dict:
+    """A corpus manifest line for the clip at `path` (+ its split, popped when the manifests are written)."""
+    info = sf.info(str(path))
+    return {"id": utt_id, "transcript": text, "language": "en", "wav_path": f"wavs/{path.name}",
+            "duration": round(info.duration, 3), "sample_rate": info.samplerate, "speaker_id": voice, **extra,
+            "split": split}
+
+
+def _synthesize_splits(out: Path, jobs: list, run, workers: int, splits) -> dict[str, list[dict]]:
+    """`run` over `jobs` in threads; each split's records written to <out>/<split>.jsonl and returned."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        records = list(pool.map(run, jobs))
+    by_split: dict[str, list[dict]] = {s: [] for s in splits}
+    for record in records:
+        by_split[record.pop("split")].append(record)
+    for split, rows in by_split.items():
+        _write_jsonl(out / f"{split}.jsonl", rows)
+    return by_split
+
+
+def _eval_item(target: dict, prompt: dict) -> dict:
+    """An eval-list line: `target`'s text cloned from the voice prompt `prompt` (both manifest records)."""
+    return {"id": target["id"], "prompt_wav": prompt["wav_path"], "prompt_text": prompt["transcript"],
+            "target_text": target["transcript"], "target_wav": target["wav_path"], "language": "en"}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -25,7 +25,16 @@ from trainer.config import DatasetConfig
 from trainer.data.filters import check_sample
 from trainer.data.mixing import epoch_picks
 from trainer.data.packing import PackingStats, pack_rows, packing_stats, single_rows
-from trainer.data.shards import DATASET_INFO, bounds_of, open_codes, read_index, read_jsonl, shard_files, shard_ids
+from trainer.data.shards import (
+    DATASET_INFO,
+    bounds_of,
+    open_codes,
+    read_index,
+    read_jsonl,
+    record_phones,
+    shard_files,
+    shard_ids,
+)
 from trainer.errors import ConfigError, StageError
 from trainer.model.prompt import DEFAULT_LANGUAGE, IGNORE_INDEX, PromptFormat
 
@@ -71,7 +80,7 @@ class VectorizedSplit:
             # Each transcript is normalised by its own sample's language (the seed's rule).
             languages.extend(str(r.get("language") or DEFAULT_LANGUAGE) for r in records)
             # [phone, frames] pairs, written by vectorize.phone_alignment (the phones prompt format).
-            phones.extend([(str(p), int(n)) for p, n in r["phones"]] if r.get("phones") else None for r in records)
+            phones.extend(record_phones(r) for r in records)
             for record in records if dataset_filter is not None else ():
                 rejection = check_sample(record, dataset_filter)
                 rejected.append(rejection is not None)

@@ -68,6 +68,11 @@ def shard_ids(dataset_url: str, split: str) -> list[int]:
     return sorted(int(m.group(1)) for name in io.listdir(dataset_url) if (m := pattern.match(name)))
 
 
+def record_phones(record: dict[str, Any]) -> list[tuple[str, int]] | None:
+    """A sample record's (phone, codec frames) list (written by vectorize.phone_alignment), or None."""
+    return [(str(p), int(n)) for p, n in record["phones"]] if record.get("phones") else None
+
+
 # ------------------------------------------------------------------------------------------ writing
 def npy_bytes(array: np.ndarray) -> bytes:
     buf = _stdio.BytesIO()

@@ -2,7 +2,7 @@
 
 The model samples codes and end-of-phone; the phones are given. After each end-of-phone the next phone
 of the prompt's phone list is forced (after the last one, speech-end), and a phone that runs past
-`max_phone_frames` codes is ended. Everything is read from the row's own ids (the phone list sits
+MAX_PHONE_SECONDS of codes is ended. Everything is read from the row's own ids (the phone list sits
 between BOS and speech-start, and the k-th end-of-phone ends its k-th phone), so the processor has no
 state: it works inside stock `generate` with its KV cache and batching, for inference, the GRPO
 rollouts (TRL calls `generate`) and the guard rails alike.
@@ -22,12 +22,13 @@ MAX_PHONE_SECONDS = 1.5
 
 
 class PhoneForcing(LogitsProcessor):
-    def __init__(self, vocab: AudioVocab, max_phone_frames: int):
+    def __init__(self, vocab: AudioVocab, frame_rate: float):
+        """`frame_rate`: the codec's codes per second."""
         if not vocab.end_of_phone:
             raise ValueError(f"prompt format {vocab.prompt_format!r} is not phone-aligned")
         self.vocab = vocab
-        self.max_phone_frames = max_phone_frames
-        self.phone_ids = torch.tensor([vocab.special_tokens[front_end.phone_token(p)] for p in front_end.PHONES])
+        self.max_phone_frames = round(MAX_PHONE_SECONDS * frame_rate)
+        self.phone_ids = torch.tensor(front_end.token_ids(vocab.special_tokens))
 
     def is_phone(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.isin(ids, self.phone_ids.to(ids.device))

@@ -38,6 +38,11 @@ def phone_token(phone: str) -> str:
     return f"<|ph_{phone}|>"
 
 
+def token_ids(special_tokens: dict[str, int], phones: Sequence[str] = PHONES) -> list[int]:
+    """The vocabulary ids of `phones` (a phone-aligned vocabulary's special tokens)."""
+    return [special_tokens[phone_token(p)] for p in phones]
+
+
 PhoneTimes = list[tuple[str, float]]  # (phone, end time in seconds), in order
 
 

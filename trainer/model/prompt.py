@@ -122,6 +122,7 @@ class PromptFormat:
         self._piece_cache: dict[str, list[int]] = {}
         # Codec frames per second: the phone format aligns a voice prompt's codes to its phones.
         self.frame_rate = frame_rate
+        self._all_phone_ids = np.asarray(self.phone_ids(list(front_end.PHONES))) if self.phone_aligned else None
 
     def _piece(self, piece: str) -> list[int]:
         if piece in self.vocab.special_tokens:
@@ -135,7 +136,7 @@ class PromptFormat:
         return bool(self.spec.end_of_phone)
 
     def phone_ids(self, phones: list[str]) -> list[int]:
-        return [self.vocab.special_tokens[front_end.phone_token(p)] for p in phones]
+        return front_end.token_ids(self.vocab.special_tokens, phones)
 
     def clean_text(self, text: str, language: str | None = DEFAULT_LANGUAGE) -> str:
         """The text the model reads: normalised by the sample's language, or verbatim (as the reference's
@@ -190,7 +191,7 @@ class PromptFormat:
             input_ids = np.asarray([*prefix, *self.phone_body(phones, codes), self.vocab.speech_end_id], np.int64)
             labels = input_ids.copy()
             labels[: len(prefix)] = IGNORE_INDEX
-            labels[np.isin(input_ids, self.phone_ids(list(front_end.PHONES)))] = IGNORE_INDEX
+            labels[np.isin(input_ids, self._all_phone_ids)] = IGNORE_INDEX
             return TrainingExample(input_ids, labels)
         prefix = self.prefix_ids(text, language)
         speech = [*self.vocab.code_ids(codes).tolist(), self.vocab.speech_end_id]

@@ -45,7 +45,7 @@ from trainer.config import RlhfConfig, TrainerConfig, section_flags
 from trainer.errors import ConfigError, StageError
 from trainer.model.build import load_speechlm, save_speechlm
 from trainer.model.lora import peft_config
-from trainer.model.phone_forcing import MAX_PHONE_SECONDS, PhoneForcing
+from trainer.model.phone_forcing import PhoneForcing
 from trainer.model.prompt import PromptFormat
 from trainer.model.vocab import AudioVocab
 from trainer.rl import rollout
@@ -398,8 +398,7 @@ def run(config: TrainerConfig) -> int:
         config.dataset, t.seed, vllm_server=rl.use_vllm,
     )
     rewards, guard_scorer, completions = _rewards(config, codec, vocab, run, device)
-    forcing = (PhoneForcing(vocab, round(MAX_PHONE_SECONDS * codec.token_rate)) if prompt_format.phone_aligned
-               else None)
+    forcing = PhoneForcing(vocab, codec.token_rate) if prompt_format.phone_aligned else None
     if forcing is not None:
         rollout.force_phones(model, forcing)
 

@@ -16,7 +16,7 @@ import numpy as np
 from trainer.config import DatasetConfig
 from trainer.data.filters import check_sample
 from trainer.data.mixing import epoch_picks
-from trainer.data.shards import read_shard, shard_ids
+from trainer.data.shards import read_shard, record_phones, shard_ids
 from trainer.errors import ConfigError, StageError
 from trainer.model.prompt import PromptFormat
 from trainer.rl.rollout import server_prompt_text
@@ -64,9 +64,8 @@ def _read_shards(
             if rejection:
                 rejected[rejection.reason] = rejected.get(rejection.reason, 0) + 1
                 continue
-            phones = [(str(p), int(n)) for p, n in r["phones"]] if r.get("phones") else None
             group.append(_Sample(f"{name}#{k}", str(r.get("transcript", "")), str(r.get("language", "en")),
-                                 data.sample(k), phones))
+                                 data.sample(k), record_phones(r)))
         groups.append(group)
     return groups
 

@@ -26,7 +26,7 @@ from trainer.codec import Codec
 from trainer.config import SamplingConfig
 from trainer.errors import ConfigError
 from trainer.model.build import load_speechlm
-from trainer.model.phone_forcing import MAX_PHONE_SECONDS, PhoneForcing
+from trainer.model.phone_forcing import PhoneForcing
 from trainer.model.prompt import DEFAULT_LANGUAGE, PromptFormat
 from trainer.serve import layout
 
@@ -102,8 +102,7 @@ class Synthesizer:
         self.prompt_format = PromptFormat(tokenizer, vocab, normalize_text, frame_rate=float(decoder.token_rate))
         self.encoder = encoder
         self.decoder = decoder
-        self._forcing = (PhoneForcing(vocab, round(MAX_PHONE_SECONDS * decoder.token_rate))
-                         if self.prompt_format.phone_aligned else None)
+        self._forcing = PhoneForcing(vocab, decoder.token_rate) if self.prompt_format.phone_aligned else None
         self.model_dir = model_dir
         self.max_chunk_chars = max_chunk_chars
         self.max_text_chars = max_text_chars
