@@ -7,7 +7,7 @@ PIP := $(BIN)/pip
 CONSTRAINTS := constraints/cpu-dev.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test test-k8s test-vllm test-slow test-latest lint demo example-models bench manifests clean
+.PHONY: help install test test-k8s test-vllm test-slow test-latest lint demo demo-scratch example-models bench manifests clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-15s %s\n", $$1, $$2}'
@@ -76,7 +76,10 @@ test-latest: $(EXAMPLE_WAVS)  ## the transformers/trl/peft tests against the new
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check .
 
-demo: $(STAMP) $(EXAMPLE_WAVS)  ## the main job: the whole recipe on the local backend, CPU, example data
+demo: $(STAMP) $(EXAMPLE_WAVS)  ## the main job: the recipe on the local backend, CPU, from the shipped models
+	$(BIN)/ttsctl run example/demo.yaml --backend local
+
+demo-scratch: $(STAMP) $(EXAMPLE_WAVS)  ## the whole recipe from scratch (codec included) at toy size, CPU
 	$(BIN)/ttsctl run example/pipeline.yaml --backend local
 
 # The shipped example SpeechLM from scratch: the phone-aligned corpus (~5 min), vectorize with the shipped

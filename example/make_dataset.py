@@ -5,8 +5,10 @@ or the phone-aligned corpus of the shipped SpeechLM: `python example/make_datase
 Real synthetic speech from Debian's `flite` (four distinct voices: rms, kal16, awb, slt; pocketsphinx
 understands them, so WER and speaker-similarity rewards carry signal) and `espeak-ng` (more voices
 and speaking rates), converted by `sox` to 16 kHz mono 16-bit FLAC. Writes `example/wavs/*.flac` and
-`example/configs/samples.jsonl` in the seed manifest format (wav paths relative to the manifest),
-and `example/configs/eval_list.jsonl` (held-out sentences spoken in a reference voice).
+`example/configs/samples.jsonl` in the seed manifest format (wav paths relative to the manifest): the
+from-scratch pipeline's data (example/pipeline.yaml); and the demo's (example/demo.yaml), in the shipped
+SpeechLM's voice with phone timings: `example/speech/*.flac`, `example/configs/speech.jsonl` and
+`example/configs/eval_list.jsonl` (held-out sentences cloned from a clip of that voice).
 Needs: apt-get install -y flite espeak-ng sox libsox-fmt-all
 """
 
@@ -88,7 +90,8 @@ SENTENCES = [
     "The storm knocked down two trees on our street.",
     "The song reminded her of a summer long ago.",
 ]
-# Spoken only in the eval list: the model never trains on these texts.
+# Never drawn by a corpus (the toy demo's former eval sentences: kept out so that every corpus, the
+# shipped model's included, draws the sentences it always drew).
 HELD_OUT = [
     "The bright moon rose over the silent hills.",
     "Please close the gate when you leave the farm.",
@@ -159,33 +162,12 @@ def write_example() -> None:
             })
     manifest = ROOT / "configs" / "samples.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
-    # Eval list: each held-out sentence cloned from a flite reference clip; the same voice speaking
-    # the target text is the ground-truth row the eval report scores alongside the model.
-    refs = [r for r in records if r["speaker_id"] in FLITE_VOICES and r["duration"] < 6.0]
-    eval_items = []
-    with tempfile.TemporaryDirectory() as tmp_name:
-        for k, text in enumerate(HELD_OUT):
-            voice = FLITE_VOICES[k % 4]
-            ref = next(r for r in refs if r["speaker_id"] == voice)
-            target = f"eval_{k:02d}.flac"
-            synthesize(text, f"flite:{voice}", wav_dir / target, 1.0, Path(tmp_name))
-            eval_items.append({
-                "id": f"eval_{k:02d}",
-                "prompt_wav": ref["wav_path"],
-                "prompt_text": ref["transcript"],
-                "target_text": text,
-                "target_wav": f"../wavs/{target}",
-                "language": "en",
-            })
-    (ROOT / "configs" / "eval_list.jsonl").write_text("".join(json.dumps(e) + "\n" for e in eval_items))
     total = sum(r["duration"] for r in records)
     print(f"wrote {len(records)} utterances, {total / 60:.1f} min of speech, to {wav_dir}")
 
 
 # The corpus grammar: a fixed vocabulary of common words that pocketsphinx knows, so held-out
-# sentences can be judged by ASR while every test word has been heard in training. It also holds every
-# word of the example's HELD_OUT sentences (never the sentences): `make demo` fine-tunes the models
-# trained on this corpus and is judged on those sentences (example/configs/eval_list.jsonl).
+# sentences can be judged by ASR while every test word has been heard in training.
 WORDS = {
     "adj": ["old", "young", "small", "big", "quiet", "bright", "dark", "warm", "cold", "green", "red",
             "blue", "happy", "tired", "busy", "empty", "heavy", "light", "clean", "strong", "gentle", "brown",
@@ -313,7 +295,6 @@ def write_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, workers:
     grammar_vocab = {w for values in WORDS.values() for v in values for w in words_of(v)}
     grammar_vocab |= {plural(thing) for thing in WORDS["thing"]}  # the "{number} {things}" template
     grammar_vocab |= {w for t in TEMPLATES for w in words_of(t) if "{" not in w}
-    demo_words = set().union(*(words_of(sentence) for sentence in HELD_OUT))
     summary = {
         "seed": seed,
         "utterances": {split: len(rows) for split, rows in by_split.items()},
@@ -325,9 +306,6 @@ def write_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, workers:
         "test_words_seen_in_train": len(vocab["test"] & vocab["train"]) / max(1, len(vocab["test"])),
         "val_words_seen_in_train": len(vocab["val"] & vocab["train"]) / max(1, len(vocab["val"])),
         "sentence_overlap_train_heldout": len(set(sets["train"]) & (set(sets["val"]) | set(sets["test"]))),
-        # The demo's eval sentences (example/configs/eval_list.jsonl): their words, never themselves.
-        "demo_eval_words_seen_in_train": len(demo_words & vocab["train"]) / len(demo_words),
-        "demo_eval_sentences_in_train": len(set(HELD_OUT) & set(sets["train"])),
     }
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
@@ -374,38 +352,60 @@ def varied_sentence(rng: random.Random, words: list[str]) -> str:
     return text[0].upper() + text[1:] + rng.choice([".", ".", ".", "?", "!"])
 
 
-def write_phones_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, workers: int, voice: str,
-                        varied: float, vocabulary: int) -> None:
-    """The phone-aligned corpus: one flite voice, untrimmed (flite's phone end times then match the clip
-    within ~30 ms and are written to each line's "phone_times"), peak -3 dBFS, 16 kHz. Training text is a
-    `varied` share of frequent-word sentences (open vocabulary) and grammar sentences; val and test are
-    grammar sentences never in training; `everyday.jsonl` holds EVERYDAY, outside any corpus."""
+# The shipped SpeechLM's corpus (`phones` defaults): the demo's eval list is its held-out test split.
+PHONES_CORPUS = {"n": 9000, "n_val": 100, "n_test": 40, "seed": 0, "varied": 0.5, "vocabulary": 8000}
+
+
+def phone_sentence_sets(n: int, n_val: int, n_test: int, seed: int, varied: float, vocabulary: int
+                        ) -> dict[str, list[str]]:
+    """The phone corpus' sentences: training text is a `varied` share of frequent-word sentences (open
+    vocabulary) and grammar sentences; val and test are grammar sentences never in training; `everyday`
+    is EVERYDAY, outside any corpus."""
     rng = random.Random(seed)
     sets = corpus_sentences(n, n_val, n_test, seed)
     words = frequent_words(vocabulary)
-    held = set(sets["val"]) | set(sets["test"]) | set(EVERYDAY) | set(HELD_OUT)
+    held = held_sentences(sets)
     train = []
     for grammar in sets["train"]:
         sentence = varied_sentence(rng, words) if rng.random() < varied else grammar
         if sentence not in held:
             train.append(sentence)
-    sets = {"train": train, "val": sets["val"], "test": sets["test"], "everyday": EVERYDAY}
+    return {"train": train, "val": sets["val"], "test": sets["test"], "everyday": EVERYDAY}
+
+
+def held_sentences(sets: dict[str, list[str]]) -> set[str]:
+    """What no training set may hold: `sets`' val and test, EVERYDAY and HELD_OUT."""
+    return set(sets["val"]) | set(sets["test"]) | set(EVERYDAY) | set(HELD_OUT)
+
+
+def phone_clip(wav_dir: Path, utt_id: str, text: str, voice: str) -> tuple[Path, list]:
+    """<wav_dir>/<utt_id>.flac spoken by flite `voice`, untrimmed (flite's phone end times then match the
+    clip within ~30 ms), peak -3 dBFS, 16 kHz, and its phone timings (<utt_id>.phones.json). Reused when
+    both exist."""
+    path, times_path = wav_dir / f"{utt_id}.flac", wav_dir / f"{utt_id}.phones.json"
+    if not (path.exists() and times_path.exists()):
+        with tempfile.TemporaryDirectory() as tmp:
+            raw, part = Path(tmp) / "raw.wav", Path(tmp) / "part.flac"
+            times = phone_times(text, voice=voice, wav_out=str(raw))  # the clip and its timings at once
+            subprocess.run(["sox", "-D", "-R", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(part),
+                            "gain", "-n", "-3"], check=True, capture_output=True)
+            _write_atomic(times_path, json.dumps(times))
+            os.replace(part, path)  # last: an interrupted run leaves no clip without its timings
+    return path, json.loads(times_path.read_text())
+
+
+def write_phones_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, workers: int, voice: str,
+                        varied: float, vocabulary: int) -> None:
+    """The phone-aligned corpus (`phone_sentence_sets`, clips by `phone_clip`, each line with its
+    "phone_times") and eval lists cloning the held-out sets from a training clip."""
+    sets = phone_sentence_sets(n, n_val, n_test, seed, varied, vocabulary)
     wav_dir = out / "wavs"
     wav_dir.mkdir(parents=True, exist_ok=True)
 
     def run(job: tuple[str, int, str]) -> dict:
         split, i, text = job
-        utt_id = f"{split}_{i:05d}"
-        path, times_path = wav_dir / f"{utt_id}.flac", wav_dir / f"{utt_id}.phones.json"
-        if not (path.exists() and times_path.exists()):
-            with tempfile.TemporaryDirectory() as tmp:
-                raw, part = Path(tmp) / "raw.wav", Path(tmp) / "part.flac"
-                times = phone_times(text, voice=voice, wav_out=str(raw))  # the clip and its timings at once
-                subprocess.run(["sox", "-D", "-R", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(part),
-                                "gain", "-n", "-3"], check=True, capture_output=True)
-                _write_atomic(times_path, json.dumps(times))
-                os.replace(part, path)  # last: an interrupted run leaves no clip without its timings
-        return _record(split, utt_id, text, path, voice, phone_times=json.loads(times_path.read_text()))
+        path, times = phone_clip(wav_dir, f"{split}_{i:05d}", text, voice)
+        return _record(split, path.stem, text, path, voice, phone_times=times)
 
     jobs = [(split, i, text) for split, texts in sets.items() for i, text in enumerate(texts)]
     by_split = _synthesize_splits(out, jobs, run, workers, sets)
@@ -420,10 +420,49 @@ def write_phones_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, w
         "hours": {split: round(sum(r["duration"] for r in rows) / 3600, 3) for split, rows in by_split.items()},
         "train_vocabulary_size": len(vocab["train"]),
         "everyday_words_seen_in_train": round(len(vocab["everyday"] & vocab["train"]) / len(vocab["everyday"]), 3),
-        "heldout_sentences_in_train": len(set(train) & held),
+        "heldout_sentences_in_train": len(set(sets["train"]) & held_sentences(sets)),
     }
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
+
+
+def write_demo_speech(n: int = 160, voice: str = "rms", seed: int = 1) -> None:
+    """The demo's data (`make demo` fine-tunes the shipped SpeechLM on it): `n` clips in the shipped
+    model's voice and phone-aligned format (example/speech/, example/configs/speech.jsonl with phone
+    timings), new sentences drawn as its corpus draws them; and example/configs/eval_list.jsonl: the
+    shipped corpus' held-out test sentences (never in its training nor in these clips), cloned from a
+    clip of this set, with flite's rendering of each as the ground truth."""
+    shipped = phone_sentence_sets(**PHONES_CORPUS)
+    held = held_sentences(shipped)
+    rng, words = random.Random(seed), frequent_words(PHONES_CORPUS["vocabulary"])
+    texts: list[str] = []
+    while len(texts) < n:
+        sentence = varied_sentence(rng, words) if len(texts) % 2 else grammar_sentence(rng)
+        if sentence not in held and sentence not in texts:
+            texts.append(sentence)
+    wav_dir = ROOT / "speech"
+    wav_dir.mkdir(exist_ok=True)
+    for stale in wav_dir.iterdir():
+        stale.unlink()
+
+    def run(job: tuple[str, int, str]) -> dict:
+        split, i, text = job
+        path, times = phone_clip(wav_dir, f"{split}_{i:03d}", text, voice)
+        record = _record(split, path.stem, text, path, voice, phone_times=times)
+        record["wav_path"] = f"../speech/{path.name}"  # manifests live in example/configs
+        return record
+
+    jobs = [("train", i, t) for i, t in enumerate(texts)] + [("eval", i, t) for i, t in enumerate(shipped["test"])]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        records = list(pool.map(run, jobs))
+    train = [r for r in records if r.pop("split") == "train"]
+    targets = records[len(train):]
+    _write_jsonl(ROOT / "configs" / "speech.jsonl", train)
+    prompt = min(train, key=lambda r: abs(r["duration"] - 3))
+    _write_jsonl(ROOT / "configs" / "eval_list.jsonl", [_eval_item(r, prompt) for r in targets])
+    total = sum(r["duration"] for r in train)
+    print(f"wrote {len(train)} utterances, {total / 60:.1f} min of {voice} speech, and {len(targets)} eval "
+          f"items to {wav_dir}")
 
 
 def _record(split: str, utt_id: str, text: str, path: Path, voice: str, **extra) -> dict:
@@ -492,6 +531,7 @@ def main(argv: list[str] | None = None) -> None:
         write_corpus(args.out, args.n, args.n_val, args.n_test, args.seed, args.workers, args.n_pairs)
     else:
         write_example()
+        write_demo_speech()
 
 
 if __name__ == "__main__":

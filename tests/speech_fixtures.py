@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from trainer.audio import read_audio
 from trainer.codec import Codec, tiny_codec_config
@@ -33,8 +34,16 @@ def make_codec(directory: Path, sample_rate: int = 16000) -> Path:
     return directory
 
 
-def make_model(directory: Path, codec_dir: Path | None = None, seed: int = 0, prompt_format: str = "inworld") -> Path:
+def make_model(directory: Path, codec_dir: Path | None = None, seed: int = 0, prompt_format: str = "inworld",
+               varied: bool = False) -> Path:
+    """A tiny SpeechLM; `varied`: weights ~ N(0, 0.3), so its greedy output varies (a fresh init repeats
+    one token) with wide logit margins (decoders on other numeric paths pick the same tokens)."""
     model, tokenizer, vocab = build_speechlm("tiny", codebook_size=256, prompt_format=prompt_format, seed=seed)
+    if varied:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
     save_speechlm(model, tokenizer, vocab, directory)
     if codec_dir is not None:
         write_codec_reference(str(directory), str(codec_dir))

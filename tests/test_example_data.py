@@ -33,17 +33,29 @@ def test_manifest_resolves_to_real_speech_files() -> None:
     assert total_bytes <= 15 * 2**20
 
 
-def test_eval_list_prompts_and_targets_exist() -> None:
+def test_demo_speech_is_phone_aligned_in_one_voice_and_the_eval_list_is_held_out() -> None:
+    """The demo's data (example/demo.yaml) is what the shipped SpeechLM knows: its voice, phone timings
+    that end where the clip ends; its eval prompts are clips of that set, its targets never trained on."""
+    manifest = str(CONFIGS / "speech.jsonl")
+    records = []
+    for line_no, record in read_manifest(manifest):
+        assert not isinstance(record, LineError), f"line {line_no}: {record}"
+        info = sf.info(resolve_wav_path(manifest, record["wav_path"]))
+        assert abs(info.duration - record["duration"]) < 0.01 and info.samplerate == 16000
+        ends = [end for _, end in record["phone_times"]]
+        assert ends == sorted(ends) and abs(ends[-1] - info.duration) < 0.05
+        records.append(record)
+    assert len(records) >= 100 and {r["speaker_id"] for r in records} == {"rms"}
     eval_list = CONFIGS / "eval_list.jsonl"
     items = [json.loads(line) for line in eval_list.read_text().splitlines()]
-    train_texts = {json.loads(line)["transcript"] for line in (CONFIGS / "samples.jsonl").read_text().splitlines()}
-    assert items
+    train_texts = {r["transcript"] for r in records}
+    shipped = _load_make_dataset().phone_sentence_sets(**_load_make_dataset().PHONES_CORPUS)
+    assert [item["target_text"] for item in items] == shipped["test"]  # the shipped model's held-out figure
     for item in items:
         for key in ("prompt_wav", "target_wav"):
             assert Path(resolve_wav_path(str(eval_list), item[key])).is_file()
         assert item["prompt_text"] in train_texts
-        # Held-out: the target sentence is never a training transcript (nor part of one).
-        assert not any(item["target_text"] in t for t in train_texts)
+        assert item["target_text"] not in train_texts and item["target_text"] not in shipped["train"]
 
 
 def _load_make_dataset():
@@ -65,43 +77,3 @@ def test_corpus_sentence_sets_are_disjoint_deterministic_and_test_words_are_trai
     assert len(train) == 3000 and not (train & val) and not (train & test) and not (val & test)
     train_vocab = set().union(*(make_dataset.words_of(s) for s in train))
     assert all(make_dataset.words_of(s) <= train_vocab for s in test)
-
-
-def test_the_default_corpus_trains_every_word_of_the_demo_eval_but_none_of_its_sentences() -> None:
-    """`make demo` fine-tunes the models trained on the corpus and is judged on example/configs/
-    eval_list.jsonl: its sentences are held out of the corpus, their words are not (each heard often)."""
-    make_dataset = _load_make_dataset()
-    train = make_dataset.corpus_sentences(3000, 100, 100, seed=0)["train"]
-    targets = [json.loads(line)["target_text"] for line in (CONFIGS / "eval_list.jsonl").read_text().splitlines()]
-    assert sorted(targets) == sorted(make_dataset.HELD_OUT)
-    counts = Counter(w for sentence in train for w in make_dataset.words_of(sentence))
-    demo_words = set().union(*(make_dataset.words_of(t) for t in targets))
-    assert min(counts[w] for w in demo_words) >= 20, {w: counts[w] for w in demo_words}
-    assert not set(targets) & set(train)
-
-
-def test_corpus_mode_writes_manifests_audio_eval_list_and_summary(tmp_path: Path) -> None:
-    make_dataset = _load_make_dataset()
-    make_dataset.main(["corpus", "--out", str(tmp_path), "--n", "8", "--n_val", "2", "--n_test", "2",
-                       "--n_pairs", "2", "--workers", "2"])
-    for split, count in (("train", 10), ("val", 2), ("test", 2)):
-        rows = [r for _, r in read_manifest(str(tmp_path / f"{split}.jsonl"))]
-        assert len(rows) == count and not any(isinstance(r, LineError) for r in rows)
-        for row in rows:
-            info = sf.info(resolve_wav_path(str(tmp_path / f"{split}.jsonl"), row["wav_path"]))
-            assert abs(info.duration - row["duration"]) < 0.01 and info.samplerate == 16000
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["utterances"] == {"train": 10, "val": 2, "test": 2}
-    assert summary["two_sentence_training_utterances"] == 2
-    # A pair is two training sentences in one voice, longer than either sentence alone.
-    train = {r["id"]: r for _, r in read_manifest(str(tmp_path / "train.jsonl"))}
-    singles = {r["transcript"]: r for r in train.values() if not r["id"].startswith("pair_")}
-    for pair in (train["pair_00000"], train["pair_00001"]):
-        first, second = pair["transcript"].split(". ")
-        assert f"{first}." in singles and second in singles
-        assert pair["duration"] > max(singles[f"{first}."]["duration"], singles[second]["duration"])
-    assert summary["test_words_seen_in_train"] == 1.0 and summary["sentence_overlap_train_heldout"] == 0
-    assert summary["demo_eval_sentences_in_train"] == 0 and 0 < summary["demo_eval_words_seen_in_train"] <= 1
-    items = [json.loads(line) for line in (tmp_path / "eval_list.jsonl").read_text().splitlines()]
-    test_rows = [r for _, r in read_manifest(str(tmp_path / "test.jsonl"))]
-    assert [i["target_text"] for i in items] == [r["transcript"] for r in test_rows]

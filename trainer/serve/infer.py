@@ -4,7 +4,8 @@
         --prompt_transcription "What the prompt says." --text "Hello there." --output_path out.wav
 
 The codec comes from --audio_encoder_path / --audio_decoder_path, or from the serving directory's
-codec reference. HF `generate` with a KV cache by default; `--use_vllm` generates with vLLM.
+codec reference. HF `generate` with a KV cache by default; `--use_vllm` generates on vLLM's server,
+started on 127.0.0.1 for the run from `--vllm_python` (an environment with vLLM; default $TTS_VLLM_PYTHON).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 FLAGS = {
     **section_flags("infer", "model_checkpoint_path", "audio_encoder_path", "audio_decoder_path", "prompt_wav_path",
-                    "prompt_transcription", "text", "language", "output_path", "use_vllm"),
+                    "prompt_transcription", "text", "language", "output_path", "use_vllm", "vllm_python"),
     **section_flags("infer.sampling", "seed", "temperature", "top_p", "top_k", "repetition_penalty",
                     "max_new_tokens"),
 }
@@ -52,15 +53,17 @@ def run(config: TrainerConfig) -> int:
     check_inputs(text, None if prompt is None else prompt.samples, cfg.prompt_transcription, cfg.max_text_chars)
     synth = Synthesizer.load(
         cfg.model_checkpoint_path, encoder_path=cfg.audio_encoder_path, decoder_path=cfg.audio_decoder_path,
-        use_vllm=cfg.use_vllm, normalize_text=config.modeling.parameters.enable_text_normalization,
+        use_vllm=cfg.use_vllm, vllm_python=cfg.vllm_python,
+        normalize_text=config.modeling.parameters.enable_text_normalization,
         max_chunk_chars=cfg.max_chunk_chars, max_text_chars=cfg.max_text_chars,
     )
-    start = time.perf_counter()
-    result = synth.generate(
-        text, None if prompt is None else prompt.samples, None if prompt is None else prompt.sample_rate,
-        cfg.prompt_transcription, cfg.sampling, language=cfg.language,
-    )
-    elapsed = time.perf_counter() - start
+    with synth:  # stops the vLLM server (--use_vllm), also when generation fails
+        start = time.perf_counter()
+        result = synth.generate(
+            text, None if prompt is None else prompt.samples, None if prompt is None else prompt.sample_rate,
+            cfg.prompt_transcription, cfg.sampling, language=cfg.language,
+        )
+        elapsed = time.perf_counter() - start
     write_wav(cfg.output_path, result.wave, result.sample_rate)
     seconds = result.wave.size / result.sample_rate
     log.info(

@@ -4,7 +4,8 @@
     wave, sample_rate = synth.synthesize("Hello there.", prompt_wave, 16000, "What the prompt says.")
 
 The prompt audio is encoded once; the text is split at sentence boundaries into chunks, and every chunk
-is generated from the same voice prompt (all chunks in one batch, KV cache on; or vLLM). Each chunk's
+is generated from the same voice prompt (all chunks in one batch, KV cache on; or on a vLLM server
+started for the run, `use_vllm`). Each chunk's
 codes are decoded together with the prompt codes so the decoder hears the voice it continues, and the
 prompt part is trimmed (Codec.decode(codes, prompt_codes=...)). Generation may only emit audio tokens
 and speech-end, so everything generated decodes.
@@ -16,6 +17,7 @@ import logging
 import re
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,9 +28,10 @@ from trainer.codec import Codec
 from trainer.config import SamplingConfig
 from trainer.errors import ConfigError
 from trainer.model.build import load_speechlm
-from trainer.model.phone_forcing import PhoneForcing
+from trainer.model.phone_forcing import PhoneForcing, forced_completions
 from trainer.model.prompt import DEFAULT_LANGUAGE, PromptFormat
 from trainer.serve import layout
+from trainer.serve.vllm_server import ServerCompleter, VllmServer, complete_ids, free_port, vllm_python
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,8 @@ class Synthesis:
 
 class Synthesizer:
     def __init__(self, model, tokenizer, vocab, encoder, decoder, model_dir: str, use_vllm: bool = False,
-                 normalize_text: bool = True, max_chunk_chars: int = 300, max_text_chars: int = 5000):
+                 vllm_python: str | None = None, normalize_text: bool = True, max_chunk_chars: int = 300,
+                 max_text_chars: int = 5000):
         self.model = model
         self.vocab = vocab
         self.prompt_format = PromptFormat(tokenizer, vocab, normalize_text, frame_rate=float(decoder.token_rate))
@@ -106,13 +110,22 @@ class Synthesizer:
         self.model_dir = model_dir
         self.max_chunk_chars = max_chunk_chars
         self.max_text_chars = max_text_chars
-        if use_vllm and self._forcing:
-            raise ConfigError("--use_vllm does not run the phones prompt format in-process (phone forcing is a "
-                              "logits processor of HF generate); drop --use_vllm")
-        self._vllm = self._start_vllm(model_dir) if use_vllm else None
         vocab_rows = model.get_input_embeddings().weight.shape[0]
         allowed = set(vocab.completion_ids())
         self._suppress = [i for i in range(vocab_rows) if i not in allowed]
+        self._vllm = self._start_vllm(vllm_python) if use_vllm else None
+
+    def close(self) -> None:
+        """Stop the vLLM server (--use_vllm); the HF path holds nothing to release."""
+        if self._vllm is not None:
+            self._vllm.stop()
+            self._vllm = None
+
+    def __enter__(self) -> Synthesizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @classmethod
     def load(cls, model_dir: str, codec_path: str | None = None, encoder_path: str | None = None,
@@ -201,39 +214,25 @@ class Synthesizer:
         )
         return [row[width:].tolist() for row in out.cpu()]
 
-    @staticmethod
-    def _start_vllm(model_dir: str):
-        try:
-            # lazy: vLLM only with --use_vllm (its own environment)
-            from vllm import LLM
-        except ImportError as err:
-            raise ConfigError(
-                f"--use_vllm needs vLLM, which is not installed ({err}); install the rollout extra "
-                "(pip install 'speechlm-tts-trainer[rollout]', vllm==0.10.1.1 on CUDA) or drop --use_vllm"
-            ) from None
-        local = io.download_dir(model_dir, tempfile.mkdtemp(prefix="vllm-model-"))
-        return LLM(model=str(local), skip_tokenizer_init=True)
+    def _start_vllm(self, python: str | None) -> VllmServer:
+        """vLLM's OpenAI-compatible server for this model on 127.0.0.1, as the rollout Deployment runs it."""
+        python = vllm_python(python)
+        local = io.download_dir(self.model_dir, tempfile.mkdtemp(prefix="vllm-model-"))
+        log_path = Path(tempfile.mkdtemp(prefix="vllm-log-")) / "vllm.log"
+        log.info("starting vLLM's server for %s (log: %s)", self.model_dir, log_path)
+        # float32 as the HF path on CPU, so greedy decoding gives the same tokens.
+        dtype = "bfloat16" if next(self.model.parameters()).is_cuda else "float32"
+        return VllmServer(python, str(local), free_port(), max_model_len=self.model.config.max_position_embeddings,
+                          dtype=dtype, log_path=log_path).start()
 
     def _generate_vllm(self, prompts: list[np.ndarray], sampling: SamplingConfig, min_tokens: int
                        ) -> list[list[int]]:
-        # lazy: vLLM only with --use_vllm (its own environment)
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        params = SamplingParams(
-            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
-            repetition_penalty=sampling.repetition_penalty, max_tokens=sampling.max_new_tokens,
-            min_tokens=min_tokens, seed=sampling.seed, allowed_token_ids=self.vocab.completion_ids(),
-            stop_token_ids=[self.vocab.speech_end_id], detokenize=False,
-        )
-        outputs = self._vllm.generate([TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts], params,
-                                      use_tqdm=False)
-        end = self.vocab.speech_end_id
-        generated = []
-        for output in outputs:
-            ids = list(output.outputs[0].token_ids)
-            # Mark a completion that stopped on speech-end even if vLLM left the stop token out.
-            if output.outputs[0].finish_reason == "stop" and (not ids or ids[-1] != end):
-                ids.append(end)
-            generated.append(ids)
-        return generated
+        server = self._vllm
+        params = {**sampling.vllm_kwargs(), "seed": sampling.seed}
+        ids = [p.tolist() for p in prompts]
+        if self._forcing:
+            return forced_completions(ids, self.vocab, self.decoder.token_rate, sampling.max_new_tokens,
+                                      ServerCompleter(server.base_url, server.model_dir, params))
+        return complete_ids(server.base_url, server.model_dir, ids, sampling.max_new_tokens,
+                            allowed_token_ids=self.vocab.completion_ids(), min_tokens=min_tokens,
+                            stop_token_ids=[self.vocab.speech_end_id], **params)

