@@ -125,7 +125,8 @@ def test_vllm_server_settings_come_from_config_then_environment():
 def test_grpo_args_server_mode_and_field_defaults(artefacts, monkeypatch):
     root, _, model, data = artefacts
     monkeypatch.setenv("TTS_VLLM_HOST", "rollout-0.rollout")
-    config = load_config(overrides=_settings(root, model, data, **{"rlhf_training.use_vllm": True}))
+    config = load_config(overrides=_settings(root, model, data, **{"rlhf_training.use_vllm": True,
+                                                                  "rlhf_training.weight_sync": "nccl"}))
     _, _, vocab = load_speechlm(str(model))
     args = grpo.grpo_args(config, str(root / "hf"), vocab, 4096)
     assert args.use_vllm and args.vllm_mode == "server"
@@ -138,6 +139,10 @@ def test_grpo_args_server_mode_and_field_defaults(artefacts, monkeypatch):
     assert defaults.mask_truncated_completions and not defaults.use_vllm
     assert defaults.generation_kwargs["min_new_tokens"] == 3 and defaults.max_prompt_length is None
     assert vocab.speech_end_id not in defaults.generation_kwargs["suppress_tokens"]
+    # The storage weight sync samples through the policy's generate (our server client): TRL's vLLM is off.
+    storage = grpo.grpo_args(load_config(overrides=_settings(root, model, data, **{"rlhf_training.use_vllm": True})),
+                             str(root / "hf"), vocab, 4096)
+    assert not storage.use_vllm and storage.generation_kwargs["min_new_tokens"] == 3
 
 
 
@@ -148,8 +153,12 @@ def test_config_errors_before_any_work(artefacts, capsys):
     assert main(["rlhf", *_overrides(root, model, data, **{"rlhf_training.base_model_dir": str(root / "x")})]) == 2
     assert main(["rlhf", *_overrides(root, model, data, **{"rlhf_training.reward_funcs": ["Nope"]})]) == 2
     if not torch.cuda.is_available():
-        assert main(["rlhf", *_overrides(root, model, data, **{"rlhf_training.use_vllm": True})]) == 2
+        assert main(["rlhf", *_overrides(root, model, data, **{"rlhf_training.use_vllm": True,
+                                                               "rlhf_training.weight_sync": "nccl"})]) == 2
         assert "use_vllm needs a CUDA trainer" in capsys.readouterr().err
+    assert main(["rlhf", *_overrides(root, model, data, **{"rlhf_training.use_vllm": True,
+                                                           "modeling.lora.enabled": True})]) == 2
+    assert "weight_sync storage publishes whole weights" in capsys.readouterr().err
 
 
 def test_reward_adapter_scores_each_batch_once():
@@ -294,7 +303,7 @@ def test_vllm_server_rollouts_sample_from_the_policy_prompt_ids(artefacts, tmp_p
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(uuid="trainer-cpu"))
     try:
         code = main(["rlhf", *_overrides(root, model, data, **{
-            "rlhf_training.use_vllm": True, "rlhf_training.vllm_server_port": port,
+            "rlhf_training.use_vllm": True, "rlhf_training.weight_sync": "nccl", "rlhf_training.vllm_server_port": port,
             "rlhf_training.vllm_group_port": group_port, "rlhf_training.vllm_server_timeout_s": 120,
             "rlhf_training.max_steps": 2, "checkpointing.save_steps": 1,
             "rlhf_training.reward_funcs": ["TruncationRewardFunc"], "rlhf_training.guard_rail_steps": 100,

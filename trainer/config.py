@@ -211,7 +211,16 @@ class RlhfConfig(ScorerSettings):
     max_completion_length: int = Field(1024, gt=0)
     min_completion_length: int = Field(0, ge=0)
     use_vllm: bool = False
-    # vLLM rollout server (`trl vllm-serve` protocol); env TTS_VLLM_HOST / TTS_VLLM_PORT override.
+    # How the rollout server gets the policy (trainer/rl/server_rollouts.py). "storage" (default: any
+    # CPU/GPU pair sharing a path, no NCCL): a stock vLLM OpenAI server reloads the weights the trainer
+    # writes to weight_sync_dir every weight_sync_steps optimiser steps. "nccl": TRL's `trl vllm-serve`
+    # server, weights broadcast over NCCL after every step (CUDA trainer, vllm_group_port).
+    weight_sync: Literal["storage", "nccl"] = "storage"
+    weight_sync_steps: int = Field(1, gt=0)
+    # A local/PVC path the server can read; None: <output_dir>/<run_name>/rollout_weights.
+    weight_sync_dir: str | None = None
+    # vLLM rollout server; env TTS_VLLM_HOST / TTS_VLLM_PORT override. Its timeout is also how long an
+    # unreachable server is waited for before the stage fails.
     vllm_server_host: str = "127.0.0.1"
     vllm_server_port: int = Field(8000, gt=0)
     vllm_group_port: int = Field(51216, gt=0)

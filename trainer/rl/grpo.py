@@ -51,6 +51,7 @@ from trainer.model.vocab import AudioVocab
 from trainer.rl import rollout
 from trainer.rl.prompts import as_rows, build_prompts
 from trainer.rl.rewards import REWARD_FUNCS, RewardScorer, ScorerModels, build_reward_funcs
+from trainer.rl.server_rollouts import ServerRollouts
 from trainer.rl.telemetry import (
     ROLLOUT_SECONDS,
     WEIGHT_SYNC_SECONDS,
@@ -113,17 +114,27 @@ def problems(config: TrainerConfig) -> list[str]:
             f"gradient_accumulation_steps ({t.gradient_accumulation_steps}) = {generation_batch} "
             f"completions per generation must be divisible by num_generations ({rl.num_generations})"
         )
-    if rl.use_vllm and rl.base_model_dir and io.exists(rl.base_model_dir) and \
-            AudioVocab.load(rl.base_model_dir).end_of_phone:
-        found.append("rlhf_training.use_vllm: the phones prompt format samples with phone forcing, a logits "
-                     "processor of HF generate; use local rollouts (use_vllm: false)")
+    nccl = rl.use_vllm and rl.weight_sync == "nccl"
+    if nccl and rl.base_model_dir and io.exists(rl.base_model_dir) and AudioVocab.load(rl.base_model_dir).end_of_phone:
+        found.append("rlhf_training.weight_sync nccl (TRL's vllm-serve) cannot phone-force the phones prompt "
+                     "format; use weight_sync: storage (stock vLLM server) or local rollouts")
+    if rl.use_vllm and rl.weight_sync == "storage":
+        if config.modeling.lora.enabled:
+            found.append("rlhf_training.weight_sync storage publishes whole weights and a LoRA policy has none "
+                         "until merged; train without modeling.lora or use weight_sync: nccl")
+        if not rl.weight_sync_dir and not io.is_local(checkpoint.run_url(t)):
+            found.append("rlhf_training.weight_sync_dir is required when the run is on an object store: a path "
+                         "the trainer writes and the rollout server reads (e.g. a shared volume)")
+        if rl.weight_sync_dir and not io.is_local(rl.weight_sync_dir):
+            found.append(f"rlhf_training.weight_sync_dir {rl.weight_sync_dir!r} must be a path the rollout server "
+                         "reads (local or a mounted volume), not an object store URL")
     if not rl.sampling.do_sample:
         found.append("rlhf_training.sampling.do_sample must be true: a group of greedy completions is one "
                      "completion repeated, which has no advantage to learn from")
     found += preflight.resume_problems(config)
     if not found:  # asked once the inputs are there
         try:
-            if rl.use_vllm:
+            if nccl:
                 rollout.check_weight_sync()
             resolve_codec(config)
         except ConfigError as err:
@@ -149,8 +160,14 @@ def plan(config: TrainerConfig) -> dict[str, Any]:
     }
     if rl.use_vllm:
         server = rollout.vllm_server(rl)
-        out["grpo"]["vllm_server"] = {"url": server.base_url, "group_port": server.group_port,
-                                      "timeout_s": rl.vllm_server_timeout_s}
+        out["grpo"]["vllm_server"] = {"url": server.base_url, "timeout_s": rl.vllm_server_timeout_s,
+                                      "weight_sync": rl.weight_sync}
+        if rl.weight_sync == "nccl":
+            out["grpo"]["vllm_server"]["group_port"] = server.group_port
+        else:
+            out["grpo"]["vllm_server"].update(every_steps=rl.weight_sync_steps,
+                                              dir=rl.weight_sync_dir or io.join(checkpoint.run_url(t),
+                                                                                "rollout_weights"))
     if not found:
         out["codec"] = resolve_codec(config)
     out["schedule"] = preflight.schedule_plan(config, t.max_steps)
@@ -161,9 +178,10 @@ def plan(config: TrainerConfig) -> dict[str, Any]:
 # Our keys that are TRL's own (same name, same meaning) go to GRPOConfig as they are; the rest is mapped
 # below. Same name, other meaning: max_prompt_length (ours drops longer prompts, TRL's would cut them),
 # the server address (ours may be overridden by TTS_VLLM_*; TRL gets the resolved base URL), sampling
-# (Sampler.hf_kwargs: top_k 0 means "off", which TRL spells None).
+# (Sampler.hf_kwargs: top_k 0 means "off", which TRL spells None), use_vllm (TRL's vLLM client only for
+# weight_sync nccl; storage samples through the policy's generate, trainer/rl/server_rollouts.py).
 _AS_TRL = {name for name in RlhfConfig.model_fields if name in {f.name for f in dataclasses.fields(GRPOConfig)}}
-_AS_TRL -= {"max_prompt_length", "vllm_server_host", "vllm_server_port", "sampling"}
+_AS_TRL -= {"max_prompt_length", "vllm_server_host", "vllm_server_port", "sampling", "use_vllm"}
 _TRAINING_AS_TRL = {"seed": "seed", "learning_rate": "learning_rate", "lr_scheduler": "lr_scheduler_type",
                     "warmup_steps": "warmup_steps", "weight_decay": "weight_decay", "adam_beta1": "adam_beta1",
                     "adam_beta2": "adam_beta2", "adam_eps": "adam_epsilon", "max_grad_norm": "max_grad_norm",
@@ -175,10 +193,10 @@ _TRAINING_AS_TRL = {"seed": "seed", "learning_rate": "learning_rate", "lr_schedu
 def grpo_args(config: TrainerConfig, hf_output_dir: str, vocab: AudioVocab, vocab_size: int) -> GRPOConfig:
     t, rl = config.training, config.rlhf_training
     cuda = torch.cuda.is_available()
-    if rl.use_vllm:
+    if rl.use_vllm and rl.weight_sync == "nccl":
         server = rollout.vllm_server(rl)
         generation_kwargs = rollout.vllm_sampling_kwargs(vocab, rl.min_completion_length)
-        vllm = {"vllm_mode": "server", "vllm_server_base_url": server.base_url,
+        vllm = {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": server.base_url,
                 "vllm_server_timeout": rl.vllm_server_timeout_s}
     else:
         generation_kwargs = rollout.hf_generation_kwargs(vocab, vocab_size, rl.min_completion_length)
@@ -208,12 +226,20 @@ def grpo_args(config: TrainerConfig, hf_output_dir: str, vocab: AudioVocab, voca
 class SpeechGRPOTrainer(GRPOTrainer):
     """GRPOTrainer plus rollout/weight-sync timings (Prometheus and the logged scalars)."""
 
-    def __init__(self, *args, rewards: TrlRewards, phone_forcing: PhoneForcing | None = None, **kwargs):
+    def __init__(self, *args, rewards: TrlRewards, phone_forcing: PhoneForcing | None = None,
+                 server_rollouts: ServerRollouts | None = None, **kwargs):
         self.rewards = rewards
         self.phone_forcing = phone_forcing
+        self.server_rollouts = server_rollouts
         super().__init__(*args, **kwargs)
 
     def _generate_and_score_completions(self, inputs):
+        if self.server_rollouts is not None:  # every rank: the server holds this policy before anyone samples
+            synced = len(self.server_rollouts.sync_seconds)
+            self.server_rollouts.sync(collective=True)
+            for seconds in self.server_rollouts.sync_seconds[synced:]:
+                WEIGHT_SYNC_SECONDS.observe(seconds)
+                self._metrics["train"]["timing/weight_sync_seconds"].append(seconds)
         start = time.perf_counter()
         scoring_before = self.rewards.seconds_total
         output = super()._generate_and_score_completions(inputs)
@@ -339,6 +365,12 @@ def _guard_generation(rl: RlhfConfig, vocab: AudioVocab, vocab_size: int) -> dic
     }
 
 
+def weight_sync_dir(config: TrainerConfig, run: str) -> str:
+    """Where the `storage` weight sync publishes the policy for the rollout server to reload."""
+    rl = config.rlhf_training
+    return rl.weight_sync_dir or io.local_path(io.join(run, "rollout_weights"))
+
+
 def _scratch_dir(run: str) -> str:
     """Where transformers' Trainer writes checkpoint-<N>: shared by the ranks when the run is local (a shared
     volume when multi-node), else this rank's scratch space that PublishCheckpoints uploads and empties."""
@@ -393,13 +425,19 @@ def run(config: TrainerConfig) -> int:
     codec = Codec.load(codec_url, device=device, components=("decoder",))
     prompt_format = PromptFormat(tokenizer, vocab, config.modeling.parameters.enable_text_normalization,
                                  frame_rate=float(codec.token_rate))
+    nccl = rl.use_vllm and rl.weight_sync == "nccl"
     train_prompts = build_prompts(
         config.train_weighted_datasets, "train", prompt_format, rl.max_prompt_length,
-        config.dataset, t.seed, vllm_server=rl.use_vllm,
+        config.dataset, t.seed, vllm_server=nccl,
     )
     rewards, guard_scorer, completions = _rewards(config, codec, vocab, run, device)
     forcing = PhoneForcing(vocab, codec.token_rate) if prompt_format.phone_aligned else None
-    if forcing is not None:
+    server_rollouts = None
+    if rl.use_vllm and not nccl:
+        server_rollouts = ServerRollouts(model, vocab, rollout.vllm_server(rl).base_url, weight_sync_dir(config, run),
+                                         rl.weight_sync_steps, rl.vllm_server_timeout_s,
+                                         float(codec.token_rate) if forcing is not None else None)
+    elif forcing is not None:
         rollout.force_phones(model, forcing)
 
     # TRL stops sampling and masks the loss at the tokenizer's eos: for a SpeechLM that is speech-end.
@@ -418,13 +456,16 @@ def run(config: TrainerConfig) -> int:
     # The same adapter as SFT's: the added (audio) rows train too, so GRPO can move the codes.
     adapter = (peft_config(config.modeling.lora, vocab, bool(model.config.tie_word_embeddings))
                if config.modeling.lora.enabled else None)
-    server_group_port = rollout.vllm_server(rl).group_port if rl.use_vllm else 51216
+    server_group_port = rollout.vllm_server(rl).group_port if nccl else 51216
     with rollout.speech_vllm_client(policy_tokenizer, server_group_port):
         trainer = SpeechGRPOTrainer(
             model=model, reward_funcs=rewards.functions(), args=grpo_args(config, hf_dir, vocab, vocab_size),
             train_dataset=Dataset.from_list(as_rows(train_prompts)), processing_class=policy_tokenizer,
             callbacks=callbacks, peft_config=adapter, rewards=rewards, phone_forcing=forcing,
+            server_rollouts=server_rollouts,
         )
+    if server_rollouts is not None:
+        server_rollouts.install(lambda: trainer.state.global_step)
     _train(trainer, config, run, hf_dir)
     _save_final(trainer, config, tokenizer, vocab, codec_url, run)
     scalars.close()

@@ -222,8 +222,10 @@ class Synthesizer:
         log.info("starting vLLM's server for %s (log: %s)", self.model_dir, log_path)
         # float32 as the HF path on CPU, so greedy decoding gives the same tokens.
         dtype = "bfloat16" if next(self.model.parameters()).is_cuda else "float32"
-        return VllmServer(python, str(local), free_port(), max_model_len=self.model.config.max_position_embeddings,
-                          dtype=dtype, log_path=log_path).start()
+        # The context vLLM reserves KV cache for: the model's, capped at what a chunk of speech needs.
+        context = min(self.model.config.max_position_embeddings, 8192)
+        server = VllmServer(python, str(local), free_port(), max_model_len=context, dtype=dtype, log_path=log_path)
+        return server.start()
 
     def _generate_vllm(self, prompts: list[np.ndarray], sampling: SamplingConfig, min_tokens: int
                        ) -> list[list[int]]:

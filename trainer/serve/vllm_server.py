@@ -128,17 +128,39 @@ class VllmServer:
         self.stop()
 
 
-def post(base_url: str, route: str, body: dict[str, Any], timeout_s: float = 300.0) -> dict[str, Any]:
-    request = urllib.request.Request(f"{base_url}{route}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+class ServerUnreachable(StageError):
+    """No answer from the server (refused, reset, timed out): it may be restarting."""
+
+
+def _request(base_url: str, route: str, body: dict[str, Any] | None, timeout_s: float) -> str:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{base_url}{route}", data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            text = response.read().decode()
+            return response.read().decode()
     except urllib.error.HTTPError as err:
         raise StageError(f"vLLM {route}: HTTP {err.code}: {err.read().decode(errors='replace')[:500]}") from None
     except (urllib.error.URLError, OSError) as err:
-        raise StageError(f"vLLM server {base_url} unreachable: {err}") from None
+        raise ServerUnreachable(f"vLLM server {base_url} unreachable: {err}") from None
+
+
+def post(base_url: str, route: str, body: dict[str, Any], timeout_s: float = 300.0) -> dict[str, Any]:
+    text = _request(base_url, route, body, timeout_s)
     return json.loads(text) if text.strip() else {}
+
+
+def served_model(base_url: str) -> str:
+    """The name the server serves its model under (what requests name in "model")."""
+    return json.loads(_request(base_url, "/v1/models", None, 30.0))["data"][0]["id"]
+
+
+def incarnation(base_url: str) -> float:
+    """The server process' start time (its /metrics `process_start_time_seconds`): a restarted server,
+    which serves its startup weights again, has a new one."""
+    for line in _request(base_url, "/metrics", None, 30.0).splitlines():
+        if line.startswith("process_start_time_seconds "):
+            return float(line.split()[1])
+    raise StageError(f"vLLM server {base_url}: /metrics has no process_start_time_seconds")
 
 
 def complete_ids(base_url: str, model: str, prompts: list[list[int]], max_tokens: int,
