@@ -24,6 +24,9 @@ def cluster_config(spec: PipelineSpec, run: StageRun) -> TrainerConfig:
     if run.step.stage.needs_rollout_server:
         host, port, group_port = rollout_address(spec)
         config.rlhf_training.use_vllm = True
+        # The Deployment runs TRL's `trl vllm-serve` (controller/render/rollout.py), whose weights arrive by
+        # NCCL; the stock-vLLM `storage` sync is not rendered for clusters yet.
+        config.rlhf_training.weight_sync = "nccl"
         config.rlhf_training.vllm_server_host = host
         config.rlhf_training.vllm_server_port = port
         config.rlhf_training.vllm_group_port = group_port

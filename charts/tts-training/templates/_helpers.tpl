@@ -155,6 +155,8 @@ the cluster's collective timeout and, for RLHF, the rollout server address. Call
 {{- $rollout := $v.stages.rlhf.rollout }}
 {{- $_ := set $rl "base_model_dir" (include "tts-training.join" (list $v.storage.outputs "export/sft")) }}
 {{- $_ := set $rl "use_vllm" true }}
+{{- /* The rollout Deployment runs `trl vllm-serve`: its weights arrive by NCCL (as controller/render/config_map.py). */}}
+{{- $_ := set $rl "weight_sync" "nccl" }}
 {{- $_ := set $rl "vllm_server_host" (printf "%s.%s.svc" (include "tts-training.rolloutName" $root) $root.Release.Namespace) }}
 {{- $_ := set $rl "vllm_server_port" (int $rollout.port) }}
 {{- $_ := set $rl "vllm_group_port" (int $rollout.groupPort) }}
