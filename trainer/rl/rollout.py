@@ -10,8 +10,11 @@ vLLM server):
 The upper bound is TRL's `max_completion_length`; completions cut there are masked from the loss
 (`mask_truncated_completions`) and score 0 in TruncationRewardFunc.
 
-vLLM server mode speaks TRL's `trl vllm-serve` protocol (HTTP generate + an NCCL group for the weight
-sync after every optimiser step). Host and ports come from `rlhf_training.vllm_server_*`, overridden by
+With `use_vllm`, `weight_sync: storage` (the default) samples from a stock vLLM server through the
+policy's `generate` (trainer/rl/server_rollouts.py: the same constraints as vLLM sampling parameters,
+phone forcing as stop-and-continue rounds). `weight_sync: nccl` speaks TRL's `trl vllm-serve` protocol
+(HTTP generate + an NCCL group for the weight sync after every optimiser step), below. Host and ports
+come from `rlhf_training.vllm_server_*`, overridden by
 TTS_VLLM_HOST / TTS_VLLM_PORT / TTS_VLLM_GROUP_PORT (set by the controller on the trainer pods).
 
 The protocol carries prompt TEXT, which the server tokenises with special tokens added (vLLM's default
