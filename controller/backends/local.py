@@ -22,13 +22,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from controller.backends.base import Backend, BackendError, Phase, RunSummary, StageStatus
 from controller.plan import StageRun
 from controller.spec import PipelineSpec
+from trainer import io
 from trainer.config import dump_config
+from trainer.errors import ConfigError, StageError
 from trainer.stages import STEP_ORDER
+
+if TYPE_CHECKING:
+    from trainer.serve.vllm_server import VllmServer
 
 POLL_S = 0.5
 KILL_GRACE_S = 10.0
@@ -106,6 +111,7 @@ class LocalBackend(Backend):
         self.echo = echo
         self.out = out or sys.stdout
         self._procs: dict[tuple[str, str], tuple[subprocess.Popen, threading.Thread]] = {}
+        self._servers: dict[tuple[str, str], VllmServer] = {}  # a stage's rollout server (use_vllm)
 
     # ------------------------------------------------------------------ paths and state
     def run_dir(self, run_name: str) -> Path:
@@ -138,21 +144,60 @@ class LocalBackend(Backend):
         nproc = process_count(run)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TTS_RUN": spec.name, "TTS_STAGE": run.name,
                **run.settings.env}
+        server = self._start_rollout_server(spec, run)
+        if server is not None:
+            env.update(TTS_VLLM_HOST=server.host, TTS_VLLM_PORT=str(server.port))
         command = stage_command(run, config_file, nproc)
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, text=True, bufsize=1)
+        try:
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True, text=True, bufsize=1)
+        except BaseException:
+            if server is not None:
+                server.stop()
+            raise
         pump = threading.Thread(target=self._pump, args=(proc, log, run.name), daemon=True)
         pump.start()
         self._procs[(spec.name, run.name)] = (proc, pump)
+        if server is not None:
+            self._servers[(spec.name, run.name)] = server
         started = time.time()
         with self._state(spec.name).edit() as state:
             state.update(run=spec.name, backend=self.name, cancelled=False)
             state["stages"][run.name] = {
                 "phase": Phase.RUNNING.value, "reason": f"{nproc} process(es)", "message": "",
                 "pid": proc.pid, "started": started, "finished": None, "log": str(log),
-                "command": command,
+                "command": command, "rollout_server_pid": server.process.pid if server else None,
             }
         return StageStatus(run.name, Phase.RUNNING, f"{nproc} process(es)", started=started)
+
+    def _start_rollout_server(self, spec: PipelineSpec, run: StageRun) -> VllmServer | None:
+        """The cluster's shape on one machine: an RLHF stage with `use_vllm` (storage weight sync) gets
+        vLLM's OpenAI server as its own process on 127.0.0.1 (as the Deployment runs it), serving the
+        stage's base model from vLLM's environment ($TTS_VLLM_PYTHON); healthy before the stage starts,
+        stopped when it ends, failed or not (`wait`, `cancel`)."""
+        rl = run.config.rlhf_training
+        if not (run.step.stage.needs_rollout_server and rl.use_vllm and rl.weight_sync == "storage"):
+            return None
+        # lazy: the server client pulls torch, which no other local-backend path needs
+        from trainer.serve.vllm_server import VllmServer, free_port, model_context, vllm_python
+
+        try:
+            python = vllm_python()
+        except ConfigError as err:
+            raise BackendError(f"stage {run.name}: {err}") from None
+        model = io.local_path(rl.base_model_dir)
+        log = self.log_path(spec.name, "rollout")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        server = VllmServer(python, model, free_port(), max_model_len=model_context(model),
+                            dtype="auto" if visible_gpus() else "float32", log_path=log)
+        if self.echo:
+            self.out.write(f"==> rollout server: vLLM on {server.base_url} for {model} (log: {log})\n")
+        try:
+            server.start()
+        except StageError as err:
+            server.stop()
+            raise BackendError(f"stage {run.name}: {err}") from None
+        return server
 
     def _pump(self, proc: subprocess.Popen, log: Path, stage: str) -> None:
         """Copy the stage's output to its log file and, prefixed with the stage name, to the console."""
@@ -172,6 +217,7 @@ class LocalBackend(Backend):
                 time.sleep(POLL_S)
             return status
         proc, pump = owned
+        server = self._servers.pop((run_name, stage), None)
         try:
             code = proc.wait()
         except KeyboardInterrupt:
@@ -181,6 +227,9 @@ class LocalBackend(Backend):
                 state["cancelled"] = True
             self._kill_group(proc.pid)
             code = proc.wait()
+        finally:
+            if server is not None:
+                server.stop()
         pump.join()
         with self._state(run_name).edit() as state:
             entry = state["stages"][stage]
@@ -248,11 +297,12 @@ class LocalBackend(Backend):
         self._require_run(run_name)
         with self._state(run_name).edit() as state:
             state["cancelled"] = True
-            running = {s: e["pid"] for s, e in state["stages"].items() if e["phase"] == Phase.RUNNING.value}
+            running = {s: e for s, e in state["stages"].items() if e["phase"] == Phase.RUNNING.value}
         stopped = []
-        for stage, pid in running.items():
-            if _alive(pid):
-                self._kill_group(pid)
+        for stage, entry in running.items():
+            for pid in (entry["pid"], entry.get("rollout_server_pid")):
+                if pid and _alive(pid):
+                    self._kill_group(pid)
             stopped.append(stage)
         # Record the outcome ourselves when no ttsctl process waits on the stage any more.
         with self._state(run_name).edit() as state:

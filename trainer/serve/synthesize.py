@@ -31,7 +31,14 @@ from trainer.model.build import load_speechlm
 from trainer.model.phone_forcing import PhoneForcing, forced_completions
 from trainer.model.prompt import DEFAULT_LANGUAGE, PromptFormat
 from trainer.serve import layout
-from trainer.serve.vllm_server import ServerCompleter, VllmServer, complete_ids, free_port, vllm_python
+from trainer.serve.vllm_server import (
+    ServerCompleter,
+    VllmServer,
+    complete_ids,
+    free_port,
+    model_context,
+    vllm_python,
+)
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +229,8 @@ class Synthesizer:
         log.info("starting vLLM's server for %s (log: %s)", self.model_dir, log_path)
         # float32 as the HF path on CPU, so greedy decoding gives the same tokens.
         dtype = "bfloat16" if next(self.model.parameters()).is_cuda else "float32"
-        # The context vLLM reserves KV cache for: the model's, capped at what a chunk of speech needs.
-        context = min(self.model.config.max_position_embeddings, 8192)
-        server = VllmServer(python, str(local), free_port(), max_model_len=context, dtype=dtype, log_path=log_path)
+        server = VllmServer(python, str(local), free_port(), max_model_len=model_context(str(local)), dtype=dtype,
+                            log_path=log_path)
         return server.start()
 
     def _generate_vllm(self, prompts: list[np.ndarray], sampling: SamplingConfig, min_tokens: int

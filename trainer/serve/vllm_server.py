@@ -47,6 +47,12 @@ def vllm_python(configured: str | None = None) -> str:
     return python
 
 
+def model_context(model_dir: str, cap: int = 8192) -> int:
+    """The context vLLM reserves KV cache for: the model's own, capped at what a chunk of speech needs."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return min(int(config.get("max_position_embeddings", cap)), cap)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
