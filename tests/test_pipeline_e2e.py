@@ -86,3 +86,46 @@ def test_shortened_example_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     html = (eval_dir / "report.html").read_text()
     for plot in ("curves.png", "spectrogram.png", "histograms.png"):
         assert (eval_dir / plot).is_file() and f'src="{plot}"' in html
+
+
+@pytest.mark.timeout(1200)
+def test_shortened_demo_starts_from_the_shipped_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys) -> None:
+    """`make demo` (example/demo.yaml), shortened: the shipped SpeechLM fine-tuned on the demo's
+    phone-aligned speech with the shipped codec, GRPO'd and evaluated; no codec is trained."""
+    monkeypatch.setenv("TTSCTL_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(REPO)
+    spec = yaml.safe_load((REPO / "example" / "demo.yaml").read_text())
+    assert "codec" not in spec["stages"] and spec["codec_model_path"] == "example/models/codec-small"
+    lines = (REPO / "example/configs/speech.jsonl").read_text().splitlines()[:8]
+    manifest = tmp_path / "speech.jsonl"
+    manifest.write_text("".join(json.dumps({**json.loads(line), "wav_path": str(
+        (REPO / "example/configs" / json.loads(line)["wav_path"]).resolve())}) + "\n" for line in lines))
+    spec["storage"] = {"data": str(tmp_path / "data"), "checkpoints": str(tmp_path / "ckpt"),
+                       "outputs": str(tmp_path / "out")}
+    short = {**SHORTEN, "sft": [*SHORTEN["sft"], "training.batch_size=1"],
+             "rlhf": [*SHORTEN["rlhf"], "rlhf_training.max_completion_length=200"],
+             "eval": ["eval.max_items=2"]}
+    for name, stage in spec["stages"].items():
+        if isinstance(stage.get("config"), str):
+            stage["config"] = str(REPO / "example" / stage["config"])
+        stage["overrides"] = [*short.get(name, []), "metrics.port=0"]
+    spec["stages"]["vectorize"]["overrides"] += [f"vectorize.dataset_path={manifest}", "vectorize.val_fraction=0"]
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert main(["run", str(path), "--backend", "local"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("vectorize", "merge", "sft", "export-sft", "rlhf", "export-rlhf", "eval"):
+        assert f"<== {stage}: succeeded" in out
+    summary = json.loads((tmp_path / "data" / "vectorized" / "vectorize_summary.json").read_text())
+    assert summary["accepted"]["total"] == 8 and not summary["notes"].get("approximate_phone_times")
+    sft_config = json.loads((tmp_path / "home" / "runs" / "demo" / "configs" / "sft.json").read_text())
+    assert sft_config["modeling"]["parameters"]["model_name"] == "example/models/speechlm-small"
+    # Fine-tuned from the shipped model: its first loss is a trained model's, not ln(4,096 codes) ~ 8.3.
+    first = next(json.loads(line) for line in (tmp_path / "ckpt" / "sft" / "metrics.jsonl").read_text().splitlines()
+                 if "loss" in json.loads(line))
+    assert first["loss"] < 5.0
+    serving = json.loads((tmp_path / "out" / "export" / "rlhf" / "speechlm.json").read_text())
+    assert serving["prompt_format"] == "phones"
+    results = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())
+    assert results["aggregate"]["model"]["items"] == 2 and results["aggregate"]["model"]["failed"] == 0
