@@ -4,7 +4,7 @@ rollouts), same model, same prompts, same run; and the seconds one `storage` wei
     python bench/rollouts.py --vllm_python ~/.cache/tts-vllm/venv-0.32.0/bin/python   # CPU, shipped model
 
 The model is the shipped example SpeechLM (phone format: vLLM runs the stop-at-end-of-phone rounds of
-`phone_forcing.forced_completions`, HF the `PhoneForcing` logits processor) unless --model names
+`vllm_server.speech_completions`, HF the `PhoneForcing` logits processor) unless --model names
 another serving directory. Prompts: the demo's eval list (voice prompt + target text), repeated to
 --batch. Both engines sample (t=0.8) up to --max_new_tokens. Reported: completions/s and generated
 tokens/s per engine, their ratio (vLLM / HF), and the storage sync's seconds (save_for_reload +
@@ -27,18 +27,19 @@ from transformers import LogitsProcessorList
 from trainer.audio import read_audio
 from trainer.codec import Codec
 from trainer.model.build import load_speechlm
-from trainer.model.phone_forcing import PhoneForcing, forced_completions
+from trainer.model.phone_forcing import PhoneForcing
 from trainer.model.prompt import PromptFormat
 from trainer.model.vocab import AudioVocab
+from trainer.rl.rollout import hf_generation_kwargs
 from trainer.serve import layout
 from trainer.serve.vllm_server import (
-    ServerCompleter,
     VllmServer,
     complete_ids,
     free_port,
     reload_weights,
     save_for_reload,
     served_model,
+    speech_completions,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,8 +62,8 @@ def prompts(model_dir: str, codec_dir: str | None, n: int
 
 def hf_rollouts(model, vocab: AudioVocab, prompts: list[list[int]], max_new: int, frame_rate: float
                 ) -> list[list[int]]:
-    allowed = set(vocab.completion_ids())
-    suppress = [i for i in range(model.get_input_embeddings().weight.shape[0]) if i not in allowed]
+    # The local GRPO rollouts' constraints (what TRL's generate gets).
+    constraints = hf_generation_kwargs(vocab, model.get_input_embeddings().weight.shape[0], 0)
     processors = LogitsProcessorList([PhoneForcing(vocab, frame_rate)] if vocab.end_of_phone else [])
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), vocab.pad_token_id)
@@ -72,7 +73,7 @@ def hf_rollouts(model, vocab: AudioVocab, prompts: list[list[int]], max_new: int
         mask[row, width - len(p):] = 1
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=0.8, max_new_tokens=max_new,
-                             suppress_tokens=suppress, eos_token_id=vocab.speech_end_id,
+                             **constraints, eos_token_id=vocab.speech_end_id,
                              pad_token_id=vocab.pad_token_id, logits_processor=processors)
     return [[t for t in row[width:].tolist() if t != vocab.pad_token_id] for row in out]
 
@@ -102,15 +103,10 @@ def main() -> None:
         with server:
             name = served_model(server.base_url)
             sampling = {"temperature": 0.8}
-            complete = ServerCompleter(server.base_url, name, sampling)
-            complete(batch[:1], 8, vocab.completion_ids(), [])  # warm-up: the first request compiles kernels
+            complete_ids(server.base_url, name, batch[:1], 8, **sampling)  # warm-up: the first request is slow
             start = time.perf_counter()
-            if vocab.end_of_phone:
-                served = forced_completions(batch, vocab, frame_rate, args.max_new_tokens, complete)
-            else:
-                served = complete_ids(server.base_url, name, batch, args.max_new_tokens,
-                                      allowed_token_ids=vocab.completion_ids(),
-                                      stop_token_ids=[vocab.speech_end_id], **sampling)
+            served = speech_completions(server.base_url, name, vocab, batch, args.max_new_tokens, sampling,
+                                        phone_frame_rate=frame_rate if vocab.end_of_phone else None)
             vllm_s = time.perf_counter() - start
             sync_s = []
             for _ in range(args.syncs):

@@ -36,18 +36,23 @@ def make_codec(directory: Path, sample_rate: int = 16000) -> Path:
 
 def make_model(directory: Path, codec_dir: Path | None = None, seed: int = 0, prompt_format: str = "inworld",
                varied: bool = False) -> Path:
-    """A tiny SpeechLM; `varied`: weights ~ N(0, 0.3), so its greedy output varies (a fresh init repeats
-    one token) with wide logit margins (decoders on other numeric paths pick the same tokens)."""
+    """A tiny SpeechLM; `varied`: its weights spread (`spread_weights`)."""
     model, tokenizer, vocab = build_speechlm("tiny", codebook_size=256, prompt_format=prompt_format, seed=seed)
     if varied:
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+        spread_weights(model, seed)
     save_speechlm(model, tokenizer, vocab, directory)
     if codec_dir is not None:
         write_codec_reference(str(directory), str(codec_dir))
     return directory
+
+
+def spread_weights(model: torch.nn.Module, seed: int) -> None:
+    """Weights ~ N(0, 0.3): greedy output varies (a fresh init repeats one token) and its logit margins are
+    wide, so decoders on other numeric paths (vLLM) pick the same tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
 
 
 def make_dataset(directory: Path, codec_dir: Path, per_split: int = 6) -> Path:

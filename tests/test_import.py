@@ -10,6 +10,8 @@ the checkpointing directory; final_model.pt written by Lightning Fabric's own `s
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 import lightning_fabric
 import numpy as np
@@ -75,6 +77,16 @@ def seed(tmp_path_factory):
     arch.save_pretrained(base)
     tok = seed_tokenizer()
     ckpt_dir = root / "experiments" / "run"
+    write_seed_checkpoint(ckpt_dir, arch, tok)
+    codec = make_codec(root / "codec")
+    return {"root": root, "base": base, "dir": ckpt_dir, "tokenizer": tok, "codec": codec}
+
+
+def write_seed_checkpoint(ckpt_dir: Path, arch: LlamaConfig, tok,
+                          init: Callable[[LlamaForCausalLM], None] | None = None) -> None:
+    """The seed's checkpointing directory: its tokenizer, training_config.json and final_model.pt saved by
+    Lightning Fabric after one real step of a model of `arch` with the seed's vocabulary (`init` may set
+    the weights before the step)."""
     tok.save_pretrained(ckpt_dir)
     config = {
         "training": {"precision": "fp32", "strategy": "ddp", "learning_rate": 1e-3},
@@ -85,6 +97,8 @@ def seed(tmp_path_factory):
     (ckpt_dir / "training_config.json").write_text(json.dumps(config, indent=4))
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{**arch.to_dict(), "vocab_size": SEED_ROWS}))
+    if init is not None:
+        init(model)
     fabric = lightning_fabric.Fabric(accelerator="cpu", devices=1, precision="32-true")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model, optimizer = fabric.setup(model, optimizer)
@@ -94,8 +108,6 @@ def seed(tmp_path_factory):
     fabric.save(ckpt_dir / "final_model.pt", {
         "model": model, "loss_statistics": {"step": 1}, "optimizer": optimizer, "config": config,
     })
-    codec = make_codec(root / "codec")
-    return {"root": root, "base": base, "dir": ckpt_dir, "tokenizer": tok, "codec": codec}
 
 
 @pytest.fixture(scope="module")

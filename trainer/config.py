@@ -181,11 +181,17 @@ class Sampler(Section):
                 "repetition_penalty": self.repetition_penalty}
 
     def vllm_kwargs(self) -> dict[str, Any]:
-        """The sampler as vLLM's sampling parameters name it: greedy is temperature 0, no top-k cut -1."""
-        if not self.do_sample:
-            return {"temperature": 0.0, "repetition_penalty": self.repetition_penalty}
-        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k or -1,
-                "repetition_penalty": self.repetition_penalty}
+        return vllm_sampling(self.do_sample, self.temperature, self.top_p, self.top_k, self.repetition_penalty)
+
+
+def vllm_sampling(do_sample: bool, temperature: float, top_p: float, top_k: int | None,
+                  repetition_penalty: float) -> dict[str, Any]:
+    """A sampler as vLLM's sampling parameters name it: greedy is temperature 0, no top-k cut (0 or None)
+    is -1."""
+    if not do_sample:
+        return {"temperature": 0.0, "repetition_penalty": repetition_penalty}
+    return {"temperature": temperature, "top_p": top_p, "top_k": top_k or -1,
+            "repetition_penalty": repetition_penalty}
 
 
 class ScorerSettings(Section):
@@ -243,6 +249,11 @@ class RlhfConfig(ScorerSettings):
     # Codec whose decoder turns completions into audio for the rewards. None: the codec the base model's
     # serving directory references (codec.json / codec/), else the dataset's dataset_info.json.
     codec_model_path: str | None = None
+
+    @property
+    def rollout_server(self) -> Literal["storage", "nccl"] | None:
+        """How the rollout server gets the policy when rollouts run on one (`use_vllm`), else None."""
+        return self.weight_sync if self.use_vllm else None
 
     @field_validator("sampling", mode="before")
     @classmethod

@@ -176,7 +176,7 @@ class LocalBackend(Backend):
         stage's base model from vLLM's environment ($TTS_VLLM_PYTHON); healthy before the stage starts,
         stopped when it ends, failed or not (`wait`, `cancel`)."""
         rl = run.config.rlhf_training
-        if not (run.step.stage.needs_rollout_server and rl.use_vllm and rl.weight_sync == "storage"):
+        if not (run.step.stage.needs_rollout_server and rl.rollout_server == "storage"):
             return None
         # lazy: the server client pulls torch, which no other local-backend path needs
         from trainer.serve.vllm_server import VllmServer, free_port, model_context, vllm_python

@@ -3,14 +3,11 @@ is served by a real vLLM as it is: its greedy completion equals Hugging Face `ge
 
 from __future__ import annotations
 
-import json
-
-import lightning_fabric
 import pytest
 import torch
-from speech_fixtures import make_codec
-from test_import import CODEBOOK, CODES, SEED_ROWS, TEXT, seed_labels, seed_tokenizer, seed_training_prompt
-from transformers import LlamaConfig, LlamaForCausalLM
+from speech_fixtures import make_codec, spread_weights
+from test_import import seed_tokenizer, write_seed_checkpoint
+from transformers import LlamaConfig
 
 from trainer.cli import main
 from trainer.model.build import load_speechlm
@@ -27,27 +24,8 @@ def test_an_imported_reference_checkpoint_serves_hf_greedy(vllm_python, tmp_path
                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
                        tie_word_embeddings=False)
     arch.save_pretrained(base)
-    tok = seed_tokenizer()
     run = tmp_path / "experiments" / "run"
-    tok.save_pretrained(run)
-    config = {"training": {"precision": "fp32", "strategy": "ddp", "learning_rate": 1e-3},
-              "modeling": {"parameters": {"codebook_size": CODEBOOK, "max_seq_len": 2048,
-                                          "model_name": "meta-llama/Llama-3.1-8B-Instruct"}},
-              "lora": None}
-    (run / "training_config.json").write_text(json.dumps(config))
-    model = LlamaForCausalLM(LlamaConfig(**{**arch.to_dict(), "vocab_size": SEED_ROWS}))
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():  # wide logit margins: greedy picks do not hinge on the numeric path
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    fabric = lightning_fabric.Fabric(accelerator="cpu", devices=1, precision="32-true")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model, optimizer = fabric.setup(model, optimizer)
-    ids = tok(seed_training_prompt(TEXT, CODES), return_tensors="pt")["input_ids"]
-    model(input_ids=ids, labels=seed_labels(tok, ids[0])[None]).loss.backward()
-    optimizer.step()
-    fabric.save(run / "final_model.pt", {"model": model, "loss_statistics": {"step": 1}, "optimizer": optimizer,
-                                         "config": config})
+    write_seed_checkpoint(run, arch, seed_tokenizer(), lambda model: spread_weights(model, 5))
     out = tmp_path / "imported"
     assert main(["import", "--checkpoint_path", str(run / "final_model.pt"), "--output_path", str(out),
                  "--base_model_path", str(base), "--codec_model_path", str(make_codec(tmp_path / "codec"))]) == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from speech_fixtures import make_codec
+from speech_fixtures import make_codec, spread_weights
 
 from trainer.cli import main
 from trainer.model.build import build_speechlm, load_speechlm, save_speechlm
@@ -37,10 +37,7 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> lis
 def varied_model(seed: int):
     """A tiny SpeechLM whose greedy output varies (a fresh init repeats one token): weights ~ N(0, 0.3)."""
     model, tokenizer, vocab = build_speechlm("tiny", codebook_size=256, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    spread_weights(model, seed)
     return model, tokenizer, vocab
 
 

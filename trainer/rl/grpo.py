@@ -115,11 +115,11 @@ def problems(config: TrainerConfig) -> list[str]:
             f"gradient_accumulation_steps ({t.gradient_accumulation_steps}) = {generation_batch} "
             f"completions per generation must be divisible by num_generations ({rl.num_generations})"
         )
-    nccl = rl.use_vllm and rl.weight_sync == "nccl"
-    if nccl and rl.base_model_dir and io.exists(rl.base_model_dir) and AudioVocab.load(rl.base_model_dir).end_of_phone:
+    if (rl.rollout_server == "nccl" and rl.base_model_dir and io.exists(rl.base_model_dir)
+            and AudioVocab.load(rl.base_model_dir).end_of_phone):
         found.append("rlhf_training.weight_sync nccl (TRL's vllm-serve) cannot phone-force the phones prompt "
                      "format; use weight_sync: storage (stock vLLM server) or local rollouts")
-    if rl.use_vllm and rl.weight_sync == "storage":
+    if rl.rollout_server == "storage":
         if config.modeling.lora.enabled:
             found.append("rlhf_training.weight_sync storage publishes whole weights and a LoRA policy has none "
                          "until merged; train without modeling.lora or use weight_sync: nccl")
@@ -135,7 +135,7 @@ def problems(config: TrainerConfig) -> list[str]:
     found += preflight.resume_problems(config)
     if not found:  # asked once the inputs are there
         try:
-            if nccl:
+            if rl.rollout_server == "nccl":
                 rollout.check_weight_sync()
             resolve_codec(config)
         except ConfigError as err:
@@ -194,7 +194,7 @@ _TRAINING_AS_TRL = {"seed": "seed", "learning_rate": "learning_rate", "lr_schedu
 def grpo_args(config: TrainerConfig, hf_output_dir: str, vocab: AudioVocab, vocab_size: int) -> GRPOConfig:
     t, rl = config.training, config.rlhf_training
     cuda = torch.cuda.is_available()
-    if rl.use_vllm and rl.weight_sync == "nccl":
+    if rl.rollout_server == "nccl":
         server = rollout.vllm_server(rl)
         generation_kwargs = rollout.vllm_sampling_kwargs(vocab, rl.min_completion_length)
         vllm = {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": server.base_url,
@@ -426,7 +426,7 @@ def run(config: TrainerConfig) -> int:
     codec = Codec.load(codec_url, device=device, components=("decoder",))
     prompt_format = PromptFormat(tokenizer, vocab, config.modeling.parameters.enable_text_normalization,
                                  frame_rate=float(codec.token_rate))
-    nccl = rl.use_vllm and rl.weight_sync == "nccl"
+    nccl = rl.rollout_server == "nccl"
     train_prompts = build_prompts(
         config.train_weighted_datasets, "train", prompt_format, rl.max_prompt_length,
         config.dataset, t.seed, vllm_server=nccl,
@@ -434,7 +434,7 @@ def run(config: TrainerConfig) -> int:
     rewards, guard_scorer, completions = _rewards(config, codec, vocab, run, device)
     forcing = PhoneForcing(vocab, codec.token_rate) if prompt_format.phone_aligned else None
     server_rollouts = None
-    if rl.use_vllm and not nccl:
+    if rl.rollout_server == "storage":
         server_rollouts = ServerRollouts(model, vocab, rollout.vllm_server(rl).base_url, weight_sync_dir(config, run),
                                          rl.weight_sync_steps, rl.vllm_server_timeout_s,
                                          float(codec.token_rate) if forcing is not None else None)

@@ -30,11 +30,11 @@ from typing import TypeVar
 import torch
 
 from trainer import distributed
+from trainer.config import vllm_sampling
 from trainer.errors import StageError
-from trainer.model.phone_forcing import forced_completions
 from trainer.model.vocab import AudioVocab
 from trainer.serve import vllm_server
-from trainer.serve.vllm_server import ServerCompleter, ServerUnreachable
+from trainer.serve.vllm_server import ServerUnreachable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -110,27 +110,6 @@ class ServerRollouts:
         return self._served_name
 
     # -------------------------------------------------------------------------------- sampling
-    def sampling(self, generation_config) -> dict:
-        """vLLM's names for the generation config's sampler (greedy is temperature 0; no top-k cut -1)."""
-        gc = generation_config
-        if not gc.do_sample:
-            return {"temperature": 0.0, "repetition_penalty": gc.repetition_penalty or 1.0}
-        return {"temperature": gc.temperature, "top_p": gc.top_p or 1.0, "top_k": gc.top_k or -1,
-                "repetition_penalty": gc.repetition_penalty or 1.0}
-
-    def complete(self, prompts: list[list[int]], max_new_tokens: int, min_new_tokens: int, sampling: dict
-                 ) -> list[list[int]]:
-        if self.phone_frame_rate is not None:
-            step = ServerCompleter(self.base_url, self.served_name(), sampling)
-
-            def retried(*args) -> list[list[int]]:
-                return self._with_server(lambda: step(*args))
-
-            return forced_completions(prompts, self.vocab, self.phone_frame_rate, max_new_tokens, retried)
-        return self._with_server(lambda: vllm_server.complete_ids(
-            self.base_url, self.served_name(), prompts, max_new_tokens, allowed_token_ids=self.vocab.completion_ids(),
-            stop_token_ids=[self.vocab.speech_end_id], min_tokens=min_new_tokens, **sampling))
-
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  generation_config=None, **kwargs) -> torch.Tensor:
         """`generate`'s contract for TRL and the guard rails: prompt + completion ids, padded."""
@@ -139,8 +118,13 @@ class ServerRollouts:
         self.sync()  # no-op when fresh (TRL's rollouts synced collectively just before)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         prompts = [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), mask.cpu(), strict=True)]
-        completions = self.complete(prompts, config.max_new_tokens, config.min_new_tokens or 0,
-                                    self.sampling(config))
+        # The generation config's sampler (TRL's, or the guard rails' kwargs) in vLLM's names.
+        sampling = vllm_sampling(config.do_sample, config.temperature, config.top_p or 1.0, config.top_k,
+                                 config.repetition_penalty or 1.0)
+        completions = vllm_server.speech_completions(
+            self.base_url, self.served_name(), self.vocab, prompts, config.max_new_tokens, sampling,
+            min_new_tokens=config.min_new_tokens or 0, phone_frame_rate=self.phone_frame_rate,
+            call=self._with_server)
         width = max((len(c) for c in completions), default=0)
         out = torch.full((input_ids.shape[0], input_ids.shape[1] + width), self.vocab.pad_token_id,
                          dtype=input_ids.dtype)

@@ -28,17 +28,10 @@ from trainer.codec import Codec
 from trainer.config import SamplingConfig
 from trainer.errors import ConfigError
 from trainer.model.build import load_speechlm
-from trainer.model.phone_forcing import PhoneForcing, forced_completions
+from trainer.model.phone_forcing import PhoneForcing
 from trainer.model.prompt import DEFAULT_LANGUAGE, PromptFormat
 from trainer.serve import layout
-from trainer.serve.vllm_server import (
-    ServerCompleter,
-    VllmServer,
-    complete_ids,
-    free_port,
-    model_context,
-    vllm_python,
-)
+from trainer.serve.vllm_server import VllmServer, free_port, model_context, speech_completions, vllm_python
 
 log = logging.getLogger(__name__)
 
@@ -235,12 +228,8 @@ class Synthesizer:
 
     def _generate_vllm(self, prompts: list[np.ndarray], sampling: SamplingConfig, min_tokens: int
                        ) -> list[list[int]]:
-        server = self._vllm
-        params = {**sampling.vllm_kwargs(), "seed": sampling.seed}
-        ids = [p.tolist() for p in prompts]
-        if self._forcing:
-            return forced_completions(ids, self.vocab, self.decoder.token_rate, sampling.max_new_tokens,
-                                      ServerCompleter(server.base_url, server.model_dir, params))
-        return complete_ids(server.base_url, server.model_dir, ids, sampling.max_new_tokens,
-                            allowed_token_ids=self.vocab.completion_ids(), min_tokens=min_tokens,
-                            stop_token_ids=[self.vocab.speech_end_id], **params)
+        return speech_completions(
+            self._vllm.base_url, self._vllm.model_dir, self.vocab, [p.tolist() for p in prompts],
+            sampling.max_new_tokens, {**sampling.vllm_kwargs(), "seed": sampling.seed}, min_new_tokens=min_tokens,
+            phone_frame_rate=self.decoder.token_rate if self._forcing else None,
+        )

@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from safetensors.torch import save_file
 
 from trainer import io
 from trainer.errors import ConfigError, StageError
+from trainer.model.phone_forcing import forced_completions
+from trainer.model.vocab import AudioVocab
 
 HEALTH_TIMEOUT_S = 300.0
 PYTHON_ENV = "TTS_VLLM_PYTHON"
@@ -185,6 +188,23 @@ def complete_ids(base_url: str, model: str, prompts: list[list[int]], max_tokens
             ids.append(reason)
         out.append(ids)
     return out
+
+
+def speech_completions(base_url: str, model: str, vocab: AudioVocab, prompts: list[list[int]], max_new_tokens: int,
+                       sampling: dict[str, Any], min_new_tokens: int = 0, phone_frame_rate: float | None = None,
+                       call: Callable[[Callable[[], list[list[int]]]], list[list[int]]] = lambda request: request(),
+                       ) -> list[list[int]]:
+    """One completion per prompt under the rollout constraints: audio tokens and speech-end only, speech-end
+    not before `min_new_tokens`; the phone format (`phone_frame_rate`: the codec's codes per second) by
+    stop-at-end-of-phone rounds (`phone_forcing.forced_completions`). `call` runs each HTTP request (e.g.
+    with retries)."""
+    if phone_frame_rate is not None:
+        step = ServerCompleter(base_url, model, sampling)
+        return forced_completions(prompts, vocab, phone_frame_rate, max_new_tokens,
+                                  lambda *args: call(lambda: step(*args)))
+    return call(lambda: complete_ids(base_url, model, prompts, max_new_tokens,
+                                     allowed_token_ids=vocab.completion_ids(), min_tokens=min_new_tokens,
+                                     stop_token_ids=[vocab.speech_end_id], **sampling))
 
 
 @dataclass
