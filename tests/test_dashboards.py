@@ -32,7 +32,8 @@ DCGM = {
     "DCGM_FI_PROF_GR_ENGINE_ACTIVE", "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", "DCGM_FI_PROF_DRAM_ACTIVE",
     "DCGM_FI_PROF_PCIE_TX_BYTES", "DCGM_FI_PROF_PCIE_RX_BYTES",
 }
-# vLLM's Prometheus names (0.8.5 and 0.10.x; gpu_cache_usage_perc is the pre-0.9 name of kv_cache_usage_perc).
+# vLLM's Prometheus names (0.8.5, 0.10.x, and 0.32 where tests/monitoring scrapes a real server; gpu_cache_usage_perc
+# is the pre-0.9 name of kv_cache_usage_perc).
 VLLM_GAUGES = {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                "vllm:gpu_cache_usage_perc"}
 VLLM_COUNTERS = {"vllm:prompt_tokens", "vllm:generation_tokens", "vllm:request_success", "vllm:num_preemptions"}
@@ -138,6 +139,59 @@ def test_promql_parser_finds_only_metric_names():
     assert metric_names(expr) == {"x_bucket", "vllm:kv_cache_usage_perc"}
 
 
+# The Grafana releases the dashboards are written for (README, Monitoring): schemaVersion 39 is what
+# Grafana 10.4 and 11.x write (12.x migrates it on load); the panel types are core panels of all of them.
+SCHEMA_VERSION = 39
+PANEL_TYPES = {"row", "timeseries", "stat", "bargauge", "gauge", "table"}
+GRID_COLUMNS = 24
+
+
+def grafana_model_errors(board: dict) -> list[str]:
+    """What Grafana would reject or show broken: the dashboard JSON model's required fields, a Prometheus
+    data source chosen through the `datasource` variable everywhere, panels on the 24-column grid without
+    overlap, every non-row panel with at least one query, refIds unique per panel."""
+    errors = []
+    if board.get("schemaVersion") != SCHEMA_VERSION:
+        errors.append(f"schemaVersion {board.get('schemaVersion')} (written for {SCHEMA_VERSION})")
+    for key in ("uid", "title", "panels", "templating", "time"):
+        if key not in board:
+            errors.append(f"no {key}")
+    variables = {v["name"]: v for v in board.get("templating", {}).get("list", [])}
+    source = variables.get("datasource", {})
+    if (source.get("type"), source.get("query")) != ("datasource", "prometheus"):
+        errors.append("no `datasource` variable of type datasource/prometheus")
+    ours = {"type": "prometheus", "uid": "${datasource}"}
+    for variable in variables.values():
+        if variable["type"] == "query" and variable.get("datasource") != ours:
+            errors.append(f"${variable['name']}: not on the ${{datasource}} variable")
+    cells: dict[tuple[int, int], str] = {}
+    for panel in board.get("panels", []):
+        title = panel.get("title", f"panel {panel.get('id')}")
+        if panel.get("type") not in PANEL_TYPES:
+            errors.append(f"{title}: panel type {panel.get('type')!r}")
+        grid = panel.get("gridPos", {})
+        if not all(isinstance(grid.get(k), int) for k in "hwxy") or grid["x"] + grid["w"] > GRID_COLUMNS:
+            errors.append(f"{title}: gridPos {grid}")
+            continue
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                if (x, y) in cells:
+                    errors.append(f"{title}: overlaps {cells[(x, y)]}")
+                    break
+                cells[(x, y)] = title
+        if panel["type"] == "row":
+            continue
+        targets = panel.get("targets", [])
+        if not targets or not all(t.get("expr", "").strip() for t in targets):
+            errors.append(f"{title}: a panel without a query")
+        if panel.get("datasource") != ours or any(t.get("datasource", ours) != ours for t in targets):
+            errors.append(f"{title}: not on the ${{datasource}} variable")
+        ref_ids = [t.get("refId") for t in targets]
+        if None in ref_ids or len(set(ref_ids)) != len(ref_ids):
+            errors.append(f"{title}: refIds {ref_ids}")
+    return errors
+
+
 def test_dashboards_are_grafana_json():
     assert {p.stem for p in DASHBOARDS} == {"training", "rlhf", "vectorize"}
     uids = set()
@@ -145,13 +199,23 @@ def test_dashboards_are_grafana_json():
         board = json.loads(path.read_text())
         assert board["uid"] not in uids
         uids.add(board["uid"])
-        variables = {v["name"] for v in board["templating"]["list"]}
-        assert {"datasource", "namespace", "run"} <= variables
+        assert {"datasource", "namespace", "run"} <= {v["name"] for v in board["templating"]["list"]}
         ids = [p["id"] for p in board["panels"]]
         assert len(ids) == len(set(ids))
-        for panel in board["panels"]:
-            if panel["type"] != "row":
-                assert panel["datasource"]["uid"] == "${datasource}" and panel["targets"], panel["title"]
+        assert grafana_model_errors(board) == [], path.name
+
+
+def test_the_grafana_check_catches_broken_boards():
+    board = json.loads((REPO / "charts" / "tts-training" / "dashboards" / "vectorize.json").read_text())
+    broken = json.loads(json.dumps(board))
+    panel = next(p for p in broken["panels"] if p["type"] != "row")
+    panel["targets"] = []
+    broken["panels"][-1]["gridPos"] = dict(broken["panels"][0]["gridPos"])  # stacked on the first panel
+    broken["schemaVersion"] = 16
+    errors = grafana_model_errors(broken)
+    assert any("without a query" in e for e in errors)
+    assert any("overlaps" in e for e in errors)
+    assert any("schemaVersion" in e for e in errors)
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)

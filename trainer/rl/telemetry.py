@@ -37,6 +37,7 @@ WEIGHT_SYNC_SECONDS = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
 )
 STEPS = Counter("speechlm_rl_steps_total", "GRPO optimiser steps done")
+LOSS = Gauge("speechlm_rl_loss", "GRPO policy loss of the last logged step")
 
 
 def record_rewards(result: ScoreResult) -> None:
@@ -55,6 +56,8 @@ class ScalarLogCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         values = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+        if "loss" in values:
+            LOSS.set(values["loss"])
         if values:
             self.scalars.log(state.global_step, **values)
 

@@ -138,7 +138,17 @@ class VllmServer:
 
 
 class ServerUnreachable(StageError):
-    """No answer from the server (refused, reset, timed out): it may be restarting."""
+    """No answer from the server (refused, reset, timed out), or its engine gone: it may be restarting."""
+
+
+# A server being stopped (its pod deleted) answers in-flight requests with HTTP 500 "EngineCore encountered
+# an issue" once its engine process is gone (seen on vLLM 0.32 on SIGTERM); a Service or proxy in front of
+# it answers 502/503/504. Both mean "wait for the server to come back", not "this request is wrong".
+_ENGINE_DEAD = ("EngineCore encountered an issue", "EngineDeadError")
+
+
+def _going_away(code: int, message: str) -> bool:
+    return code in (502, 503, 504) or (code == 500 and any(s in message for s in _ENGINE_DEAD))
 
 
 def _request(base_url: str, route: str, body: dict[str, Any] | None, timeout_s: float) -> str:
@@ -148,7 +158,10 @@ def _request(base_url: str, route: str, body: dict[str, Any] | None, timeout_s: 
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return response.read().decode()
     except urllib.error.HTTPError as err:
-        raise StageError(f"vLLM {route}: HTTP {err.code}: {err.read().decode(errors='replace')[:500]}") from None
+        message = f"vLLM {route}: HTTP {err.code}: {err.read().decode(errors='replace')[:500]}"
+        if _going_away(err.code, message):
+            raise ServerUnreachable(f"vLLM server {base_url} going away: {message}") from None
+        raise StageError(message) from None
     except (urllib.error.URLError, OSError) as err:
         raise ServerUnreachable(f"vLLM server {base_url} unreachable: {err}") from None
 
