@@ -94,7 +94,8 @@ class CodecStageSpec(StageSpec):
 
 
 class RolloutSpec(Model):
-    """The vLLM rollout server of the RLHF stage (`trl vllm-serve`, Kubernetes only)."""
+    """The vLLM rollout server of the RLHF stage (Kubernetes only): vLLM's own server for the `storage`
+    weight sync, TRL 0.x's `trl vllm-serve` for `nccl` (group_port: its NCCL group)."""
 
     gpus: int = Field(1, ge=1)
     resources: Resources = Resources()

@@ -44,6 +44,7 @@ def spec_dict(tmp: Path) -> dict[str, Any]:
             "labels": {"team": "speech"},
             "annotations": {"owner": "speech-team"},
             "activeDeadlineSeconds": 86400,
+            "workspace": {"claimName": "tts-workspace"},
         },
     }
 

@@ -201,24 +201,55 @@ def test_rollout_server_is_one_replica_behind_a_headless_service(rendered):
     pod = deployment["spec"]["template"]["spec"]
     assert pod["enableServiceLinks"] is False
     (container,) = pod["containers"]
-    assert container["command"][:2] == ["trl", "vllm-serve"]
-    assert container["command"][8:10] == ["--tensor-parallel-size", "2"]
+    # The default weight sync (storage): vLLM's own server, which reloads what the trainer writes.
+    assert container["command"][:3] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert container["command"][9:11] == ["--tensor-parallel-size", "2"]
     assert container["command"][-2:] == ["--gpu_memory_utilization", "0.85"]
+    assert {"name": "VLLM_SERVER_DEV_MODE", "value": "1"} in container["env"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert container["startupProbe"]["failureThreshold"] == 180
     # The model lives in an object store: an init container copies it to a local volume for vLLM.
     (fetch,) = pod["initContainers"]
     assert fetch["command"][-2:] == ["gs://tts-bucket/full/outputs/export/sft", "/model"]
-    assert container["command"][3] == "/model"
+    assert container["command"][container["command"].index("--model") + 1] == "/model"
     service = named(objects, "Service", "full-rollout")
     assert service["spec"]["clusterIP"] == "None"
-    assert {(p["name"], p["port"]) for p in service["spec"]["ports"]} == {("http", 8000), ("weight-sync", 51216)}
+    assert {(p["name"], p["port"]) for p in service["spec"]["ports"]} == {("http", 8000)}
     assert all(s["metadata"]["name"] != "vllm" for s in by_kind(objects, "Service"))
     assert _matches(service["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"])
+    trainer = named(objects, "PyTorchJob", "full-rlhf")["spec"]["pytorchReplicaSpecs"]["Master"]["template"][
+        "spec"]["containers"][0]
+    trainer_env = {e["name"]: e.get("value") for e in trainer["env"]}
+    assert trainer_env["TTS_VLLM_HOST"] == "full-rollout.tts.svc" and "TTS_VLLM_GROUP_PORT" not in trainer_env
+    # Both pods mount the workspace claim, where the weights meet.
+    (config,) = [c for c in by_kind(objects, "ConfigMap") if c["metadata"]["name"] == "full-rlhf-config"]
+    rl = json.loads(next(iter(config["data"].values())))["rlhf_training"]
+    assert rl["weight_sync_dir"] == "/workspace/rollout-weights/full"
+    for mounts in (container["volumeMounts"], trainer["volumeMounts"]):
+        assert {"name": "workspace", "mountPath": "/workspace"} in mounts
+
+
+def test_nccl_rollout_server_is_trls_vllm_serve():
+    _, objects = helm_template([FULL], release="full", extra=[
+        "--set", "stages.rlhf.config.rlhf_training.weight_sync=nccl"])
+    (container,) = named(objects, "Deployment", "full-rollout")["spec"]["template"]["spec"]["containers"]
+    assert container["command"][:2] == ["trl", "vllm-serve"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health/"
+    service = named(objects, "Service", "full-rollout")
+    assert {(p["name"], p["port"]) for p in service["spec"]["ports"]} == {("http", 8000), ("weight-sync", 51216)}
+    (rule,) = named(objects, "NetworkPolicy", "full-rollout")["spec"]["ingress"]
+    assert "ports" not in rule  # NCCL uses ephemeral ports: restrict by source pod only
     trainer_env = {e["name"]: e.get("value") for e in
                    named(objects, "PyTorchJob", "full-rlhf")["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
                    ["spec"]["containers"][0]["env"]}
-    assert trainer_env["TTS_VLLM_HOST"] == "full-rollout.tts.svc" and trainer_env["TTS_VLLM_GROUP_PORT"] == "51216"
+    assert trainer_env["TTS_VLLM_GROUP_PORT"] == "51216"
+
+
+def test_storage_sync_without_the_workspace_claim_fails_to_render():
+    result = run([tool("helm"), "template", "full", str(CHART), "--values", str(FULL),
+                  "--set", "workspace.enabled=false"])
+    assert result.returncode != 0 and "weight_sync storage needs the workspace claim" in result.stderr
 
 
 def test_network_policy_admits_only_this_runs_rlhf_trainer_pods(rendered):
@@ -228,7 +259,7 @@ def test_network_policy_admits_only_this_runs_rlhf_trainer_pods(rendered):
     assert _matches(policy["podSelector"]["matchLabels"], deployment["spec"]["template"]["metadata"]["labels"])
     assert policy["policyTypes"] == ["Ingress"]
     (rule,) = policy["ingress"]
-    assert "ports" not in rule  # NCCL uses ephemeral ports: restrict by source pod only
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]  # storage sync: HTTP is all there is
     (peer,) = rule["from"]
     assert set(peer) == {"podSelector"}  # no namespaceSelector/ipBlock: this namespace's pods only
     selector = peer["podSelector"]["matchLabels"]

@@ -125,6 +125,7 @@ def test_vllm_server_settings_come_from_config_then_environment():
 def test_grpo_args_server_mode_and_field_defaults(artefacts, monkeypatch):
     root, _, model, data = artefacts
     monkeypatch.setenv("TTS_VLLM_HOST", "rollout-0.rollout")
+    monkeypatch.setenv("TTS_VLLM_GROUP_PORT", "52000")
     config = load_config(overrides=_settings(root, model, data, **{"rlhf_training.use_vllm": True,
                                                                   "rlhf_training.weight_sync": "nccl"}))
     _, _, vocab = load_speechlm(str(model))
@@ -133,11 +134,14 @@ def test_grpo_args_server_mode_and_field_defaults(artefacts, monkeypatch):
     assert args.vllm_server_base_url == "http://rollout-0.rollout:8000"
     assert args.generation_kwargs["stop_token_ids"] == [vocab.speech_end_id]
     assert args.generation_kwargs["min_tokens"] == 3
+    if rollout.TRL_1:  # the resolved group port goes to trl 1.x's config, its logprob reweighting stays off
+        assert args.vllm_group_port == 52000 and not args.vllm_importance_sampling_correction
     defaults = grpo.grpo_args(load_config(overrides=_settings(root, model, data, **{
         "rlhf_training.mask_truncated_completions": True})), str(root / "hf"), vocab, 4096)
-    assert (defaults.beta, defaults.scale_rewards, defaults.loss_type) == (0.0, False, "dr_grpo")
+    # trl 1.x spells scale_rewards False "none" and has no max_prompt_length (it never cuts a prompt).
+    assert (defaults.beta, defaults.loss_type) == (0.0, "dr_grpo") and defaults.scale_rewards in (False, "none")
     assert defaults.mask_truncated_completions and not defaults.use_vllm
-    assert defaults.generation_kwargs["min_new_tokens"] == 3 and defaults.max_prompt_length is None
+    assert defaults.generation_kwargs["min_new_tokens"] == 3 and getattr(defaults, "max_prompt_length", None) is None
     assert vocab.speech_end_id not in defaults.generation_kwargs["suppress_tokens"]
     # The storage weight sync samples through the policy's generate (our server client): TRL's vLLM is off.
     storage = grpo.grpo_args(load_config(overrides=_settings(root, model, data, **{"rlhf_training.use_vllm": True})),
@@ -276,13 +280,38 @@ def _checksum(model) -> float:
     return float(sum(p.detach().double().sum() for p in model.parameters()))
 
 
-def test_vllm_server_rollouts_sample_from_the_policy_prompt_ids(artefacts, tmp_path, monkeypatch):
-    """GRPO in server mode against a `trl vllm-serve` stand-in (tests/vllm_standin.py): TRL's real
-    VLLMClient and weight-sync path, the transport gloo instead of NCCL (the only CUDA-bound piece)."""
-    import trl.extras.vllm_client as vllm_client
-    import trl.trainer.grpo_trainer as grpo_module
-    from vllm_standin import GlooCommunicator, GlooProcessGroup
+def _cpu_vllm_client(monkeypatch) -> None:
+    """What needs CUDA or vllm on the trainer side of TRL's server mode, replaced by its CPU equivalent."""
+    if rollout.TRL_1:  # trl 1.x: trl.generation, vLLM's weight-transfer engine on a CUDA device
+        import trl.generation.vllm_client as vllm_client
+        import trl.generation.vllm_generation as vllm_generation
+        from vllm_standin import broadcast_producer, trainer_endpoint
 
+        monkeypatch.setattr(vllm_generation, "is_vllm_available", lambda *args, **kwargs: True)
+        monkeypatch.setattr(vllm_client, "is_vllm_available", lambda *args, **kwargs: True)
+        monkeypatch.setattr(vllm_client, "get_ip", lambda: "127.0.0.1", raising=False)
+        monkeypatch.setattr(vllm_client, "_HAS_STATEFUL_TRAINER_ENGINE", True)
+        monkeypatch.setattr(vllm_client, "open_trainer_endpoint", trainer_endpoint, raising=False)
+        monkeypatch.setattr(vllm_client, "packed_nccl_broadcast_producer", broadcast_producer, raising=False)
+        init = vllm_client.VLLMClient.init_communicator  # it refuses a device that is not CUDA
+        monkeypatch.setattr(vllm_client.VLLMClient, "init_communicator", lambda self, device=0: init(self, "cuda"))
+    else:  # trl 0.x: trl.extras, vLLM's StatelessProcessGroup and PyNcclCommunicator
+        import trl.extras.vllm_client as vllm_client
+        import trl.trainer.grpo_trainer as grpo_module
+        from vllm_standin import GlooCommunicator, GlooProcessGroup
+
+        monkeypatch.setattr(grpo_module, "is_vllm_available", lambda: True)
+        monkeypatch.setattr(vllm_client, "is_vllm_available", lambda: True)
+        monkeypatch.setattr(vllm_client, "StatelessProcessGroup", GlooProcessGroup, raising=False)
+        monkeypatch.setattr(vllm_client, "PyNcclCommunicator", GlooCommunicator, raising=False)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(uuid="trainer-cpu"))
+
+
+def test_vllm_server_rollouts_sample_from_the_policy_prompt_ids(artefacts, tmp_path, monkeypatch):
+    """GRPO in server mode against a stand-in of TRL's rollout server (tests/vllm_standin.py: `trl
+    vllm-serve` for trl 0.x, vLLM's server with its weight-transfer engine for trl 1.x): TRL's real
+    VLLMClient and weight-sync path, the transport gloo instead of NCCL (the only CUDA-bound piece)."""
     root, _, model_dir, data = artefacts
     model = _bos_adding_copy(model_dir, tmp_path / "model")
     port, group_port = _free_port(), _free_port()
@@ -292,15 +321,9 @@ def test_vllm_server_rollouts_sample_from_the_policy_prompt_ids(artefacts, tmp_p
         [sys.executable, str(Path(__file__).with_name("vllm_standin.py")), "--model", str(model), "--port",
          str(port), "--log", str(log)], env=env,
     )
-    # What needs CUDA or vllm on the trainer side, replaced by its CPU equivalent.
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     monkeypatch.setattr(rollout, "check_weight_sync", lambda: None)
-    monkeypatch.setattr(grpo_module, "is_vllm_available", lambda: True)
-    monkeypatch.setattr(vllm_client, "is_vllm_available", lambda: True)
-    monkeypatch.setattr(vllm_client, "StatelessProcessGroup", GlooProcessGroup, raising=False)
-    monkeypatch.setattr(vllm_client, "PyNcclCommunicator", GlooCommunicator, raising=False)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(uuid="trainer-cpu"))
+    _cpu_vllm_client(monkeypatch)
     try:
         code = main(["rlhf", *_overrides(root, model, data, **{
             "rlhf_training.use_vllm": True, "rlhf_training.weight_sync": "nccl", "rlhf_training.vllm_server_port": port,
@@ -371,8 +394,13 @@ def test_round_trip_check_covers_the_server_tokenisation(artefacts, tmp_path):
     _, _, model_dir, data = artefacts
     llama3 = PromptFormat(*load_speechlm(str(_bos_adding_copy(model_dir, tmp_path / "bos")))[1:])
     assert build_prompts({str(data): 1.0}, "train", llama3, 100_000, None, seed=0, vllm_server=True)
-    # A tokenizer that also appends EOS cannot give the server the policy's ids from text.
+    # A tokenizer that also appends EOS cannot give the server the policy's ids from text, nor trl 1.x (which
+    # tokenises prompts with special tokens added) in any rollout mode.
     both = PromptFormat(*load_speechlm(str(_bos_adding_copy(model_dir, tmp_path / "eos", "{bos} $A {eos}")))[1:])
-    assert build_prompts({str(data): 1.0}, "train", both, 100_000, None, seed=0)
-    with pytest.raises(StageError, match="vLLM server"):
-        build_prompts({str(data): 1.0}, "train", both, 100_000, None, seed=0, vllm_server=True)
+    if rollout.TRL_1:
+        with pytest.raises(StageError, match="as TRL tokenises it"):
+            build_prompts({str(data): 1.0}, "train", both, 100_000, None, seed=0)
+    else:
+        assert build_prompts({str(data): 1.0}, "train", both, 100_000, None, seed=0)
+        with pytest.raises(StageError, match="vLLM server"):
+            build_prompts({str(data): 1.0}, "train", both, 100_000, None, seed=0, vllm_server=True)

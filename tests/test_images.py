@@ -39,17 +39,17 @@ def pins() -> dict[str, str]:
     return dict(re.findall(r"^([\w.-]+)==(\S+)", text, flags=re.M))
 
 
-def test_the_three_images_exist():
-    assert set(DOCKERFILES) == {"trainer", "rollout", "cpu"}
+def test_the_images_exist():
+    assert set(DOCKERFILES) == {"trainer", "rollout", "rollout-trl", "cpu"}
 
 
-@pytest.mark.parametrize("image", ["trainer", "rollout", "cpu"])
+@pytest.mark.parametrize("image", ["trainer", "rollout", "rollout-trl", "cpu"])
 def test_hadolint_clean(image):
     result = run([venv_tool("hadolint"), "--no-color", str(DOCKERFILES[image])])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("image", ["trainer", "rollout", "cpu"])
+@pytest.mark.parametrize("image", ["trainer", "rollout", "rollout-trl", "cpu"])
 def test_hadolint_ignores_are_justified(image):
     lines = DOCKERFILES[image].read_text().splitlines()
     for i, line in enumerate(lines):
@@ -59,7 +59,7 @@ def test_hadolint_ignores_are_justified(image):
             assert lines[i + 1].startswith("RUN apt-get update"), f"{image}:{i + 1}"
 
 
-@pytest.mark.parametrize("image", ["trainer", "rollout", "cpu"])
+@pytest.mark.parametrize("image", ["trainer", "rollout", "rollout-trl", "cpu"])
 def test_multi_stage_slim_non_root_runtime(image):
     parts = stages(DOCKERFILES[image])
     assert len(parts) >= 2
@@ -73,13 +73,14 @@ def test_multi_stage_slim_non_root_runtime(image):
     assert "pip install" not in runtime
 
 
-@pytest.mark.parametrize("image", ["trainer", "rollout", "cpu"])
+@pytest.mark.parametrize("image", ["trainer", "rollout", "rollout-trl", "cpu"])
 def test_build_context_carries_only_sources_and_pins(image):
     dockerfile = DOCKERFILES[image]
     sources = set()
     for line in re.findall(r"^COPY (?!--from)(.+)$", dockerfile.read_text(), flags=re.M):
         sources.update(line.split()[:-1])
-    assert sources and sources <= ALLOWED_SOURCES, sources - ALLOWED_SOURCES
+    # Every image but the stock vLLM server copies something (the pins, or the project).
+    assert (not sources) == (image == "rollout") and sources <= ALLOWED_SOURCES, sources - ALLOWED_SOURCES
     ignore = (dockerfile.parent / "Dockerfile.dockerignore").read_text().splitlines()
     rules = [r for r in ignore if r and not r.startswith("#")]
     assert rules[0] == "*", "the build context must be deny-by-default"
@@ -88,7 +89,8 @@ def test_build_context_carries_only_sources_and_pins(image):
 
 
 def test_gpu_images_share_the_default_stack():
-    trainer, rollout = arg_defaults(DOCKERFILES["trainer"]), arg_defaults(DOCKERFILES["rollout"])
+    """The trainer and TRL's `trl vllm-serve` rollout (weight_sync nccl) speak TRL's protocol: one stack."""
+    trainer, rollout = arg_defaults(DOCKERFILES["trainer"]), arg_defaults(DOCKERFILES["rollout-trl"])
     assert trainer["STACK"] == rollout["STACK"] == "cu128"
     for key, value in STACKS["cu128"].items():
         assert trainer[key] == rollout[key] == value, key
@@ -100,7 +102,7 @@ def test_images_install_what_ci_tests():
     assert arg_defaults(DOCKERFILES["trainer"])["TRL_VERSION"] == ci["trl"]
     assert arg_defaults(DOCKERFILES["cpu"])["TORCH_VERSION"] == ci["torch"]
     assert ci["transformers"].startswith("4.57.")
-    for image in ("trainer", "rollout"):
+    for image in ("trainer", "rollout-trl"):
         text = DOCKERFILES[image].read_text()
         # the shared pins (transformers & co.) constrain every install; the stack sets torch and TRL
         assert "grep -v '^trl==' /tmp/common.txt > /tmp/constraints.txt" in text
@@ -112,9 +114,11 @@ def test_images_install_what_ci_tests():
 def test_skaffold_profiles_are_the_supported_stacks():
     config = yaml.safe_load((REPO / "skaffold.yaml").read_text())
     base = {a["image"]: a for a in config["build"]["artifacts"]}
-    for image in ("tts-trainer", "tts-rollout"):
+    for image in ("tts-trainer", "tts-rollout-trl"):
         args = base[image]["docker"]["buildArgs"]
         assert args == {"STACK": "cu128", **STACKS["cu128"]}
+    assert base["tts-rollout"]["docker"]["buildArgs"] == {
+        k: v for k, v in arg_defaults(DOCKERFILES["rollout"]).items() if k != "UBUNTU_VERSION"}
     profiles = {p["name"]: p for p in config["profiles"]}
     for stack, profile in (("cu128", "cuda128"), ("cu124", "cuda124")):
         patched = {}
@@ -157,3 +161,16 @@ def test_the_readmes_list_the_stacks_the_images_build():
         cells = [cell.strip() for cell in row.group(1).split("|")]
         keys = ["CUDA_VERSION", "TORCH_VERSION", "TORCHVISION_VERSION", "VLLM_VERSION", "TRL_VERSION"]
         assert cells[:5] == [args[k] for k in keys] and cells[5].startswith(flash), stack
+
+
+def test_the_default_rollout_image_is_the_vllm_ci_serves_with():
+    """weight_sync storage (the default) runs a stock vLLM server: the release tests/real_vllm and
+    tests/monitoring serve our models with (its CPU build), started the way the Deployment starts it."""
+    ci_vllm = re.search(r'^VLLM_VERSION="\$\{VLLM_VERSION:-([\d.]+)\}"$',
+                        (REPO / ".ci" / "install-vllm-cpu.sh").read_text(), flags=re.M).group(1)
+    text = DOCKERFILES["rollout"].read_text()
+    assert arg_defaults(DOCKERFILES["rollout"])["VLLM_VERSION"] == ci_vllm
+    installs = [line for line in text.splitlines() if "pip install" in line]
+    assert any('"vllm==${VLLM_VERSION}"' in line for line in installs)
+    assert not any("trl" in line for line in installs)  # no TRL on the server side
+    assert 'ENTRYPOINT ["python", "-m", "vllm.entrypoints.openai.api_server"]' in text

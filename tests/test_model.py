@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from trainer.errors import ConfigError
 from trainer.model.build import build_speechlm, load_speechlm, preset, sample_like, save_speechlm
@@ -18,7 +19,12 @@ def test_llama_3_2_1b_preset_shape():
     assert config.vocab_size == vocab.vocab_size == 193_856
     assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (2048, 16, 8192)
     assert (config.num_attention_heads, config.num_key_value_heads) == (32, 8)
-    assert config.tie_word_embeddings and config.rope_theta == 500000.0
+    assert config.tie_word_embeddings
+    # RoPE as the model computes it (transformers 4.x keeps rope_theta/rope_scaling, 5.x rope_parameters): base
+    # 500000, the high frequencies as they are, the lowest divided by the llama3 factor 32.
+    inv_freq = LlamaRotaryEmbedding(config).inv_freq
+    assert inv_freq[1].item() == pytest.approx(500000.0 ** (-2 / 64), rel=1e-6)
+    assert inv_freq[-1].item() == pytest.approx(500000.0 ** (-62 / 64) / 32, rel=1e-6)
     assert tokenizer.convert_tokens_to_ids("<|s_65535|>") == vocab.audio_offset + 65535
 
 

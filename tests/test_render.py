@@ -13,6 +13,7 @@ from controller_fixtures import REPO, object_errors, spec_dict, write_spec
 
 from controller import render
 from controller.cli import main
+from controller.plan import build_plan
 from controller.spec import load_spec
 
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -139,7 +140,13 @@ def test_configs_chain_the_stages(objects, tmp_path):
     assert ev["metrics_dirs"] == [f"{ckpt}/sft", f"{ckpt}/rlhf"]
 
 
+def _trainer_labels(objects: list[dict], name: str) -> dict:
+    return by_kind_name(objects, "PyTorchJob", name)["spec"]["pytorchReplicaSpecs"]["Master"]["template"][
+        "metadata"]["labels"]
+
+
 def test_rlhf_rollout_server(objects, tmp_path):
+    """The default `storage` weight sync: vLLM's own server, HTTP only, weights met on the workspace claim."""
     deployment = by_kind_name(objects, "Deployment", "t1-rollout")
     service = by_kind_name(objects, "Service", "t1-rollout")
     policy = by_kind_name(objects, "NetworkPolicy", "t1-rollout")
@@ -147,45 +154,82 @@ def test_rlhf_rollout_server(objects, tmp_path):
     pod = deployment["spec"]["template"]["spec"]
     assert pod["enableServiceLinks"] is False
     (server,) = pod["containers"]
-    assert server["command"][:4] == ["trl", "vllm-serve", "--model", f"{tmp_path}/out/export/sft"]
-    assert server["command"][4:8] == ["--host", "0.0.0.0", "--port", "8000"]
+    assert server["command"][:5] == ["python", "-m", "vllm.entrypoints.openai.api_server", "--model",
+                                     f"{tmp_path}/out/export/sft"]
+    assert server["command"][5:9] == ["--host", "0.0.0.0", "--port", "8000"]
+    assert env_of(server)["VLLM_SERVER_DEV_MODE"] == "1"  # the /collective_rpc weight reload
+    assert [p["name"] for p in server["ports"]] == ["http"]
     assert server["resources"]["limits"]["nvidia.com/gpu"] == "1"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert server[probe]["httpGet"]["path"].rstrip("/") == "/health"
+        assert server[probe]["httpGet"]["path"] == "/health"  # vLLM's route
     startup = server["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800
     assert any(m["mountPath"] == "/dev/shm" for m in server["volumeMounts"])
-    assert service["metadata"]["name"] != "vllm"
-    assert service["spec"]["clusterIP"] == "None"
-    assert {p["port"] for p in service["spec"]["ports"]} == {8000, 51216}
-    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
-    # Only this run's RLHF trainer pods, on any port (NCCL uses ephemeral ports).
-    assert policy["spec"]["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
-    (rule,) = policy["spec"]["ingress"]
-    assert "ports" not in rule
-    (peer,) = rule["from"]
-    job = by_kind_name(objects, "PyTorchJob", "t1-rlhf")
-    trainer_labels = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"]
-    assert peer["podSelector"]["matchLabels"].items() <= trainer_labels.items()
-    sft_labels = by_kind_name(objects, "PyTorchJob", "t1-sft")["spec"]["pytorchReplicaSpecs"]["Master"][
-        "template"]["metadata"]["labels"]
-    assert not peer["podSelector"]["matchLabels"].items() <= sft_labels.items()
-    env = env_of(trainer_container(job))
-    assert env["TTS_VLLM_HOST"] == "t1-rollout.tts.svc"
-    assert env["TTS_VLLM_PORT"] == "8000" and env["TTS_VLLM_GROUP_PORT"] == "51216"
+    # The trainer writes the weights where the server reads them: the workspace claim, in both pods.
     rl = stage_config(objects, "rlhf")["rlhf_training"]
     assert rl["use_vllm"] is True and rl["vllm_server_host"] == "t1-rollout.tts.svc"
+    assert rl["weight_sync"] == "storage" and rl["weight_sync_dir"] == "/workspace/rollout-weights/t1"
+    job = by_kind_name(objects, "PyTorchJob", "t1-rlhf")
+    for container in (server, trainer_container(job)):
+        assert {"name": "workspace", "mountPath": "/workspace"} in container["volumeMounts"]
+    assert service["metadata"]["name"] != "vllm"
+    assert service["spec"]["clusterIP"] == "None"
+    assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [("http", 8000)]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    # Only this run's RLHF trainer pods, on the HTTP port.
+    assert policy["spec"]["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"].items() <= _trainer_labels(objects, "t1-rlhf").items()
+    assert not peer["podSelector"]["matchLabels"].items() <= _trainer_labels(objects, "t1-sft").items()
+    env = env_of(trainer_container(job))
+    assert env["TTS_VLLM_HOST"] == "t1-rollout.tts.svc" and env["TTS_VLLM_PORT"] == "8000"
+    assert "TTS_VLLM_GROUP_PORT" not in env
+
+
+def test_nccl_rollout_server_is_trls(tmp_path):
+    """`weight_sync: nccl`: TRL 0.x's `trl vllm-serve` with its weight-sync group port, open on every port
+    to the run's trainer pods (NCCL uses ephemeral ports)."""
+    data = spec_dict(tmp_path)
+    data["stages"]["rlhf"]["config"] = {"rlhf_training": {"weight_sync": "nccl"}}
+    objects = render.render_dicts(load_spec(write_spec(tmp_path, data)))
+    (server,) = by_kind_name(objects, "Deployment", "t1-rollout")["spec"]["template"]["spec"]["containers"]
+    assert server["command"][:4] == ["trl", "vllm-serve", "--model", f"{tmp_path}/out/export/sft"]
+    assert "VLLM_SERVER_DEV_MODE" not in env_of(server)
+    assert [p["name"] for p in server["ports"]] == ["http", "weight-sync"]
+    assert server["readinessProbe"]["httpGet"]["path"] == "/health/"  # TRL's route
+    service = by_kind_name(objects, "Service", "t1-rollout")
+    assert {p["port"] for p in service["spec"]["ports"]} == {8000, 51216}
+    (rule,) = by_kind_name(objects, "NetworkPolicy", "t1-rollout")["spec"]["ingress"]
+    assert "ports" not in rule
+    env = env_of(trainer_container(by_kind_name(objects, "PyTorchJob", "t1-rlhf")))
+    assert env["TTS_VLLM_PORT"] == "8000" and env["TTS_VLLM_GROUP_PORT"] == "51216"
+    rl = stage_config(objects, "rlhf")["rlhf_training"]
+    assert rl["weight_sync"] == "nccl" and rl.get("weight_sync_dir") is None
+
+
+def test_storage_sync_without_a_shared_claim_is_refused(tmp_path, capsys):
+    data = spec_dict(tmp_path)
+    del data["cluster"]["workspace"]
+    spec = write_spec(tmp_path, data)
+    assert main(["render", str(spec), "-o", str(tmp_path / "m")]) == 2
+    assert "weight_sync 'storage' on a cluster needs cluster.workspace" in capsys.readouterr().err
+    data["stages"]["rlhf"]["config"] = {"rlhf_training": {"weight_sync_dir": "/shared/weights"}}
+    objects = render.render_dicts(load_spec(write_spec(tmp_path, data)))
+    assert stage_config(objects, "rlhf")["rlhf_training"]["weight_sync_dir"] == "/shared/weights"
 
 
 def test_remote_model_is_fetched_by_an_init_container(tmp_path):
     data = spec_dict(tmp_path)
     data["storage"] = {"data": "gs://b/data", "checkpoints": "gs://b/ckpt", "outputs": "gs://b/out"}
     spec = load_spec(write_spec(tmp_path, data))
-    deployment = render.to_dict(render.rollout.deployment(spec))
+    deployment = render.to_dict(render.rollout.deployment(spec, build_plan(spec, ["rlhf"])[0]))
     pod = deployment["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
     assert "gs://b/out/export/sft" in init["command"]
-    assert pod["containers"][0]["command"][3] == "/model"
+    command = pod["containers"][0]["command"]
+    assert command[command.index("--model") + 1] == "/model"
     assert object_errors(deployment) == []
 
 

@@ -60,7 +60,7 @@ def test_schema_catches_a_typo():
 def test_profiles_and_artifacts():
     assert set(PROFILES) == {"cuda124", "cuda128", "cpu"}
     images = {a["image"]: a for a in CONFIG["build"]["artifacts"]}
-    assert set(images) == {"tts-trainer", "tts-rollout", "tts-cpu"}
+    assert set(images) == {"tts-trainer", "tts-rollout", "tts-rollout-trl", "tts-cpu"}
     for artifact in images.values():
         assert (REPO / artifact["context"] / artifact["docker"]["dockerfile"]).is_file()
     cpu_build = with_profile("cpu")["build"]["artifacts"]

@@ -37,7 +37,7 @@ class StageObjects:
 def stage_objects(spec: PipelineSpec, run: StageRun) -> StageObjects:
     server = ()
     if run.step.stage.needs_rollout_server:
-        server = (rollout.deployment(spec), rollout.service(spec), rollout.network_policy(spec))
+        server = (rollout.deployment(spec, run), rollout.service(spec, run), rollout.network_policy(spec, run))
     return StageObjects(run, config_map(spec, run), pytorch_job(spec, run), server)
 
 

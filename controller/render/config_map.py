@@ -8,6 +8,7 @@ from controller.plan import StageRun
 from controller.render import meta
 from controller.spec import PipelineSpec
 from trainer.config import TrainerConfig, dump_config
+from trainer.errors import ConfigError
 
 
 def rollout_address(spec: PipelineSpec) -> tuple[str, int, int]:
@@ -17,19 +18,31 @@ def rollout_address(spec: PipelineSpec) -> tuple[str, int, int]:
     return host, rollout.port, rollout.group_port
 
 
+def weight_sync(run: StageRun) -> str:
+    """How the rollout server gets the policy's weights (rlhf_training.weight_sync: storage or nccl)."""
+    return run.config.rlhf_training.weight_sync
+
+
 def cluster_config(spec: PipelineSpec, run: StageRun) -> TrainerConfig:
-    """The stage config as pods see it: the cluster's collective timeout and, for RLHF, the rollout server."""
+    """The stage config as pods see it: the cluster's collective timeout and, for RLHF, the rollout server
+    (and, for the `storage` weight sync, a weights directory both pods mount)."""
     config = run.config.model_copy(deep=True)
     config.training.process_group_timeout_s = spec.cluster.processGroupTimeoutSeconds
     if run.step.stage.needs_rollout_server:
         host, port, group_port = rollout_address(spec)
-        config.rlhf_training.use_vllm = True
-        # The Deployment runs TRL's `trl vllm-serve` (controller/render/rollout.py), whose weights arrive by
-        # NCCL; the stock-vLLM `storage` sync is not rendered for clusters yet.
-        config.rlhf_training.weight_sync = "nccl"
-        config.rlhf_training.vllm_server_host = host
-        config.rlhf_training.vllm_server_port = port
-        config.rlhf_training.vllm_group_port = group_port
+        rl = config.rlhf_training
+        rl.use_vllm = True
+        rl.vllm_server_host = host
+        rl.vllm_server_port = port
+        rl.vllm_group_port = group_port
+        if rl.weight_sync == "storage" and not rl.weight_sync_dir:
+            # vLLM reloads weights from a local path: the workspace claim, mounted by the trainer and the
+            # rollout pods at the same path, is where they meet.
+            if not spec.cluster.workspace:
+                raise ConfigError("rlhf weight_sync 'storage' on a cluster needs cluster.workspace (a claim the "
+                                  "trainer and rollout pods both mount) or rlhf_training.weight_sync_dir on a "
+                                  "shared mount; or use weight_sync: nccl")
+            rl.weight_sync_dir = f"{spec.cluster.workspace.mountPath}/rollout-weights/{spec.name}"
     return config
 
 

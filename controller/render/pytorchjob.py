@@ -7,7 +7,7 @@ from kubernetes import client as k8s
 
 from controller.plan import StageRun
 from controller.render import meta, pod
-from controller.render.config_map import rollout_address
+from controller.render.config_map import rollout_address, weight_sync
 from controller.spec import PipelineSpec
 
 CONTAINER = "pytorch"  # the operator finds the training container by this name
@@ -36,7 +36,9 @@ def trainer_env(spec: PipelineSpec, run: StageRun) -> list[k8s.V1EnvVar]:
     }
     if run.step.stage.needs_rollout_server:
         host, port, group_port = rollout_address(spec)
-        env |= {"TTS_VLLM_HOST": host, "TTS_VLLM_PORT": str(port), "TTS_VLLM_GROUP_PORT": str(group_port)}
+        env |= {"TTS_VLLM_HOST": host, "TTS_VLLM_PORT": str(port)}
+        if weight_sync(run) == "nccl":
+            env["TTS_VLLM_GROUP_PORT"] = str(group_port)
     # torchrun SIGKILLs its workers this long after forwarding SIGTERM (default 30 s): give them the pod's
     # grace period, less a little for torchrun's own exit.
     env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(shutdown_timeout(spec))

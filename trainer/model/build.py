@@ -70,6 +70,8 @@ def _small_wide_config(vocab_size: int) -> LlamaConfig:
 
 
 def _llama_3_2_1b_config(vocab_size: int) -> LlamaConfig:
+    # transformers 5 folds rope_theta and rope_scaling into `rope_parameters` (4.x keeps them as they are); both
+    # build the same frequencies (tests/test_model.py).
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
         num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,

