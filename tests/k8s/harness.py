@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / ".ci" / "build-kube-apiserver.sh"
 CRD_DIR = REPO / "tests" / "k8s_schemas"
 CRD_FILES = ("kubeflow.org_pytorchjobs.yaml", "monitoring.coreos.com_podmonitors.yaml",
-             "monitoring.coreos.com_servicemonitors.yaml")
+             "monitoring.coreos.com_servicemonitors.yaml", "monitoring.coreos.com_prometheusrules.yaml")
 NODE = "sim-node"
 STARTUP_TIMEOUT_S = 120.0
 

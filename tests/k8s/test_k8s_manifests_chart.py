@@ -36,7 +36,8 @@ def test_crds_are_served(tools):
     resources = tools.kubectl("api-resources", "--api-group=kubeflow.org", "-o", "name")
     assert "pytorchjobs.kubeflow.org" in resources
     monitoring = tools.kubectl("api-resources", "--api-group=monitoring.coreos.com", "-o", "name")
-    assert {"podmonitors.monitoring.coreos.com", "servicemonitors.monitoring.coreos.com"} <= set(monitoring.split())
+    assert {"podmonitors.monitoring.coreos.com", "servicemonitors.monitoring.coreos.com",
+            "prometheusrules.monitoring.coreos.com"} <= set(monitoring.split())
 
 
 def test_manifests_server_dry_run_then_apply(tools):

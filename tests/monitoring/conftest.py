@@ -11,6 +11,7 @@ Run `full` is every stage of one release; run `diverged` is the NaN run of a sec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -126,33 +127,48 @@ def _metric_value(port: int, name: str) -> float | None:
     return values[0] if values else None
 
 
+@dataclass
+class Running:
+    run: str
+    stage: str
+    process: subprocess.Popen
+    log: Path
+    started: float
+
+
 class Stages:
     """Runs `python -m trainer <stage>` processes with their metrics on given ports; records windows."""
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.runs: list[StageRun] = []
+        self.started: list[Running] = []
 
-    def start(self, run: str, stage: str, args: list[str], port: int) -> subprocess.Popen:
-        log = (self.workdir / f"{run}-{stage}.log").open("w")
+    def start(self, run: str, stage: str, args: list[str], port: int) -> Running:
+        log = self.workdir / f"{run}-{stage}.log"
         cmd = [sys.executable, "-m", "trainer", *args, "--set", f"metrics.port={port}"]
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        process.started = time.time()  # type: ignore[attr-defined]
-        process.meta = (run, stage, log)  # type: ignore[attr-defined]
-        return process
+        with log.open("w") as out:  # the child keeps its own descriptor
+            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        self.started.append(Running(run, stage, process, log, time.time()))
+        return self.started[-1]
 
-    def finish(self, process: subprocess.Popen, expect_ok: bool = True) -> StageRun:
-        returncode = process.wait(600)
-        run, stage, log = process.meta  # type: ignore[attr-defined]
-        log.close()
+    def finish(self, running: Running, expect_ok: bool = True) -> StageRun:
+        returncode = running.process.wait(600)
         if expect_ok:
-            assert returncode == 0, f"{run}/{stage} failed: {Path(log.name).read_text()[-3000:]}"
-        record = StageRun(run, stage, process.started, time.time(), returncode)  # type: ignore[attr-defined]
+            assert returncode == 0, f"{running.run}/{running.stage} failed: {running.log.read_text()[-3000:]}"
+        record = StageRun(running.run, running.stage, running.started, time.time(), returncode)
         self.runs.append(record)
         return record
 
     def run(self, run: str, stage: str, args: list[str], port: int) -> StageRun:
         return self.finish(self.start(run, stage, args, port))
+
+    def kill_leftovers(self) -> None:
+        """A failed set-up leaves no stage process behind (nor its metrics port)."""
+        for running in self.started:
+            if running.process.poll() is None:
+                running.process.kill()
+                running.process.wait()
 
 
 def _sets(settings: dict[str, Any]) -> list[str]:
@@ -191,30 +207,35 @@ def observed(tmp_path_factory, vllm_python) -> Observed:
     jobs += service_monitor_jobs(one(full, "ServiceMonitor"), [rollout_target(full, ports["vllm"])])
     jobs += pod_monitor_jobs(one(renders[DIVERGED], "PodMonitor"),
                              [pod_target(renders[DIVERGED], DIVERGED, "sft", ports["diverged"])])
-    pushgateway = Pushgateway(bin_dir, work)
-    # The Pushgateway is the user's own (not in our chart): scraped as its docs say, honouring pushed labels.
-    jobs.append({"job_name": "pushgateway", "honor_labels": True, "scrape_interval": "1s",
-                 "static_configs": [{"targets": [f"127.0.0.1:{pushgateway.port}"]}]})
-    rules = {"groups": [g for release in renders.values() for g in one(release, "PrometheusRule")["spec"]["groups"]]}
-    rules_file = work / "rules.yml"
-    rules_file.write_text(yaml.safe_dump(rules, sort_keys=False))
-    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
-              "rule_files": [str(rules_file)], "scrape_configs": jobs}
-    prometheus = Prometheus(bin_dir, work, config)
-    stages = Stages(work)
+    with contextlib.ExitStack() as cleanup:  # nothing outlives the session, also when set-up fails
+        pushgateway = Pushgateway(bin_dir, work)
+        cleanup.callback(pushgateway.stop)
+        # The Pushgateway is the user's own (not in our chart): scraped as its docs say, honouring pushed labels.
+        jobs.append({"job_name": "pushgateway", "honor_labels": True, "scrape_interval": "1s",
+                     "static_configs": [{"targets": [f"127.0.0.1:{pushgateway.port}"]}]})
+        rules = {"groups": [group for release in renders.values()
+                            for group in one(release, "PrometheusRule")["spec"]["groups"]]}
+        rules_file = work / "rules.yml"
+        rules_file.write_text(yaml.safe_dump(rules, sort_keys=False))
+        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
+                  "rule_files": [str(rules_file)], "scrape_configs": jobs}
+        prometheus = Prometheus(bin_dir, work, config)
+        cleanup.callback(prometheus.stop)
+        stages = Stages(work)
+        cleanup.callback(stages.kill_leftovers)
 
-    # Inputs: a tiny codec, an exported tiny SFT model, vectorized data for SFT and GRPO.
-    codec = make_codec(work / "codec")
-    model = make_model(work / "sft-model", codec, varied=True)
-    export = work / "export"
-    assert tts_train(["export", "--checkpoint_path", str(model), "--output_path", str(export)]) == 0
-    rl_data = make_dataset(work / "rl-data", codec)
-    sft_data = write_vectorized(work / "sft-data")
+        # Inputs: a tiny codec, an exported tiny SFT model, vectorized data for SFT and GRPO.
+        codec = make_codec(work / "codec")
+        model = make_model(work / "sft-model", codec, varied=True)
+        export = work / "export"
+        assert tts_train(["export", "--checkpoint_path", str(model), "--output_path", str(export)]) == 0
+        rl_data = make_dataset(work / "rl-data", codec)
+        sft_data = write_vectorized(work / "sft-data")
 
-    server = VllmServer(vllm_python, str(export), ports["vllm"], max_model_len=2048, log_path=work / "vllm.log")
-    server_up = threading.Thread(target=server.start)
-    server_up.start()
-    try:
+        server = VllmServer(vllm_python, str(export), ports["vllm"], max_model_len=2048, log_path=work / "vllm.log")
+        cleanup.callback(server.stop)
+        server_up = threading.Thread(target=server.start)
+        server_up.start()
         manifest = _manifest(work, copies=1)
         stages.run(RUN, "codec", ["codec-train", *_sets({
             "codec.train.dataset_path": str(manifest), "codec.train.output_dir": str(work / "codec-out"),
@@ -255,7 +276,7 @@ def observed(tmp_path_factory, vllm_python) -> Observed:
             "checkpointing.save_steps": 1})], ports["rlhf"])
         deadline = time.monotonic() + 600
         while (_metric_value(ports["rlhf"], "speechlm_rl_steps_total") or 0) < RL_STEPS_BEFORE_KILL:
-            assert trainer.poll() is None and time.monotonic() < deadline, (work / f"{RUN}-rlhf.log").read_text()
+            assert trainer.process.poll() is None and time.monotonic() < deadline, trainer.log.read_text()
             time.sleep(0.5)
         time.sleep(8 * SCRAPE_S)  # scrapes of the healthy state
         killed = time.time()
@@ -263,9 +284,5 @@ def observed(tmp_path_factory, vllm_python) -> Observed:
         failed = stages.finish(trainer, expect_ok=False)
         assert failed.returncode != 0, "the trainer went on without its rollout server"
         time.sleep(3 * SCRAPE_S)
-    finally:
-        server.stop()
-        pushgateway.stop()
-    yield Observed(prometheus, bin_dir / "promtool", rules_file, stages.runs, killed, vectorize.end, time.time(),
-                   renders)
-    prometheus.stop()
+        yield Observed(prometheus, bin_dir / "promtool", rules_file, stages.runs, killed, vectorize.end, time.time(),
+                       renders)
