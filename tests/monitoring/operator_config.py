@@ -8,7 +8,7 @@ cluster: a monitor that forgets a label the dashboards select on leaves their pa
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
@@ -55,7 +55,10 @@ class EndpointTarget:
     service: str
     service_labels: dict[str, str]
     port_name: str  # the Service port's name
-    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return self.pod.address
 
     def meta(self) -> dict[str, str]:
         meta = {**self.pod.meta(), "__meta_kubernetes_service_name": self.service,
@@ -94,10 +97,15 @@ _RUNNING = {"source_labels": ["__meta_kubernetes_pod_phase"], "regex": "(Failed|
 _JOB_NAME = {"source_labels": ["job"], "target_label": "__tmp_prometheus_job_name"}
 
 
-def _static(targets: list[PodTarget] | list[EndpointTarget]) -> list[dict[str, Any]]:
-    address = (lambda t: t.address) if not targets or isinstance(targets[0], PodTarget) else (
-        lambda t: t.pod.address)
-    return [{"targets": [address(t)], "labels": t.meta()} for t in targets]
+def _job(kind: str, monitor: dict[str, Any], index: int, endpoint: dict[str, Any], rules: list[dict[str, Any]],
+         targets: list[PodTarget] | list[EndpointTarget]) -> dict[str, Any]:
+    """One scrape config as the operator names and fills it, with the monitor's own relabelings and the
+    sharding rules after `rules` (the operator's defaults for its kind)."""
+    namespace, name = monitor["metadata"]["namespace"], monitor["metadata"]["name"]
+    return {"job_name": f"{kind}/{namespace}/{name}/{index}", "honor_labels": False,
+            "scrape_interval": endpoint.get("interval", "30s"), "metrics_path": endpoint.get("path", "/metrics"),
+            "relabel_configs": [*rules, *(_relabeling(r) for r in endpoint.get("relabelings", [])), *_SHARDING],
+            "static_configs": [{"targets": [t.address], "labels": t.meta()} for t in targets]}
 
 
 def pod_monitor_jobs(monitor: dict[str, Any], targets: list[PodTarget]) -> list[dict[str, Any]]:
@@ -113,18 +121,13 @@ def pod_monitor_jobs(monitor: dict[str, Any], targets: list[PodTarget]) -> list[
                  {"source_labels": ["__meta_kubernetes_pod_container_name"], "target_label": "container"},
                  {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
                  {"target_label": "job", "replacement": f"{namespace}/{name}"},
-                 {"target_label": "endpoint", "replacement": endpoint["port"]},
-                 *(_relabeling(r) for r in endpoint.get("relabelings", [])), *_SHARDING]
-        jobs.append({"job_name": f"podMonitor/{namespace}/{name}/{i}", "honor_labels": False,
-                     "scrape_interval": endpoint.get("interval", "30s"),
-                     "metrics_path": endpoint.get("path", "/metrics"),
-                     "relabel_configs": rules, "static_configs": _static(targets)})
+                 {"target_label": "endpoint", "replacement": endpoint["port"]}]
+        jobs.append(_job("podMonitor", monitor, i, endpoint, rules, targets))
     return jobs
 
 
 def service_monitor_jobs(monitor: dict[str, Any], targets: list[EndpointTarget]) -> list[dict[str, Any]]:
     """The scrape configs of a rendered ServiceMonitor (role endpoints, the operator's default)."""
-    namespace, name = monitor["metadata"]["namespace"], monitor["metadata"]["name"]
     spec = monitor["spec"]
     kind_name = ["__meta_kubernetes_endpoint_address_target_kind", "__meta_kubernetes_endpoint_address_target_name"]
     jobs = []
@@ -142,10 +145,6 @@ def service_monitor_jobs(monitor: dict[str, Any], targets: list[EndpointTarget])
                  {"source_labels": ["__meta_kubernetes_pod_container_name"], "target_label": "container"},
                  _RUNNING,
                  {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "job", "replacement": "${1}"},
-                 {"target_label": "endpoint", "replacement": endpoint["port"]},
-                 *(_relabeling(r) for r in endpoint.get("relabelings", [])), *_SHARDING]
-        jobs.append({"job_name": f"serviceMonitor/{namespace}/{name}/{i}", "honor_labels": False,
-                     "scrape_interval": endpoint.get("interval", "30s"),
-                     "metrics_path": endpoint.get("path", "/metrics"),
-                     "relabel_configs": rules, "static_configs": _static(targets)})
+                 {"target_label": "endpoint", "replacement": endpoint["port"]}]
+        jobs.append(_job("serviceMonitor", monitor, i, endpoint, rules, targets))
     return jobs

@@ -78,8 +78,8 @@ def test_every_panel_query_returns_data_for_the_stage_it_watches(path, observed)
             continue  # the variables, resolved above
         query = fill(expr, variables)
         names = metric_names(expr) - PROMETHEUS
-        try:
-            whole = prometheus.query_range(query, observed.start, observed.end)
+        try:  # Prometheus parses and runs it (HTTP 400/422 otherwise)
+            prometheus.query_range(query, observed.start, observed.end)
         except QueryError as err:
             problems.append(f"{title}: does not run: {err}")
             continue
@@ -98,7 +98,6 @@ def test_every_panel_query_returns_data_for_the_stage_it_watches(path, observed)
             if missing:
                 problems.append(f"{title}: series lack the labels it groups by: {sorted(missing)}")
             checked += 1
-        assert whole is not None
     assert problems == [], "\n".join(problems)
     assert checked >= 5
 
