@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Build a real kube-apiserver + kube-controller-manager for the k8s test suite (tests/k8s/), offline.
+# Build a real Kubernetes control plane and node for the k8s test suites (tests/k8s/, tests/cluster/),
+# offline: kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy and the pause
+# binary (the sandbox image's only program, static, from build/pause/linux/pause.c).
 # No package registry ships modern Kubernetes server binaries; Debian bookworm's `kubernetes` source
 # package (1.20.2, dependencies vendored) builds them with Debian's Go. Its vendored
 # modern-go/reflect2 crashes under Go 1.19 on the first custom-resource write, so reflect2 and
@@ -12,13 +14,16 @@
 set -euo pipefail
 
 K8S_VERSION="1.20.2"
+BINARIES="kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy"
 cache_root="${TTS_K8S_CACHE:-$HOME/.cache/tts-k8s}"
 dest="$cache_root/$K8S_VERSION"
 bin="$dest/bin"
 log() { echo "build-kube-apiserver: $*" >&2; }
 
 have_binaries() {
-  [[ -x "$bin/kube-apiserver" && -x "$bin/kube-controller-manager" ]] && command -v etcd >/dev/null
+  local b
+  for b in $BINARIES pause; do [[ -x "$bin/$b" ]] || return 1; done
+  command -v etcd >/dev/null
 }
 if have_binaries; then echo "$bin"; exit 0; fi
 
@@ -43,7 +48,7 @@ EOF
 fi
 $SUDO apt-get update -qq
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-  golang-go rsync make dpkg-dev etcd-server \
+  golang-go rsync make dpkg-dev etcd-server gcc libc6-dev \
   golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev >/dev/null
 # Debian starts an etcd service on install on some systems; the tests start their own.
 $SUDO systemctl disable --now etcd >/dev/null 2>&1 || true
@@ -63,18 +68,20 @@ for pkg in github.com/modern-go/reflect2 github.com/json-iterator/go; do
   rsync -a --delete --exclude '*_test.go' "/usr/share/gocode/src/$pkg/" "$tree/vendor/$pkg/"
 done
 
-log "building kube-apiserver + kube-controller-manager (several minutes)"
+log "building $BINARIES (several minutes)"
 start=$(date +%s)
 (
   cd "$tree"
   export GOPROXY=off CGO_ENABLED=0 GOFLAGS=-mod=vendor GOCACHE="$dest/gocache" GOPATH="$dest/gopath"
-  nice make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >"$dest/build.log" 2>&1
+  nice make WHAT="$(printf 'cmd/%s ' $BINARIES)" >"$dest/build.log" 2>&1
 ) || { log "build failed, see $dest/build.log"; tail -n 30 "$dest/build.log" >&2; exit 1; }
 mkdir -p "$bin.tmp"
-cp "$tree/_output/bin/kube-apiserver" "$tree/_output/bin/kube-controller-manager" "$bin.tmp/"
+for b in $BINARIES; do cp "$tree/_output/bin/$b" "$bin.tmp/"; done
+# Kubernetes' own pause container program, built as its Makefile does (static, version baked in).
+gcc -Os -Wall -Werror -static -DVERSION="v3.4-$K8S_VERSION" -o "$bin.tmp/pause" "$tree/build/pause/linux/pause.c"
 rm -rf "$bin" && mv "$bin.tmp" "$bin"
 log "built in $(( $(date +%s) - start )) s"
-# The sources and the Go caches are several GB; only the two binaries are worth keeping.
+# The sources and the Go caches are several GB; only the binaries are worth keeping.
 chmod -R u+w "$dest/gopath" 2>/dev/null || true
 rm -rf "$work" "$dest/gocache" "$dest/gopath"
 echo "$bin"

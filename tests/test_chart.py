@@ -132,7 +132,8 @@ def test_pytorchjob_follows_the_operator_contract(rendered):
         pod = template["spec"]
         (container,) = pod["containers"]
         assert container["name"] == "pytorch"
-        assert container["command"] == ["torchrun", "-m", "trainer", "sft", "--config", "/config/sft.json"]
+        assert container["command"] == ["python", "-m", "trainer.torchrun", "-m", "trainer", "sft", "--config",
+                                "/config/sft.json"]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
         assert {"name": "metrics", "containerPort": 9400} in container["ports"]
         env = {e["name"]: e for e in container["env"]}

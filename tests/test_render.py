@@ -87,7 +87,8 @@ def test_pytorchjob_shape(objects):
         assert pod["imagePullSecrets"] == [{"name": "regcred"}]
         assert pod["nodeSelector"] == {"pool": "gpu"}
         c = trainer_container(job, replica)
-        assert c["command"] == ["torchrun", "-m", "trainer", "sft", "--config", "/config/sft.json"]
+        assert c["command"] == ["python", "-m", "trainer.torchrun", "-m", "trainer", "sft", "--config",
+                                "/config/sft.json"]
         assert c["resources"]["requests"]["nvidia.com/gpu"] == "8"
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
@@ -107,7 +108,7 @@ def test_pytorchjob_shape(objects):
     assert merge["spec"]["nprocPerNode"] == "1"
     assert "nvidia.com/gpu" not in trainer_container(merge)["resources"]["requests"]
     codec = by_kind_name(objects, "PyTorchJob", "t1-codec")
-    assert trainer_container(codec)["command"][3] == "codec-train"
+    assert trainer_container(codec)["command"][5] == "codec-train"
 
 
 def stage_config(objects: list[dict], stage: str) -> dict:

@@ -70,6 +70,12 @@ def leave_stop_signals_to_the_trainer(_worker_id: int = 0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+# The exit code of a stage stopped before its end (SIGTERM here, or a peer that got one): 128 + SIGTERM, as
+# if the signal had ended the process, so a PyTorchJob's ExitCode policy retries it and the retry resumes
+# from the checkpoint the stop saved (trainer/torchrun.py). 0 means the stage's work is done.
+STOPPED = 143
+
+
 class StopRequest:
     """SIGTERM (a pod evicted, a job cancelled, `ttsctl` stopping a run) asks the training loop to finish
     its step, save a checkpoint and exit, so the next run resumes instead of losing the steps since the

@@ -181,7 +181,10 @@ class KubeflowBackend(Backend):
         for kind, phase in (("Failed", Phase.FAILED), ("Succeeded", Phase.SUCCEEDED)):
             if kind in conditions:
                 c = conditions[kind]
-                return StageStatus(stage, phase, c.reason or kind, c.message or "", started, finished)
+                message = c.message or ""
+                if phase is Phase.FAILED:
+                    message = "; ".join(filter(None, [message, self._exited_pods(job.metadata.name)]))
+                return StageStatus(stage, phase, c.reason or kind, message, started, finished)
         for kind in ("Restarting", "Running"):
             if kind in conditions:
                 c = conditions[kind]
@@ -196,6 +199,23 @@ class KubeflowBackend(Backend):
             events = self.pod_events(job.metadata.name)
             message = f"pending for {waiting_s / 60:.0f} min" + (f"; {events}" if events else "")
         return StageStatus(stage, Phase.PENDING, reason, message, created.timestamp() if created else None)
+
+    def _exited_pods(self, job_name: str) -> str:
+        """Why the job's pods failed: each non-zero exit with the container's termination message (its
+        last log lines, FallbackToLogsOnError), so `ttsctl status` says what went wrong, not only that."""
+        try:
+            pods = self.call("list", "pods", self.tc.get_job_pods, job_name, namespace=self.namespace,
+                             is_master=False)
+        except (NotFound, BackendError):
+            return ""
+        notes = []
+        for pod in sorted(pods, key=lambda p: p.metadata.name):
+            for cs in pod.status.container_statuses or [] if pod.status else []:
+                ended = cs.state.terminated if cs.state else None
+                if ended and ended.exit_code:
+                    last = (ended.message or "").strip().splitlines()[-1:] or [ended.reason or ""]
+                    notes.append(f"pod {pod.metadata.name} exited with {ended.exit_code}: {last[0]}".rstrip(": "))
+        return "; ".join(notes)
 
     def pod_events(self, job_name: str) -> str:
         """Warning events of the job and its pods, e.g. `FailedScheduling: ... Insufficient nvidia.com/gpu`."""

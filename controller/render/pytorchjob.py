@@ -20,9 +20,11 @@ def nproc_per_node(run: StageRun) -> str:
 
 
 def command(run: StageRun) -> list[str]:
-    # Plain torchrun: it reads PET_NNODES / PET_NPROC_PER_NODE / PET_NODE_RANK / PET_MASTER_* that the
-    # operator injects, so the same command serves 1 or N nodes.
-    return ["torchrun", "-m", "trainer", run.trainer_stage, "--config", f"{meta.CONFIG_MOUNT}/{run.config_file}"]
+    # torchrun reads PET_NNODES / PET_NPROC_PER_NODE / PET_NODE_RANK / PET_MASTER_* that the operator
+    # injects, so the same command serves 1 or N nodes; trainer.torchrun is torchrun whose exit code tells
+    # a stopped stage (128+, retried) from a failed one (1-127, final), for the ExitCode policy below.
+    return ["python", "-m", "trainer.torchrun", "-m", "trainer", run.trainer_stage,
+            "--config", f"{meta.CONFIG_MOUNT}/{run.config_file}"]
 
 
 def trainer_env(spec: PipelineSpec, run: StageRun) -> list[k8s.V1EnvVar]:
@@ -67,6 +69,8 @@ def _template(spec: PipelineSpec, run: StageRun) -> k8s.V1PodTemplateSpec:
             *pod.common_mounts(spec),
         ],
         security_context=pod.container_security_context(),
+        # A failed container's last log lines become its termination message: `ttsctl status` shows them.
+        termination_message_policy="FallbackToLogsOnError",
     )
     volumes = [
         k8s.V1Volume(name="config", config_map=k8s.V1ConfigMapVolumeSource(
@@ -89,8 +93,8 @@ def pytorch_job(spec: PipelineSpec, run: StageRun) -> kf.KubeflowOrgV1PyTorchJob
         job_labels[meta.QUEUE_LABEL] = cluster.queue
 
     def replica(count: int) -> kf.KubeflowOrgV1ReplicaSpec:
-        # ExitCode: codes 1-127 (a bug, bad data) fail at once; 128+ (SIGKILL/OOM, SIGTERM on preemption)
-        # are retried, and the stage resumes from its latest checkpoint.
+        # ExitCode: codes 1-127 (a bug, bad data) fail at once; 128+ (SIGKILL/OOM, SIGTERM on preemption, a
+        # peer pod deleted: trainer.torchrun) are retried, and the stage resumes from its latest checkpoint.
         return kf.KubeflowOrgV1ReplicaSpec(replicas=count, restart_policy="ExitCode",
                                            template=_template(spec, run))
 

@@ -2,8 +2,10 @@
 kube-controller-manager (garbage collection, service-account tokens, deployments), built by
 `.ci/build-kube-apiserver.sh` (Kubernetes 1.20.2 from Debian bookworm's source package).
 
-No scheduler and no kubelet run: `sim.py` stands in for both (and for the training operator).
+No scheduler and no kubelet run here: `sim.py` stands in for both (and for the training operator).
 Every process listens on a random free port of 127.0.0.1 and is stopped by `Cluster.stop()`.
+With `netns`, the same control plane runs inside that network namespace on `address` (the real-node
+suite, tests/cluster/node.py); the host then reaches the API server through a loopback forwarder.
 
     python tests/k8s/harness.py      # start one, print KUBECONFIG, stop on Ctrl-C
 """
@@ -57,14 +59,15 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def make_certs(pki: Path) -> None:
-    """A CA, a serving cert for 127.0.0.1 (apiserver and the stand-in kubelet), a service-account key pair."""
+def make_certs(pki: Path, extra_ips: tuple[str, ...] = ()) -> None:
+    """A CA, a serving cert for 127.0.0.1 and `extra_ips` (apiserver and kubelet), a service-account key pair."""
     pki.mkdir(parents=True, exist_ok=True)
+    ips = "".join(f",IP:{ip}" for ip in extra_ips)
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
              "-subj", "/CN=tts-test-ca", cwd=pki)
     (pki / "san.cnf").write_text(
-        "[req]\ndistinguished_name=dn\n[dn]\n[ext]\nsubjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,"
-        "DNS:kubernetes.default.svc\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+        "[req]\ndistinguished_name=dn\n[dn]\n[ext]\nsubjectAltName=IP:127.0.0.1,IP:10.96.0.1" + ips +
+        ",DNS:localhost,DNS:kubernetes.default.svc\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
         "extendedKeyUsage=serverAuth,clientAuth\n")
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "serving.key", "-out", "serving.csr",
              "-subj", "/CN=127.0.0.1", cwd=pki)
@@ -113,36 +116,56 @@ def _drop_empty_default(schema: Any, keep: bool) -> Any:
     return schema
 
 
+# Without the stand-in node the lifecycle, IPAM and volume controllers have nothing to do but harm (a node
+# that never reports heartbeats would be evicted); a real node (tests/cluster) needs the volume binder.
+SIM_CONTROLLERS = "*,-nodelifecycle,-nodeipam,-cloud-node-lifecycle,-attachdetach,-persistentvolume-binder"
+
+
 class Cluster:
-    def __init__(self, workdir: Path, bin_dir: Path):
+    def __init__(self, workdir: Path, bin_dir: Path, netns: str | None = None, address: str = "127.0.0.1",
+                 controllers: str = SIM_CONTROLLERS):
         self.dir = workdir
         self.bin = bin_dir
+        self.netns = netns
+        self.address = address
+        self.controllers = controllers
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.pki = workdir / "pki"
-        self.port = free_port()
-        self.server = f"https://127.0.0.1:{self.port}"
+        self.port = free_port() if netns is None else 6443  # a namespace of its own has every port free
+        self.inner_server = f"https://{address}:{self.port}"  # as seen by processes next to the API server
+        self.server = self.inner_server  # as seen from the host (a loopback forwarder when in a namespace)
         self.admin_token = secrets.token_hex(16)
         self.kubeconfig = workdir / "admin.kubeconfig"
+        self.inner_kubeconfig = workdir / "inner.kubeconfig"
         self.audit_log = workdir / "audit.log"
 
     # ------------------------------------------------------------------ start / stop
     def start(self) -> Cluster:
         try:
-            make_certs(self.pki)
+            make_certs(self.pki, extra_ips=(self.address,) if self.address != "127.0.0.1" else ())
             self._start_etcd()
+            if self.netns:
+                self.server = f"https://127.0.0.1:{self._forward(self.address, self.port)}"
             self._start_apiserver()
             self.kubeconfig.write_text(yaml.safe_dump(kubeconfig(self.server, self.pki / "ca.crt",
                                                                  self.admin_token, user="admin")))
+            self.inner_kubeconfig.write_text(yaml.safe_dump(kubeconfig(self.inner_server, self.pki / "ca.crt",
+                                                                       self.admin_token, user="admin")))
             self._start_controller_manager()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+    def in_netns(self, cmd: list[str]) -> list[str]:
+        """`cmd` run inside the cluster's network namespace (only the network: mounts and cgroups stay the
+        host's, which containerd and the kubelet need)."""
+        return ["nsenter", f"--net=/run/netns/{self.netns}", *cmd] if self.netns else cmd
+
+    def _spawn(self, name: str, cmd: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
         log = open(self.dir / f"{name}.log", "wb")  # noqa: SIM115 (kept open for the process's life)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(self.in_netns(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, pass_fds=pass_fds)
         self.procs.append((name, proc))
         return proc
 
@@ -161,8 +184,26 @@ class Cluster:
             time.sleep(0.3)
         raise RuntimeError(f"{name} not ready after {STARTUP_TIMEOUT_S:.0f}s:\n{self.log_tail(name)}")
 
+    def _forward(self, address: str, port: int) -> int:
+        """A host loopback port whose connections reach address:port inside the namespace: the listening
+        socket is made here, in the host's namespace, and handed to a forwarder started in the cluster's."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        self._spawn(f"forward-{port}", [sys.executable, str(Path(__file__).with_name("forward.py")),
+                                        str(listener.fileno()), address, str(port)], pass_fds=(listener.fileno(),))
+        host_port = listener.getsockname()[1]
+        listener.close()  # the forwarder holds its own copy
+        return host_port
+
+    def _reachable(self, url: str) -> bool:
+        if not self.netns:
+            return _http_ok(url)
+        probe = f"import urllib.request as u; u.urlopen({url!r}, timeout=2)"
+        return subprocess.run(self.in_netns([sys.executable, "-c", probe]), capture_output=True).returncode == 0
+
     def _start_etcd(self) -> None:
-        client, peer = free_port(), free_port()
+        client, peer = (free_port(), free_port()) if self.netns is None else (2379, 2380)
         self.etcd = f"http://127.0.0.1:{client}"
         self._spawn("etcd", [
             "etcd", "--name", "test", "--data-dir", str(self.dir / "etcd"),
@@ -170,9 +211,9 @@ class Cluster:
             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
             "--initial-cluster", f"test=http://127.0.0.1:{peer}",
-            "--listen-metrics-urls", f"http://127.0.0.1:{free_port()}",
+            "--listen-metrics-urls", f"http://127.0.0.1:{free_port() if self.netns is None else 2381}",
         ])
-        self._wait("etcd", lambda: _http_ok(f"{self.etcd}/health"))
+        self._wait("etcd", lambda: self._reachable(f"{self.etcd}/health"))
 
     def _start_apiserver(self) -> None:
         tokens = self.dir / "tokens.csv"
@@ -185,7 +226,7 @@ class Cluster:
         self._spawn("kube-apiserver", [
             str(self.bin / "kube-apiserver"),
             f"--etcd-servers={self.etcd}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--bind-address={self.address}", f"--advertise-address={self.address}",
             f"--secure-port={self.port}", "--insecure-port=0",
             f"--cert-dir={self.dir / 'apiserver-certs'}",
             f"--tls-cert-file={pki / 'serving.crt'}", f"--tls-private-key-file={pki / 'serving.key'}",
@@ -197,8 +238,10 @@ class Cluster:
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             "--service-cluster-ip-range=10.96.0.0/16",
             "--allow-privileged=true",
-            # Logs go to the node's InternalIP (127.0.0.1), where sim.StandInKubelet serves them.
+            # Logs go to the node's InternalIP (sim.StandInKubelet on 127.0.0.1, or the real kubelet).
             "--kubelet-preferred-address-types=InternalIP",
+            # The real kubelet (tests/cluster) admits the API server by its client certificate.
+            f"--kubelet-client-certificate={pki / 'serving.crt'}", f"--kubelet-client-key={pki / 'serving.key'}",
             "--profiling=false",
             f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
         ])
@@ -208,17 +251,16 @@ class Cluster:
     def _start_controller_manager(self) -> None:
         self._spawn("kube-controller-manager", [
             str(self.bin / "kube-controller-manager"),
-            f"--kubeconfig={self.kubeconfig}",
-            f"--authentication-kubeconfig={self.kubeconfig}",
-            f"--authorization-kubeconfig={self.kubeconfig}",
+            f"--kubeconfig={self.inner_kubeconfig}",
+            f"--authentication-kubeconfig={self.inner_kubeconfig}",
+            f"--authorization-kubeconfig={self.inner_kubeconfig}",
             f"--service-account-private-key-file={self.pki / 'sa.key'}",
             f"--root-ca-file={self.pki / 'ca.crt'}",
             "--use-service-account-credentials=false",
             "--leader-elect=false",
-            "--port=0", "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
+            "--port=0", "--bind-address=127.0.0.1", f"--secure-port={free_port() if self.netns is None else 10257}",
             f"--cert-dir={self.dir / 'cm-certs'}",
-            # The stand-in node never reports heartbeats: keep the lifecycle controller from evicting pods.
-            "--controllers=*,-nodelifecycle,-nodeipam,-cloud-node-lifecycle,-attachdetach,-persistentvolume-binder",
+            f"--controllers={self.controllers}",
         ])
         # Ready when the token controller has given the default ServiceAccount its token.
         self._wait("kube-controller-manager", self._default_token_exists)

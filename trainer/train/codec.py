@@ -375,13 +375,13 @@ class CodecTrainer:
             self._record(x, losses)
             if self.resynthesis is not None and self.step % train.eval_steps == 0 and self.step < train.max_steps:
                 self._judge_resynthesis()
-            stopping = distributed.any_rank(self.stop.requested, self.device)
+            stopping = distributed.any_rank(self.stop.requested, self.device) and self.step < train.max_steps
             if stopping or (self.step % train.save_steps == 0 and self.step < train.max_steps):
                 self._save_checkpoint()
             if stopping:
                 log.info("stopped by SIGTERM at step %d; checkpoint saved, the next run resumes from it", self.step)
                 distributed.shutdown()
-                return 0
+                return distributed.STOPPED
         self._finish()
         return 0
 

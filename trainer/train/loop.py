@@ -319,10 +319,10 @@ class SFTTrainer:
             if self.config.dry_run:
                 log.info("dry run: one step done, loss %.4f; configuration, data and model are valid", stats.loss)
                 return 0
-            if stats.stop:
+            if stats.stop and self.step < self.total_steps:
                 self.save_checkpoint()
-                log.info("stopped by SIGTERM at step %d; checkpoint saved", self.step)
-                return 0
+                log.info("stopped by SIGTERM at step %d; checkpoint saved, the next run resumes from it", self.step)
+                return distributed.STOPPED
             if self.step % self.config.checkpointing.save_steps == 0:
                 self.save_checkpoint()
         self.save_final()

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Build the images a local node runs (tests/cluster, make demo-cluster) with buildah, on a machine with no
+# container registry and no Docker engine:
+#   pause  k8s.gcr.io/pause:3.2, the sandbox program built from the Kubernetes source we build;
+#   init   localhost/busybox:bookworm, Debian's busybox-static: the shell + nslookup the PyTorchJob
+#          operator's worker init container runs (the operator's default, alpine:3.10, cannot be pulled);
+#   cpu    images/cpu/Dockerfile, as a user's `docker build` would:
+#   1. the Dockerfile's base, python:3.11-slim-bookworm, is made locally from Debian bookworm with
+#      mmdebstrap (python3 + venv + ca-certificates; `python` on PATH as in the Docker Hub image) and
+#      tagged with that name, so `FROM` resolves to it (--pull-never);
+#   2. `buildah bud` builds the Dockerfile (docker format: it honours SHELL). Its RUN steps see this
+#      machine's pip set-up (its configuration, CA bundle and wheel directory, mounted read-only) the way
+#      a user's build sees their network; download.pytorch.org is out of reach here, so TORCH_INDEX_URL
+#      names PyPI and torch comes from the CPU wheel on disk;
+# Each image is written as an OCI archive, ready for `ctr images import` on a node.
+#
+# Usage: .ci/build-images.sh     prints {"pause"|"init"|"cpu": {"tag": ..., "archive": ...}} as JSON
+# Cache: ${TTS_IMAGES_CACHE:-~/.cache/tts-images}: the base rootfs tarball and buildah's storage (layers
+#        are reused: a change to the project's sources rebuilds only the layers from `COPY trainer` on).
+# Needs root, buildah and mmdebstrap (.ci/install-node-tools.sh).
+set -euo pipefail
+
+CPU_TAG="ghcr.io/speechlm/tts-cpu:dev"
+PAUSE_TAG="k8s.gcr.io/pause:3.2"
+INIT_TAG="localhost/busybox:bookworm"
+BASE_TAG="docker.io/library/python:3.11-slim-bookworm"
+BASE_PACKAGES="python3,python3-venv,python-is-python3,ca-certificates,passwd"
+MIRROR="http://deb.debian.org/debian"
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cache="${TTS_IMAGES_CACHE:-$HOME/.cache/tts-images}"
+mkdir -p "$cache"
+log() { echo "build-images: $*" >&2; }
+exec 9>"$cache/.lock"
+flock 9
+
+# buildah's own storage lives in the cache (overlay layers survive between runs); its run state does not.
+B=(buildah --root "$cache/storage" --runroot "/run/tts-buildah")
+
+base_tar="$cache/base-bookworm-$(echo "$BASE_PACKAGES" | sha256sum | cut -c1-12).tar"
+if ! "${B[@]}" inspect --type image "$BASE_TAG" >/dev/null 2>&1; then
+  if [[ ! -s "$base_tar" ]]; then
+    log "making the base rootfs with mmdebstrap (~30-100 s)"
+    mmdebstrap --quiet --variant=minbase --include="$BASE_PACKAGES" bookworm "$base_tar.tmp" "$MIRROR" >&2
+    mv "$base_tar.tmp" "$base_tar"
+  fi
+  ctr="$("${B[@]}" from scratch)"
+  "${B[@]}" add "$ctr" "$base_tar" / >/dev/null
+  "${B[@]}" config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    --env LANG=C.UTF-8 --cmd python3 "$ctr"
+  "${B[@]}" commit --quiet "$ctr" "$BASE_TAG" >/dev/null
+  "${B[@]}" rm "$ctr" >/dev/null
+  log "tagged the local base as $BASE_TAG"
+fi
+
+# This machine's pip set-up, read-only, for the build's RUN steps (what exists of it).
+mounts=()
+for path in /etc/pip.conf /etc/xdg/pip /etc/ssl/certs/ca-certificates.crt /opt/wheels /opt/pypi /opt/pypi-more; do
+  [[ -e "$path" ]] && mounts+=(--volume "$path:$path:ro")
+done
+# The CPU wheel on disk, PyPI for its dependencies (download.pytorch.org is out of reach here).
+env_args=(--build-arg TORCH_INDEX_URL=https://pypi.org/simple)
+for var in PIP_FIND_LINKS PIP_CERT PIP_DEFAULT_TIMEOUT; do
+  [[ -n "${!var:-}" ]] && env_args+=(--build-arg "$var=${!var}")
+done
+
+archive() {  # TAG -> its OCI archive, rewritten only when the image changed
+  local tag="$1" file id
+  file="$cache/$(echo "$tag" | tr '/:' '__').oci.tar"
+  id="$("${B[@]}" inspect --type image --format '{{.FromImageID}}' "$tag")"
+  if [[ ! -s "$file" || "$(cat "$file.id" 2>/dev/null)" != "$id" ]]; then
+    rm -f "$file.tmp"
+    "${B[@]}" push --quiet "$tag" "oci-archive:$file.tmp:$tag" >&2
+    mv "$file.tmp" "$file"
+    echo "$id" >"$file.id"
+  fi
+  echo "$file"
+}
+
+if ! "${B[@]}" inspect --type image "$PAUSE_TAG" >/dev/null 2>&1; then
+  k8s_bin="$(bash "$repo/.ci/build-kube-apiserver.sh")"
+  ctr="$("${B[@]}" from scratch)"
+  "${B[@]}" copy "$ctr" "$k8s_bin/pause" /pause >/dev/null
+  "${B[@]}" config --entrypoint '["/pause"]' --user 65535:65535 "$ctr"
+  "${B[@]}" commit --quiet "$ctr" "$PAUSE_TAG" >/dev/null
+  "${B[@]}" rm "$ctr" >/dev/null
+fi
+
+if ! "${B[@]}" inspect --type image "$INIT_TAG" >/dev/null 2>&1; then
+  work="$(mktemp -d)"
+  (cd "$work" && apt-get download -qq busybox-static >/dev/null && dpkg-deb -x busybox-static_*.deb rootfs)
+  ctr="$("${B[@]}" from scratch)"
+  "${B[@]}" copy "$ctr" "$work/rootfs/bin/busybox" /bin/busybox >/dev/null
+  "${B[@]}" run --isolation chroot "$ctr" /bin/busybox --install -s /bin
+  "${B[@]}" config --env PATH=/bin --cmd sh "$ctr"
+  "${B[@]}" commit --quiet "$ctr" "$INIT_TAG" >/dev/null
+  "${B[@]}" rm "$ctr" >/dev/null
+  rm -rf "$work"
+fi
+
+log "building images/cpu/Dockerfile as $CPU_TAG"
+start=$(date +%s)
+"${B[@]}" bud --quiet --layers --pull-never --format docker --isolation chroot "${mounts[@]}" "${env_args[@]}" \
+  -f "$repo/images/cpu/Dockerfile" -t "$CPU_TAG" "$repo" >&2
+log "built in $(( $(date +%s) - start )) s"
+
+printf '{"pause": {"tag": "%s", "archive": "%s"}, "init": {"tag": "%s", "archive": "%s"}, ' \
+  "$PAUSE_TAG" "$(archive "$PAUSE_TAG")" "$INIT_TAG" "$(archive "$INIT_TAG")"
+printf '"cpu": {"tag": "%s", "archive": "%s"}}\n' "$CPU_TAG" "$(archive "$CPU_TAG")"
