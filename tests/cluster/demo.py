@@ -3,7 +3,7 @@ cluster on this machine (node.py: kubelet + containerd in a network namespace of
 stands in for the training operator), then tear it all down.
 
 Prints the KUBECONFIG to watch it with while it runs (`ttsctl status demo-cluster --backend kubeflow`,
-`ttsctl logs demo-cluster sft --backend kubeflow`); writes runs/demo-cluster/cluster.json (every pod of
+`ttsctl logs demo-cluster --stage sft --backend kubeflow`); writes runs/demo-cluster/cluster.json (every pod of
 every stage: job, replica type, node, image, container ID, phase, exit code, restarts). The pods' workspace
 is runs/demo-cluster/workspace: a copy of example/ in, the run's outputs (runs/demo-cluster/...) out.
 """
@@ -20,31 +20,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from node import REPO, Node, binaries, images  # noqa: E402
-from operator_standin import RELEASE, Operator  # noqa: E402
+from node import REPO, Node, binaries, example_workspace, images
+from operator_standin import RELEASE, Operator
 
 SPEC = REPO / "example" / "cluster.yaml"
 RUN = "demo-cluster"
 NAMESPACE = "tts"
-UID = 1000  # the images' user
-
-
-def make_workspace(run_dir: Path) -> Path:
-    """The claim's directory: example/ (hard links: the pods only read it) and a writable runs/."""
-    workspace = run_dir / "workspace"
-    if not (workspace / "example").exists():
-        workspace.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["cp", "-al", str(REPO / "example"), str(workspace / "example")], check=True)
-    outputs = workspace / "runs"
-    outputs.mkdir(exist_ok=True)
-    for path in (workspace, outputs, *outputs.rglob("*")):
-        os.chown(path, UID, UID)
-    return workspace
 
 
 def main() -> int:
     run_dir = REPO / "runs" / RUN
-    workspace = make_workspace(run_dir)
+    workspace = example_workspace(run_dir / "workspace")
     started = time.time()
     built = images()
     workdir = Path(tempfile.mkdtemp(prefix="tts-demo-cluster-"))
@@ -56,7 +42,7 @@ def main() -> int:
         kubeconfig = node.cluster.kubeconfig
         print(f"cluster up in {time.time() - started:.0f} s; watch it with\n"
               f"  KUBECONFIG={kubeconfig} ttsctl status {RUN} --backend kubeflow -n {NAMESPACE}\n"
-              f"  KUBECONFIG={kubeconfig} ttsctl logs {RUN} sft --backend kubeflow -n {NAMESPACE}", flush=True)
+              f"  KUBECONFIG={kubeconfig} ttsctl logs {RUN} --stage sft --backend kubeflow -n {NAMESPACE}", flush=True)
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "TTSCTL_POLL_SECONDS": "2"}
         code = subprocess.run([sys.executable, "-m", "controller.cli", "run", str(SPEC), "--backend", "kubeflow"],
                               cwd=REPO, env=env).returncode

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "k8s"))
+sys.path[:0] = [str(HERE.parent / "k8s"), str(HERE.parent)]
 from harness import REPO, Cluster, binaries  # noqa: E402
 
 NODE_NAME = "tts-node"
@@ -53,6 +53,19 @@ def images() -> dict[str, dict[str, str]]:
     if result.returncode != 0:
         raise RuntimeError(f"{IMAGES_SCRIPT} failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def example_workspace(path: Path, uid: int = 1000) -> Path:
+    """A workspace claim's directory for pods running as `uid` (hostPath volumes are not chowned for
+    fsGroup): example/ hard-linked in (the pods only read it) and a writable runs/ for the outputs."""
+    if not (path / "example").exists():
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["cp", "-al", str(REPO / "example"), str(path / "example")], check=True)
+    outputs = path / "runs"
+    outputs.mkdir(exist_ok=True)
+    for p in (path, outputs, *outputs.rglob("*")):
+        os.chown(p, uid, uid)
+    return path
 
 
 def _run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -8,6 +8,7 @@ between the namespaces.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
 import threading
@@ -21,10 +22,8 @@ def pipe(src: socket.socket, dst: socket.socket) -> None:
         pass
     finally:
         for s in (src, dst):
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 def serve(listener: socket.socket, address: str, port: int) -> None:

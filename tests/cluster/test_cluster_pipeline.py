@@ -1,0 +1,129 @@
+"""The pipeline as PyTorchJob pods on the real node: every stage's pods run the CPU image to Succeeded,
+SFT's Master and Worker form one DDP group over gloo from the env the operator stand-in injects, `ttsctl
+status` / `ttsctl logs` work while it runs; then faults on real pods: a Worker deleted mid-SFT (the group
+re-forms, SFT resumes from its checkpoint to the same final step), a stage that exits non-zero (its job
+fails with the pod's message), and nothing of the completed stages is lost."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import Kube
+from node import NODE_NAME, REPO, Node, example_workspace
+from operator_standin import Operator
+
+pytestmark = pytest.mark.cluster
+
+NAMESPACE = "tts"
+RUN = "ci-cluster"
+SFT_STEPS = 6
+
+
+def spec(workdir: Path, name: str, sft_overrides: list[str], data_run: str = RUN) -> Path:
+    """example/cluster.yaml, shortened: stage configs by absolute path, SFT cut to a few steps."""
+    doc = yaml.safe_load((REPO / "example" / "cluster.yaml").read_text())
+    doc["name"] = name
+    doc["storage"] = {"data": f"runs/{data_run}/data", "checkpoints": f"runs/{name}/checkpoints",
+                      "outputs": f"runs/{name}"}
+    for stage in doc["stages"].values():
+        if "config" in stage:
+            stage["config"] = str(REPO / "example" / stage["config"])
+    doc["stages"]["sft"]["overrides"] = sft_overrides
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(node: Node, operator: Operator, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = example_workspace(tmp_path_factory.mktemp("workspace"))
+    node.prepare_namespace(NAMESPACE, "tts-workspace", path)
+    return path
+
+
+def job(kube: Kube, name: str) -> dict[str, Any]:
+    return json.loads(kube.kubectl("-n", NAMESPACE, "get", "pytorchjob", name, "-o", "json"))
+
+
+def pods(kube: Kube, job_name: str) -> list[dict[str, Any]]:
+    out = kube.kubectl("-n", NAMESPACE, "get", "pods", "-l", f"training.kubeflow.org/job-name={job_name}",
+                       "-o", "json")
+    return sorted(json.loads(out)["items"], key=lambda p: p["metadata"]["name"])
+
+
+def env_of(pod: dict[str, Any]) -> dict[str, str]:
+    container = next(c for c in pod["spec"]["containers"] if c["name"] == "pytorch")
+    return {e["name"]: e.get("value", "") for e in container.get("env", [])}
+
+
+def wait_for(what: str, check: Any, timeout: float = 600, every: float = 1.0) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def steps_logged(workspace: Path, run: str) -> list[int]:
+    """The steps SFT logged, in order, across every attempt (metrics.jsonl of the run's SFT)."""
+    files = sorted((workspace / "runs" / run / "checkpoints").glob("**/metrics.jsonl"))
+    steps = []
+    for f in files:
+        for line in f.read_text().splitlines():
+            row = json.loads(line)
+            if "loss" in row and "step" in row:
+                steps.append(int(row["step"]))
+    return steps
+
+
+def test_the_pipeline_runs_as_pods_and_sft_is_one_ddp_group_of_two_pods(
+        node: Node, kube: Kube, workspace: Path, tmp_path: Path) -> None:
+    path = spec(tmp_path, RUN, [f"training.max_steps={SFT_STEPS}", "checkpointing.save_steps=3"])
+    log = tmp_path / "run.log"
+    run = kube.ttsctl_bg("run", str(path), "--backend", "kubeflow", "--stages", "vectorize,merge,sft", log=log)
+    # While it runs: status and logs go through the API server to the real kubelet.
+    wait_for("the SFT pods to run", lambda: any(p["status"].get("phase") == "Running"
+                                                for p in pods(kube, f"{RUN}-sft")), timeout=900)
+    status = kube.ttsctl("status", RUN, "--backend", "kubeflow", "-n", NAMESPACE)
+    assert status.returncode == 0 and re.search(r"vectorize\s+Succeeded", status.stdout), status.stdout
+    assert re.search(r"sft\s+(Running|Pending)", status.stdout), status.stdout
+    logs = wait_for("SFT's log", lambda: kube.ttsctl("logs", RUN, "--stage", "sft", "--backend", "kubeflow",
+                                                     "-n", NAMESPACE).stdout.strip(), timeout=300)
+    assert logs
+    assert run.wait(timeout=1800) == 0, log.read_text()[-4000:]
+
+    for stage in ("vectorize", "merge", "sft"):
+        conditions = {c["type"]: c for c in job(kube, f"{RUN}-{stage}")["status"]["conditions"]}
+        assert conditions["Succeeded"]["status"] == "True", conditions
+        assert conditions["Succeeded"]["message"] == f"PyTorchJob {RUN}-{stage} is successfully completed."
+    master, worker = pods(kube, f"{RUN}-sft")
+    assert [master["metadata"]["name"], worker["metadata"]["name"]] == [f"{RUN}-sft-master-0", f"{RUN}-sft-worker-0"]
+    for pod in (master, worker):
+        assert pod["status"]["phase"] == "Succeeded" and pod["spec"]["nodeName"] == NODE_NAME
+        (main,) = [c for c in pod["status"]["containerStatuses"] if c["name"] == "pytorch"]
+        assert main["image"].endswith("ghcr.io/speechlm/tts-cpu:dev") and main["containerID"].startswith("containerd://")
+    # The env the training operator injects, which torchrun reads (PET_*) to form the group.
+    for pod, rank in ((master, "0"), (worker, "1")):
+        env = env_of(pod)
+        assert env["MASTER_ADDR"] == env["PET_MASTER_ADDR"] == f"{RUN}-sft-master-0"
+        assert env["WORLD_SIZE"] == env["PET_NNODES"] == "2" and env["PET_NPROC_PER_NODE"] == "1"
+        assert env["RANK"] == env["PET_NODE_RANK"] == rank and env["MASTER_PORT"] == "23456"
+    assert [c["name"] for c in worker["spec"]["initContainers"]] == ["init-pytorch"]
+    # One DDP group of two processes: the master's trainer says so, and both pods trained every step.
+    master_log = kube.kubectl("-n", NAMESPACE, "logs", master["metadata"]["name"], "-c", "pytorch")
+    assert f"training {SFT_STEPS} steps from step 0 (ddp, 2 process(es)" in master_log, master_log[-3000:]
+    services = json.loads(kube.kubectl("-n", NAMESPACE, "get", "services", "-l",
+                                       f"training.kubeflow.org/job-name={RUN}-sft", "-o", "json"))["items"]
+    assert sorted(s["metadata"]["name"] for s in services) == [f"{RUN}-sft-master-0", f"{RUN}-sft-worker-0"]
+    assert all(s["spec"]["clusterIP"] == "None" for s in services)
+    final = workspace / "runs" / RUN / "checkpoints"
+    assert list(final.glob("**/final_model/model.safetensors")), sorted(p.name for p in final.rglob("*"))[:40]
+    assert sorted(set(steps_logged(workspace, RUN))) == list(range(1, SFT_STEPS + 1))
