@@ -2,8 +2,10 @@
 # Build the images a local node runs (tests/cluster, make demo-cluster) with buildah, on a machine with no
 # container registry and no Docker engine:
 #   pause  k8s.gcr.io/pause:3.2, the sandbox program built from the Kubernetes source we build;
-#   init   localhost/busybox:bookworm, Debian's busybox-static: the shell + nslookup the PyTorchJob
-#          operator's worker init container runs (the operator's default, alpine:3.10, cannot be pulled);
+#   init   localhost/debian-dnsutils:bookworm: sh, seq, sleep and nslookup for the PyTorchJob operator's
+#          worker init container (its default, alpine:3.10, cannot be pulled). Not busybox: Debian's
+#          busybox 1.35 nslookup fails unless every search domain answers, so the wait never ends;
+#          bind9's stops at the first that does, as alpine's did;
 #   cpu    images/cpu/Dockerfile, as a user's `docker build` would:
 #   1. the Dockerfile's base, python:3.11-slim-bookworm, is made locally from Debian bookworm with
 #      mmdebstrap (python3 + venv + ca-certificates; `python` on PATH as in the Docker Hub image) and
@@ -22,7 +24,8 @@ set -euo pipefail
 
 CPU_TAG="ghcr.io/speechlm/tts-cpu:dev"
 PAUSE_TAG="k8s.gcr.io/pause:3.2"
-INIT_TAG="localhost/busybox:bookworm"
+INIT_TAG="localhost/debian-dnsutils:bookworm"
+INIT_PACKAGES="bind9-dnsutils"
 BASE_TAG="docker.io/library/python:3.11-slim-bookworm"
 BASE_PACKAGES="python3,python3-venv,python-is-python3,ca-certificates,passwd"
 MIRROR="http://deb.debian.org/debian"
@@ -97,15 +100,16 @@ if ! "${B[@]}" inspect --type image "$PAUSE_TAG" >/dev/null 2>&1; then
 fi
 
 if ! "${B[@]}" inspect --type image "$INIT_TAG" >/dev/null 2>&1; then
-  work="$(mktemp -d)"
-  (cd "$work" && apt-get download -qq busybox-static >/dev/null && dpkg-deb -x busybox-static_*.deb rootfs)
+  init_tar="$cache/init-bookworm-$(echo "$INIT_PACKAGES" | sha256sum | cut -c1-12).tar"
+  if [[ ! -s "$init_tar" ]]; then
+    mmdebstrap --quiet --variant=minbase --include="$INIT_PACKAGES" bookworm "$init_tar.tmp" "$MIRROR" >&2
+    mv "$init_tar.tmp" "$init_tar"
+  fi
   ctr="$("${B[@]}" from scratch)"
-  "${B[@]}" copy "$ctr" "$work/rootfs/bin/busybox" /bin/busybox >/dev/null
-  "${B[@]}" run --isolation chroot "$ctr" /bin/busybox --install -s /bin
-  "${B[@]}" config --env PATH=/bin --cmd sh "$ctr"
+  "${B[@]}" add "$ctr" "$init_tar" / >/dev/null
+  "${B[@]}" config --env PATH=/usr/sbin:/usr/bin:/sbin:/bin --cmd sh "$ctr"
   "${B[@]}" commit --quiet "$ctr" "$INIT_TAG" >/dev/null
   "${B[@]}" rm "$ctr" >/dev/null
-  rm -rf "$work"
 fi
 
 log "building images/cpu/Dockerfile as $CPU_TAG"
@@ -113,6 +117,8 @@ start=$(date +%s)
 "${B[@]}" bud --layers --pull-never --format docker --isolation chroot "${mounts[@]}" "${env_args[@]}" \
   -f "$repo/images/cpu/Dockerfile" -t "$CPU_TAG" "$repo" >&2
 log "built in $(( $(date +%s) - start )) s"
+# Superseded layers of earlier builds (each source change rebuilds the project's layers, ~2 GB) go.
+"${B[@]}" rmi --prune >/dev/null 2>&1 || true
 
 printf '{"pause": {"tag": "%s", "archive": "%s"}, "init": {"tag": "%s", "archive": "%s"}, ' \
   "$PAUSE_TAG" "$(archive "$PAUSE_TAG")" "$INIT_TAG" "$(archive "$INIT_TAG")"

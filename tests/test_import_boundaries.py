@@ -34,7 +34,7 @@ LAYERS = (
     ("trainer.serve",),
     ("trainer.eval",),
     ("trainer.rl",),
-    ("trainer.stages", "trainer.cli", "trainer.__main__"),
+    ("trainer.stages", "trainer.cli", "trainer.__main__", "trainer.torchrun"),
     ("controller",),
 )
 

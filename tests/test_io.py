@@ -6,6 +6,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from trainer import io
 
@@ -77,3 +79,15 @@ def test_local_path() -> None:
     assert io.is_local("/abs") and not io.is_local("gs://bucket/x")
     with pytest.raises(ValueError):
         io.local_path("gs://bucket/x")
+
+
+def test_a_published_directory_is_readable_by_other_users(tmp_path: Path) -> None:
+    """mkdtemp makes the staging directory 0700 and safetensors writes 0600: a checkpoint published to a
+    shared volume was unreadable by the run's other pods when they run under another uid."""
+    dest = tmp_path / "model"
+    with io.staged_dir(str(dest)) as staging:
+        save_file({"w": torch.zeros(2)}, str(staging / "model.safetensors"))
+        (staging / "sub").mkdir(mode=0o700)
+    for path in (dest, dest / "sub", dest / "model.safetensors", dest / io.COMPLETE_MARKER):
+        assert path.stat().st_mode & 0o044 == 0o044, (path, oct(path.stat().st_mode))
+    assert (dest / "sub").stat().st_mode & 0o011 == 0o011

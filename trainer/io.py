@@ -132,6 +132,28 @@ def is_complete(url: str) -> bool:
     return exists(join(url, COMPLETE_MARKER))
 
 
+def _umask() -> int:
+    # Read, not set-and-restore: os.umask is process-wide, and another thread may be creating files.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _readable_by_all(root: Path) -> None:
+    """Modes as a plain write under the process's umask would give: the staging directory comes from
+    mkdtemp (0700) and safetensors writes its files 0600, so a published checkpoint was readable only by
+    its writer's uid: another pod of the run on the shared volume (a server image with another user, a
+    copy made by a different account) got "No such file" for model.safetensors."""
+    umask = _umask()
+    for path in (root, *root.rglob("*")):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def commit_dir(local_dir: str | Path, dest_url: str) -> None:
     """Publish a fully written local directory at `dest_url` atomically.
 
@@ -142,6 +164,7 @@ def commit_dir(local_dir: str | Path, dest_url: str) -> None:
     if is_local(dest_url):
         dest = Path(local_path(dest_url))
         dest.parent.mkdir(parents=True, exist_ok=True)
+        _readable_by_all(local_dir)
         (local_dir / COMPLETE_MARKER).write_text("")
         if dest.exists():
             shutil.rmtree(dest)

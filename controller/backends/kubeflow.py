@@ -34,6 +34,13 @@ RESTART_ANNOTATION = "speechlm.io/trainer-restart"
 PYTORCHJOBS = "pytorchjobs.kubeflow.org"
 
 
+def _error_line(log_tail: str) -> str:
+    """The line that says what went wrong in a failed container's last log lines: the stage's own
+    `error: ...` (trainer.cli), else the last line (torchrun's own report comes after the stage's)."""
+    lines = [line.strip() for line in log_tail.splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if line.startswith("error:")), lines[-1] if lines else "")
+
+
 class KubeflowBackend(Backend):
     name = "kubeflow"
 
@@ -213,8 +220,8 @@ class KubeflowBackend(Backend):
             for cs in pod.status.container_statuses or [] if pod.status else []:
                 ended = cs.state.terminated if cs.state else None
                 if ended and ended.exit_code:
-                    last = (ended.message or "").strip().splitlines()[-1:] or [ended.reason or ""]
-                    notes.append(f"pod {pod.metadata.name} exited with {ended.exit_code}: {last[0]}".rstrip(": "))
+                    notes.append(f"pod {pod.metadata.name} exited with {ended.exit_code}: "
+                                 f"{_error_line(ended.message or '') or ended.reason or ''}".rstrip(": "))
         return "; ".join(notes)
 
     def pod_events(self, job_name: str) -> str:

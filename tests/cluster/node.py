@@ -61,6 +61,8 @@ def example_workspace(path: Path, uid: int = 1000) -> Path:
     if not (path / "example").exists():
         path.mkdir(parents=True, exist_ok=True)
         subprocess.run(["cp", "-al", str(REPO / "example"), str(path / "example")], check=True)
+        # Files written here by another account may be private to it (safetensors writes 0600).
+        subprocess.run(["chmod", "-R", "a+rX", str(path / "example")], check=True)
     outputs = path / "runs"
     outputs.mkdir(exist_ok=True)
     for p in (path, outputs, *outputs.rglob("*")):
@@ -194,8 +196,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "--fail-swap-on=false", "--oom-score-adj=0",
             f"--pod-infra-container-image={PAUSE_IMAGE}",
             f"--cluster-dns={NODE_IP}", f"--cluster-domain={CLUSTER_DOMAIN}", f"--resolv-conf={resolv}",
-            # The imported images are the only copies: never garbage-collect them.
+            # The imported images are the only copies: never garbage-collect them. The disk is the
+            # machine's, shared: evict (and taint the node) only when it is nearly full, not at the
+            # defaults' 10-15 % free.
             "--image-gc-high-threshold=100", "--image-gc-low-threshold=99",
+            "--eviction-hard=memory.available<256Mi,nodefs.available<2Gi,imagefs.available<2Gi",
             "--enable-controller-attach-detach=false",
             f"--volume-plugin-dir={self.dir / 'kubelet-plugins'}",
             "--v=1",

@@ -66,8 +66,9 @@ def test_the_cpu_image_runs_as_its_user_and_logs_come_through_the_api_server(nod
 
 def test_a_service_name_reaches_a_pod_through_cluster_dns_and_kube_proxy(node: Node, kube: Kube,
                                                                         built: dict) -> None:
-    web = pod("web", built["init"]["tag"], ["sh", "-c", "echo hello-from-web > /www/index.html && "
-                                                          "exec httpd -f -p 8080 -h /www"], labels={"app": "web"})
+    web = pod("web", built["cpu"]["tag"], ["sh", "-c", "echo hello-from-web > /www/index.html && "
+                                                         "exec python -m http.server 8080 --directory /www"],
+              labels={"app": "web"})
     web["spec"]["volumes"] = [{"name": "www", "emptyDir": {}}]
     web["spec"]["containers"][0]["volumeMounts"] = [{"name": "www", "mountPath": "/www"}]
     apply(kube, node, web, {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},

@@ -93,8 +93,8 @@ def test_the_pipeline_runs_as_pods_and_sft_is_one_ddp_group_of_two_pods(
     wait_for("the SFT pods to run", lambda: any(p["status"].get("phase") == "Running"
                                                 for p in pods(kube, f"{RUN}-sft")), timeout=900)
     status = kube.ttsctl("status", RUN, "--backend", "kubeflow", "-n", NAMESPACE)
-    assert status.returncode == 0 and re.search(r"vectorize\s+Succeeded", status.stdout), status.stdout
-    assert re.search(r"sft\s+(Running|Pending)", status.stdout), status.stdout
+    assert status.returncode == 0 and re.search(r"vectorize: Succeeded", status.stdout), status.stdout
+    assert re.search(r"sft: (Running|Pending)", status.stdout), status.stdout
     logs = wait_for("SFT's log", lambda: kube.ttsctl("logs", RUN, "--stage", "sft", "--backend", "kubeflow",
                                                      "-n", NAMESPACE).stdout.strip(), timeout=300)
     assert logs
@@ -127,3 +127,62 @@ def test_the_pipeline_runs_as_pods_and_sft_is_one_ddp_group_of_two_pods(
     final = workspace / "runs" / RUN / "checkpoints"
     assert list(final.glob("**/final_model/model.safetensors")), sorted(p.name for p in final.rglob("*"))[:40]
     assert sorted(set(steps_logged(workspace, RUN))) == list(range(1, SFT_STEPS + 1))
+
+
+def events(kube: Kube, name: str) -> list[dict[str, Any]]:
+    out = kube.kubectl("-n", NAMESPACE, "get", "events", "--field-selector", f"involvedObject.name={name}",
+                       "-o", "json")
+    return json.loads(out)["items"]
+
+
+def files(path: Path) -> dict[str, int]:
+    return {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_worker_deleted_mid_sft_is_recreated_and_sft_resumes_to_the_same_final_step(
+        node: Node, kube: Kube, workspace: Path, tmp_path: Path) -> None:
+    run, steps = "ci-fault", 30
+    data = files(workspace / "runs" / RUN / "data")
+    assert data, "the first test's vectorized data"
+    path = spec(tmp_path, run, [f"training.max_steps={steps}", "checkpointing.save_steps=4"])
+    log = tmp_path / "run.log"
+    proc = kube.ttsctl_bg("run", str(path), "--backend", "kubeflow", "--stages", "sft", log=log)
+    wait_for("SFT past step 5", lambda: max(steps_logged(workspace, run), default=0) >= 5, timeout=900)
+    master_uid = json.loads(kube.kubectl("-n", NAMESPACE, "get", "pod", f"{run}-sft-master-0", "-o", "json"))[
+        "metadata"]["uid"]
+    # A preempted / drained worker: the kubelet SIGTERMs it, both trainers stop at the same step and save.
+    kube.kubectl("-n", NAMESPACE, "delete", "pod", f"{run}-sft-worker-0", "--wait=false")
+    assert proc.wait(timeout=1800) == 0, log.read_text()[-4000:]
+
+    conditions = {c["type"]: c for c in job(kube, f"{run}-sft")["status"]["conditions"]}
+    assert conditions["Succeeded"]["status"] == "True"
+    seen = [(e["reason"], e["message"]) for e in events(kube, f"{run}-sft")]
+    assert ("ExitedWithCode", f"Pod: {NAMESPACE}.{run}-sft-master-0 exited with code 143") in seen, seen
+    assert any(reason == "PyTorchJobRestarting" for reason, _ in seen), seen
+    master = json.loads(kube.kubectl("-n", NAMESPACE, "get", "pod", f"{run}-sft-master-0", "-o", "json"))
+    assert master["metadata"]["uid"] != master_uid  # recreated under its name by the operator
+    resumed = re.search(rf"training {steps} steps from step (\d+) \(ddp, 2 process", kube.kubectl(
+        "-n", NAMESPACE, "logs", f"{run}-sft-master-0", "-c", "pytorch"))
+    assert resumed and 5 <= int(resumed.group(1)) < steps
+    logged = steps_logged(workspace, run)
+    assert max(logged) == steps and sorted(set(logged)) == list(range(1, steps + 1))
+    assert list((workspace / "runs" / run / "checkpoints").glob("**/final_model/model.safetensors"))
+    assert files(workspace / "runs" / RUN / "data") == data  # the completed stages' outputs are intact
+
+
+def test_a_stage_that_exits_non_zero_fails_its_job_with_the_pods_message(kube: Kube, workspace: Path,
+                                                                        tmp_path: Path) -> None:
+    run = "ci-broken"
+    path = spec(tmp_path, run, ["training.max_steps=2"])
+    doc = yaml.safe_load(path.read_text())
+    doc["storage"]["data"] = "runs/no-such-run/data"  # SFT's training data is not there
+    path.write_text(yaml.safe_dump(doc))
+    result = kube.ttsctl("run", str(path), "--backend", "kubeflow", "--stages", "sft")
+    assert result.returncode != 0
+    status = kube.ttsctl("status", run, "--backend", "kubeflow", "-n", NAMESPACE)
+    assert re.search(r"sft: Failed", status.stdout), status.stdout
+    assert f'job "{run}-sft" is failing because "Master" replica(s) failed.' in status.stdout, status.stdout
+    # The pod's own message (its termination message: the last log lines), not only that it failed.
+    assert re.search(rf"pod {run}-sft-master-0 exited with [12]: error: .*no-such-run", status.stdout), status.stdout
+    # 1-127 is final under the ExitCode policy: no retry, the master ran once.
+    assert [e["reason"] for e in events(kube, f"{run}-sft")].count("SuccessfulCreatePod") == 2  # master + worker
