@@ -17,9 +17,9 @@ from speechlm_fixtures import REPO, run_losses, sft_config, torchrun, write_conf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.cli import main
-from trainer.distributed import STOPPED
 from trainer.config import LoraConfig
 from trainer.data.dataset import PackedData
+from trainer.distributed import STOPPED
 from trainer.metrics import read_scalars
 from trainer.model.attention import use_packed_attention
 from trainer.model.build import build_speechlm
