@@ -203,8 +203,8 @@ class Operator:
                 if policy in ("OnFailure", "Always") or (policy == "ExitCode" and code >= 128):
                     self._delete_pod(job, pod_name, service=False, event=False)
                     message = f"job {name} is restarting because {rtype} replica(s) failed."
-                    self.event(job, "Warning", f"{KIND}Restarting", message)
-                    self._set(conditions, "Restarting", message)
+                    if self._set(conditions, "Restarting", message):
+                        self.event(job, "Warning", f"{KIND}Restarting", message)
                 elif policy == "ExitCode":
                     message = f'job "{name}" is failing because "{rtype}" replica(s) failed.'
                     self.event(job, "Warning", f"{KIND}Failed", message)
@@ -335,8 +335,8 @@ class Operator:
             if counts["failed"] > 0 and spec["replicas"] > counts["succeeded"] + counts["active"]:
                 if spec["restartPolicy"] != "Never":
                     message = f"{KIND} {name} is restarting because {counts['failed']} {rtype} replica(s) failed."
-                    self.event(job, "Warning", f"{KIND}Restarting", message)
-                    self._set(conditions, "Restarting", message)
+                    if self._set(conditions, "Restarting", message):
+                        self.event(job, "Warning", f"{KIND}Restarting", message)
                 else:
                     message = f"{KIND} {name} is failed because {counts['failed']} {rtype} replica(s) failed."
                     status["completionTime"] = now()
@@ -367,13 +367,15 @@ class Operator:
     def _true(conditions: list[dict], ctype: str) -> bool:
         return any(c["type"] == ctype and c["status"] == "True" for c in conditions)
 
-    def _set(self, conditions: list[dict], ctype: str, message: str) -> None:
+    def _set(self, conditions: list[dict], ctype: str, message: str) -> bool:
+        """Set a condition as setCondition does; True when it changed. The operator reconciles on watch
+        events and records its Restarting event on each; this loop polls, so it records one per change."""
         if self._true(conditions, "Failed"):
-            return
+            return False
         reason = f"{KIND}{ctype}"
         current = next((c for c in conditions if c["type"] == ctype), None)
         if current and current["status"] == "True" and current["reason"] == reason:
-            return
+            return False
         stamp = now()
         kept = []
         for c in conditions:
@@ -385,3 +387,4 @@ class Operator:
         kept.append({"type": ctype, "status": "True", "reason": reason, "message": message,
                      "lastUpdateTime": stamp, "lastTransitionTime": stamp})
         conditions[:] = kept
+        return True

@@ -141,7 +141,7 @@ def files(path: Path) -> dict[str, int]:
 
 def test_a_worker_deleted_mid_sft_is_recreated_and_sft_resumes_to_the_same_final_step(
         node: Node, kube: Kube, workspace: Path, tmp_path: Path) -> None:
-    run, steps = "ci-fault", 30
+    run, steps = "ci-fault", 16
     data = files(workspace / "runs" / RUN / "data")
     assert data, "the first test's vectorized data"
     path = spec(tmp_path, run, [f"training.max_steps={steps}", "checkpointing.save_steps=4"])
