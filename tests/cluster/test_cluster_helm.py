@@ -1,0 +1,51 @@
+"""`helm test` on the real node: the chart's test pod runs on the kubelet as the release's ServiceAccount
+and reaches the API server in-cluster (the `kubernetes` Service's ClusterIP, through kube-proxy)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import Kube, writable_dir
+from k8s_schemas.validate import tool  # tests/ is on the path (node.py)
+from node import REPO, Node
+from operator_standin import Operator
+
+pytestmark = pytest.mark.cluster
+
+CHART = REPO / "charts" / "tts-training"
+
+
+def test_helm_test_pod_runs_on_the_kubelet_and_reaches_the_api_server(node: Node, kube: Kube, operator: Operator,
+                                                                     built: dict, tmp_path: Path) -> None:
+    ns, release = "chart-smoke", "tts"
+    claim = {"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{ns}-workspace"},
+         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "smoke",
+                  "hostPath": {"path": str(writable_dir(tmp_path / "workspace")), "type": "Directory"},
+                  "claimRef": {"namespace": ns, "name": "smoke-workspace"}}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "smoke-workspace", "namespace": ns},
+         "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "smoke", "volumeName": f"{ns}-workspace",
+                  "resources": {"requests": {"storage": "1Gi"}}}}]}
+    (tmp_path / "claim.json").write_text(json.dumps(claim))
+    kube.kubectl("apply", "-f", str(tmp_path / "claim.json"))
+    repository, tag = built["cpu"]["tag"].rsplit(":", 1)
+
+    def helm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([tool("helm"), *args], capture_output=True, text=True, timeout=timeout,
+                                env=kube.env())
+        assert result.returncode == 0, f"helm {' '.join(args)}:\n{result.stdout}{result.stderr}"
+        return result
+
+    helm("install", release, str(CHART), "-n", ns, "--values", str(CHART / "ci" / "cpu-smoke-values.yaml"),
+         "--set", f"images.trainer.repository={repository},images.trainer.tag={tag},images.pullPolicy=Never")
+    try:
+        result = helm("test", release, "-n", ns, "--logs", timeout=300)
+        assert "Phase:          Succeeded" in result.stdout, result.stdout
+        # The script really ran in the pod (its log came from the kubelet through the API server).
+        assert "ok: PyTorchJob API served, ServiceAccount can submit jobs, stage configs present" in result.stdout
+    finally:
+        helm("uninstall", release, "-n", ns, "--wait")
