@@ -241,15 +241,17 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     # ------------------------------------------------------------------ a run's namespace
     def prepare_namespace(self, namespace: str, claim: str, host_dir: Path,
-                          service_account: str = "tts-trainer") -> None:
-        """What a run needs before `ttsctl run`: its namespace, the ServiceAccount its pods run as, and a
-        workspace claim bound to a hostPath volume of `host_dir` (the node is this machine). The pods run
-        as uid 1000 and hostPath volumes are not chowned for fsGroup: `host_dir` must be writable by it."""
+                          service_account: str | None = "tts-trainer") -> None:
+        """What a run needs before `ttsctl run`: its namespace, the ServiceAccount its pods run as (None:
+        a chart creates it), and a workspace claim bound to a hostPath volume of `host_dir` (the node is
+        this machine). The pods run as uid 1000 and hostPath volumes are not chowned for fsGroup:
+        `host_dir` must be writable by it."""
         pv = f"{namespace}-{claim}"
-        objects = [
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
-            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": service_account,
-                                                                        "namespace": namespace}},
+        objects = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}]
+        if service_account:
+            objects.append({"apiVersion": "v1", "kind": "ServiceAccount",
+                            "metadata": {"name": service_account, "namespace": namespace}})
+        objects += [
             {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
              "spec": {"capacity": {"storage": "50Gi"}, "accessModes": ["ReadWriteMany"],
                       "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "local-workspace",
@@ -269,8 +271,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             if time.time() > deadline:
                 raise RuntimeError(f"claim {namespace}/{claim} not Bound after 60 s")
             time.sleep(0.5)
-        # The token controller gives the ServiceAccount its token secret; pods wait for it otherwise.
-        self.cluster.service_account_kubeconfig(namespace, service_account)
+        if service_account:
+            # The token controller gives the ServiceAccount its token secret; pods wait for it otherwise.
+            self.cluster.service_account_kubeconfig(namespace, service_account)
 
     def pod_report(self, namespace: str) -> list[dict[str, Any]]:
         """For every PyTorchJob pod of `namespace`: what ran where, and how it ended."""

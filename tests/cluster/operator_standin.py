@@ -263,22 +263,18 @@ class Operator:
         self.event(job, "Normal", "SuccessfulCreateService", f"Created service: {svc_name}")
 
     def _delete_pod(self, job: dict[str, Any], pod_name: str, service: bool, event: bool = True) -> None:
-        ns = job["metadata"]["namespace"]
-        try:
-            self.core.delete_namespaced_pod(pod_name, ns)
-            if event:
-                self.event(job, "Normal", "SuccessfulDeletePod", f"Deleted pod: {pod_name}")
-        except ApiException as err:
-            if err.status != 404:
-                self.event(job, "Warning", "FailedDeletePod", f"Error deleting: {err.reason}")
+        """Delete a pod and, with `service`, its Service of the same name (each with its event)."""
+        kinds = [("Pod", self.core.delete_namespaced_pod)]
         if service:
+            kinds.append(("Service", self.core.delete_namespaced_service))
+        for kind, delete in kinds:
             try:
-                self.core.delete_namespaced_service(pod_name, ns)
+                delete(pod_name, job["metadata"]["namespace"])
                 if event:
-                    self.event(job, "Normal", "SuccessfulDeleteService", f"Deleted service: {pod_name}")
+                    self.event(job, "Normal", f"SuccessfulDelete{kind}", f"Deleted {kind.lower()}: {pod_name}")
             except ApiException as err:
                 if err.status != 404:
-                    self.event(job, "Warning", "FailedDeleteService", f"Error deleting: {err.reason}")
+                    self.event(job, "Warning", f"FailedDelete{kind}", f"Error deleting: {err.reason}")
 
     @staticmethod
     def _exit_code(pod: Any) -> int:

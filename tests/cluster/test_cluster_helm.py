@@ -3,7 +3,6 @@ and reaches the API server in-cluster (the `kubernetes` Service's ClusterIP, thr
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -21,17 +20,7 @@ CHART = REPO / "charts" / "tts-training"
 def test_helm_test_pod_runs_on_the_kubelet_and_reaches_the_api_server(node: Node, kube: Kube, operator: Operator,
                                                                      built: dict, tmp_path: Path) -> None:
     ns, release = "chart-smoke", "tts"
-    claim = {"apiVersion": "v1", "kind": "List", "items": [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
-        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{ns}-workspace"},
-         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "smoke",
-                  "hostPath": {"path": str(writable_dir(tmp_path / "workspace")), "type": "Directory"},
-                  "claimRef": {"namespace": ns, "name": "smoke-workspace"}}},
-        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "smoke-workspace", "namespace": ns},
-         "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "smoke", "volumeName": f"{ns}-workspace",
-                  "resources": {"requests": {"storage": "1Gi"}}}}]}
-    (tmp_path / "claim.json").write_text(json.dumps(claim))
-    kube.kubectl("apply", "-f", str(tmp_path / "claim.json"))
+    node.prepare_namespace(ns, "smoke-workspace", writable_dir(tmp_path / "workspace"), service_account=None)
     repository, tag = built["cpu"]["tag"].rsplit(":", 1)
 
     def helm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
