@@ -6,7 +6,9 @@
 #          worker init container (its default, alpine:3.10, cannot be pulled). Not busybox: Debian's
 #          busybox 1.35 nslookup fails unless every search domain answers, so the wait never ends;
 #          bind9's stops at the first that does, as alpine's did;
-#   cpu    images/cpu/Dockerfile, as a user's `docker build` would:
+#   cpu    images/cpu/Dockerfile, and
+#   rollout images/rollout-cpu/Dockerfile (vLLM's CPU build: the RLHF stage's rollout Deployment), as a
+#          user's `docker build` would:
 #   1. the Dockerfile's base, python:3.11-slim-bookworm, is made locally from Debian bookworm with
 #      mmdebstrap (python3 + venv + ca-certificates; `python` on PATH as in the Docker Hub image) and
 #      tagged with that name, so `FROM` resolves to it (--pull-never);
@@ -16,13 +18,14 @@
 #      names PyPI and torch comes from the CPU wheel on disk;
 # Each image is written as an OCI archive, ready for `ctr images import` on a node.
 #
-# Usage: .ci/build-images.sh     prints {"pause"|"init"|"cpu": {"tag": ..., "archive": ...}} as JSON
+# Usage: .ci/build-images.sh     prints {"pause"|"init"|"cpu"|"rollout": {"tag": ..., "archive": ...}} as JSON
 # Cache: ${TTS_IMAGES_CACHE:-~/.cache/tts-images}: the base rootfs tarball and buildah's storage (layers
 #        are reused: a change to the project's sources rebuilds only the layers from `COPY trainer` on).
 # Needs root, buildah and mmdebstrap (.ci/install-node-tools.sh).
 set -euo pipefail
 
 CPU_TAG="ghcr.io/speechlm/tts-cpu:dev"
+ROLLOUT_TAG="ghcr.io/speechlm/tts-rollout-cpu:dev"
 PAUSE_TAG="k8s.gcr.io/pause:3.2"
 INIT_TAG="localhost/debian-dnsutils:bookworm"
 INIT_PACKAGES="bind9-dnsutils"
@@ -112,14 +115,20 @@ if ! "${B[@]}" inspect --type image "$INIT_TAG" >/dev/null 2>&1; then
   "${B[@]}" rm "$ctr" >/dev/null
 fi
 
-log "building images/cpu/Dockerfile as $CPU_TAG"
-start=$(date +%s)
-"${B[@]}" bud --layers --pull-never --format docker --isolation chroot "${mounts[@]}" "${env_args[@]}" \
-  -f "$repo/images/cpu/Dockerfile" -t "$CPU_TAG" "$repo" >&2
-log "built in $(( $(date +%s) - start )) s"
+bud() {  # DOCKERFILE TAG
+  log "building $1 as $2"
+  local start
+  start=$(date +%s)
+  "${B[@]}" bud --layers --pull-never --format docker --isolation chroot "${mounts[@]}" "${env_args[@]}" \
+    -f "$repo/$1" -t "$2" "$repo" >&2
+  log "built in $(( $(date +%s) - start )) s"
+}
+bud images/cpu/Dockerfile "$CPU_TAG"
+bud images/rollout-cpu/Dockerfile "$ROLLOUT_TAG"
 # Superseded layers of earlier builds (each source change rebuilds the project's layers, ~2 GB) go.
 "${B[@]}" rmi --prune >/dev/null 2>&1 || true
 
 printf '{"pause": {"tag": "%s", "archive": "%s"}, "init": {"tag": "%s", "archive": "%s"}, ' \
   "$PAUSE_TAG" "$(archive "$PAUSE_TAG")" "$INIT_TAG" "$(archive "$INIT_TAG")"
-printf '"cpu": {"tag": "%s", "archive": "%s"}}\n' "$CPU_TAG" "$(archive "$CPU_TAG")"
+printf '"cpu": {"tag": "%s", "archive": "%s"}, "rollout": {"tag": "%s", "archive": "%s"}}\n' \
+  "$CPU_TAG" "$(archive "$CPU_TAG")" "$ROLLOUT_TAG" "$(archive "$ROLLOUT_TAG")"

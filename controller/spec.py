@@ -95,9 +95,10 @@ class CodecStageSpec(StageSpec):
 
 class RolloutSpec(Model):
     """The vLLM rollout server of the RLHF stage (Kubernetes only): vLLM's own server for the `storage`
-    weight sync, TRL 0.x's `trl vllm-serve` for `nccl` (group_port: its NCCL group)."""
+    weight sync, TRL 0.x's `trl vllm-serve` for `nccl` (group_port: its NCCL group). `gpus: 0` runs vLLM's
+    CPU build (images/rollout-cpu; `storage` weight sync only), e.g. on a laptop's kind cluster."""
 
-    gpus: int = Field(1, ge=1)
+    gpus: int = Field(1, ge=0)
     resources: Resources = Resources()
     port: int = Field(8000, gt=0, le=65535)
     group_port: int = Field(51216, gt=0, le=65535)

@@ -247,6 +247,17 @@ def test_nccl_rollout_server_is_trls_vllm_serve():
     assert trainer_env["TTS_VLLM_GROUP_PORT"] == "51216"
 
 
+def test_cpu_rollout_server_asks_for_no_gpu():
+    """`rollout.gpus: 0`: vLLM's CPU build, as controller/render does; nccl is refused with the key."""
+    _, objects = helm_template([FULL], release="full", extra=["--set", "stages.rlhf.rollout.gpus=0"])
+    (container,) = named(objects, "Deployment", "full-rollout")["spec"]["template"]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in container.get("resources", {}).get("limits", {})
+    assert "--tensor-parallel-size" not in container["command"]
+    result = run([tool("helm"), "template", "full", str(CHART), "--values", str(FULL),
+                  "--set", "stages.rlhf.rollout.gpus=0", "--set", "stages.rlhf.config.rlhf_training.weight_sync=nccl"])
+    assert result.returncode != 0 and "stages.rlhf.rollout.gpus is 0" in result.stderr
+
+
 def test_storage_sync_without_the_workspace_claim_fails_to_render():
     result = run([tool("helm"), "template", "full", str(CHART), "--values", str(FULL),
                   "--set", "workspace.enabled=false"])

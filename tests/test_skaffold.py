@@ -64,7 +64,7 @@ def test_profiles_and_artifacts():
     for artifact in images.values():
         assert (REPO / artifact["context"] / artifact["docker"]["dockerfile"]).is_file()
     cpu_build = with_profile("cpu")["build"]["artifacts"]
-    assert [a["image"] for a in cpu_build] == ["tts-cpu"]
+    assert [a["image"] for a in cpu_build] == ["tts-cpu", "tts-rollout-cpu"]
 
 
 def _template_key(image: str) -> str:

@@ -20,6 +20,7 @@ from controller.render import meta, pod
 from controller.render.config_map import weight_sync
 from controller.spec import PipelineSpec
 from trainer import io
+from trainer.errors import ConfigError
 from trainer.stages import STEPS
 
 # The step the server serves: the one whose stage needs it (rlhf).
@@ -65,6 +66,9 @@ def server_command(spec: PipelineSpec, run: StageRun, model_path: str) -> list[s
 def deployment(spec: PipelineSpec, run: StageRun) -> k8s.V1Deployment:
     rollout = spec.stages.rlhf.rollout
     storage = weight_sync(run) == "storage"
+    if not rollout.gpus and not storage:
+        raise ConfigError("stages.rlhf.rollout.gpus is 0 (vLLM's CPU build) but the rlhf config's "
+                          "rlhf_training.weight_sync is 'nccl', which moves weights GPU to GPU: use 'storage'")
     model_path, init_containers, model_volumes = _model(spec)
     # vLLM's route is `/health`; TRL's is `/health/` (a bare `/health` answers with a redirect).
     health = "/health" if storage else "/health/"

@@ -2,7 +2,8 @@
 SFT's Master and Worker form one DDP group over gloo from the env the operator stand-in injects, `ttsctl
 status` / `ttsctl logs` work while it runs; then faults on real pods: a Worker deleted mid-SFT (the group
 re-forms, SFT resumes from its checkpoint to the same final step), a stage that exits non-zero (its job
-fails with the pod's message), and nothing of the completed stages is lost."""
+fails with the pod's message), the rollout pod deleted mid-GRPO (its Deployment replaces it, the trainer
+waits, re-publishes the policy and finishes), and nothing of the completed stages is lost."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ RUN = "ci-cluster"
 SFT_STEPS = 6
 
 
-def spec(workdir: Path, name: str, sft_overrides: list[str], data_run: str = RUN) -> Path:
-    """example/cluster.yaml, shortened: stage configs by absolute path, SFT cut to a few steps."""
+def spec(workdir: Path, name: str, sft_overrides: list[str], data_run: str = RUN,
+         rlhf_overrides: tuple[str, ...] = ()) -> Path:
+    """example/cluster.yaml, shortened: stage configs by absolute path, SFT (and GRPO) cut to a few steps."""
     doc = yaml.safe_load((REPO / "example" / "cluster.yaml").read_text())
     doc["name"] = name
     doc["storage"] = {"data": f"runs/{data_run}/data", "checkpoints": f"runs/{name}/checkpoints",
@@ -35,6 +37,7 @@ def spec(workdir: Path, name: str, sft_overrides: list[str], data_run: str = RUN
         if "config" in stage:
             stage["config"] = str(REPO / "example" / stage["config"])
     doc["stages"]["sft"]["overrides"] = sft_overrides
+    doc["stages"]["rlhf"]["overrides"] = list(rlhf_overrides)
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -72,9 +75,9 @@ def wait_for(what: str, check: Any, timeout: float = 600, every: float = 1.0) ->
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def steps_logged(workspace: Path, run: str) -> list[int]:
-    """The steps SFT logged, in order, across every attempt (metrics.jsonl of the run's SFT)."""
-    files = sorted((workspace / "runs" / run / "checkpoints").glob("**/metrics.jsonl"))
+def steps_logged(workspace: Path, run: str, stage: str = "sft") -> list[int]:
+    """The steps a stage logged, in order, across every attempt (metrics.jsonl of the run's stage)."""
+    files = sorted((workspace / "runs" / run / "checkpoints" / stage).glob("**/metrics.jsonl"))
     steps = []
     for f in files:
         for line in f.read_text().splitlines():
@@ -186,3 +189,66 @@ def test_a_stage_that_exits_non_zero_fails_its_job_with_the_pods_message(kube: K
     assert re.search(rf"pod {run}-sft-master-0 exited with [12]: error: .*no-such-run", status.stdout), status.stdout
     # 1-127 is final under the ExitCode policy: no retry, the master ran once.
     assert [e["reason"] for e in events(kube, f"{run}-sft")].count("SuccessfulCreatePod") == 2  # master + worker
+
+
+RELOADED = '"POST /collective_rpc HTTP/1.1" 200'
+
+
+def rollout_pods(kube: Kube, name: str) -> list[dict[str, Any]]:
+    deployment = json.loads(kube.kubectl("-n", NAMESPACE, "get", "deployment", name, "-o", "json"))
+    selector = ",".join(f"{k}={v}" for k, v in deployment["spec"]["selector"]["matchLabels"].items())
+    return json.loads(kube.kubectl("-n", NAMESPACE, "get", "pods", "-l", selector, "-o", "json"))["items"]
+
+
+def ready(pod: dict[str, Any]) -> bool:
+    return pod["metadata"].get("deletionTimestamp") is None and any(
+        c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
+
+
+def test_grpo_samples_from_the_cpu_rollout_deployment_and_outlives_its_pod(
+        node: Node, kube: Kube, workspace: Path, tmp_path: Path) -> None:
+    """RLHF as on a GPU cluster, on CPU: the trainer job samples from vLLM's CPU build (images/rollout-cpu)
+    as a Deployment behind a headless Service, reached by name, weights synced through the workspace claim.
+    The rollout pod deleted mid-GRPO: the Deployment replaces it, the trainer waits for it, re-publishes
+    the policy to it and finishes every step."""
+    steps = 4
+    sft_final = workspace / "runs" / RUN / "checkpoints" / "sft"
+    assert list(sft_final.glob("**/final_model/model.safetensors")), "the first test's SFT model"
+    sft_files = files(sft_final)
+    path = spec(tmp_path, RUN, [f"training.max_steps={SFT_STEPS}", "checkpointing.save_steps=3"],
+                rlhf_overrides=(f"training.max_steps={steps}", "checkpointing.save_steps=2",
+                                "rlhf_training.vllm_server_timeout_s=900"))
+    log = tmp_path / "run.log"
+    proc = kube.ttsctl_bg("run", str(path), "--backend", "kubeflow", "--stages", "export-sft,rlhf", log=log)
+    name = f"{RUN}-rollout"
+    wait_for("GRPO's second step", lambda: max(steps_logged(workspace, RUN, "rlhf"), default=0) >= 2
+             or proc.poll() is not None, timeout=1500, every=2)
+    assert proc.poll() is None, log.read_text()[-4000:]
+    (first,) = [p for p in rollout_pods(kube, name) if ready(p)]
+    (server,) = first["spec"]["containers"]
+    assert server["image"] == "ghcr.io/speechlm/tts-rollout-cpu:dev"
+    assert "nvidia.com/gpu" not in (server.get("resources", {}).get("limits") or {})
+    served = kube.kubectl("-n", NAMESPACE, "logs", first["metadata"]["name"])
+    # vLLM's access log: the trainer reloaded its policy there and sampled from it.
+    assert RELOADED in served and '"POST /v1/completions HTTP/1.1" 200' in served, served[-3000:]
+    # Deleted as a drain would: the ReplicaSet makes a new pod; the trainer waits for it and re-syncs.
+    kube.kubectl("-n", NAMESPACE, "delete", "pod", first["metadata"]["name"], "--wait=false")
+    second = wait_for("the replacement rollout pod to be ready", lambda: [
+        p for p in rollout_pods(kube, name) if ready(p) and p["metadata"]["uid"] != first["metadata"]["uid"]],
+        timeout=900, every=2)[0]
+    wait_for("the policy re-published to the new server", lambda: RELOADED in kube.kubectl(
+        "-n", NAMESPACE, "logs", second["metadata"]["name"], check=False) or proc.poll() is not None,
+        timeout=900, every=2)
+    assert proc.wait(timeout=1800) == 0, log.read_text()[-4000:]
+
+    conditions = {c["type"]: c for c in job(kube, f"{RUN}-rlhf")["status"]["conditions"]}
+    assert conditions["Succeeded"]["status"] == "True", conditions
+    trainer_log = kube.kubectl("-n", NAMESPACE, "logs", f"{RUN}-rlhf-master-0", "-c", "pytorch")
+    assert "rollout server unreachable" in trainer_log, trainer_log[-4000:]
+    assert "the rollout server restarted (it serves its startup weights)" in trainer_log, trainer_log[-4000:]
+    assert sorted(set(steps_logged(workspace, RUN, "rlhf"))) == list(range(1, steps + 1))
+    assert list((workspace / "runs" / RUN / "checkpoints" / "rlhf").glob("**/final_model/model.safetensors"))
+    assert (workspace / "runs" / RUN / "export" / "sft" / "config.json").is_file()
+    assert files(sft_final) == sft_files  # the completed stage's outputs are intact
+    # The stage's rollout server goes with it.
+    assert not kube.kubectl("-n", NAMESPACE, "get", "deployment", name, "--ignore-not-found").strip()

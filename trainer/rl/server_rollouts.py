@@ -14,7 +14,9 @@ processes that share that path work (a local run, a PVC shared by the trainer an
 NCCL, no port beyond the HTTP one.
 
 Never stale silently: the server's incarnation (its process start time) is read before every batch; a
-restarted server serves its startup weights, so it is re-synced first. An unreachable server is waited
+restarted server serves its startup weights, so it is re-synced first, and a request of a batch that a
+restart cut is retried only after that re-sync (rank 0 publishes: with several trainer ranks, another
+rank's retry may reach the new server before rank 0 has re-synced it). An unreachable server is waited
 for up to `vllm_server_timeout_s`, then the stage fails with its last checkpoint intact (a re-run
 resumes).
 """
@@ -64,8 +66,10 @@ class ServerRollouts:
         self.model.generate = self.generate
 
     # -------------------------------------------------------------------------------- the server
-    def _with_server(self, action: Callable[[], T]) -> T:
-        """`action`, waiting out an unreachable server up to `timeout_s` (a Deployment restarting its pod)."""
+    def _with_server(self, action: Callable[[], T], resync: bool = False) -> T:
+        """`action`, waiting out an unreachable server up to `timeout_s` (a Deployment restarting its pod).
+        `resync` (sampling): before each retry, re-publish the policy if the server restarted meanwhile, so
+        a batch cut by a restart is finished on the policy, not on the startup weights."""
         deadline = None
         while True:
             try:
@@ -82,6 +86,8 @@ class ServerRollouts:
                         f"({err}); the last checkpoint is intact: re-run the stage to resume"
                     ) from None
                 time.sleep(RETRY_S)
+                if resync:
+                    self.sync()
 
     def sync(self, collective: bool = False) -> None:
         """Publish the policy to the server if it is `sync_steps` ahead or the server restarted. Rank 0
@@ -124,7 +130,7 @@ class ServerRollouts:
         completions = vllm_server.speech_completions(
             self.base_url, self.served_name(), self.vocab, prompts, config.max_new_tokens, sampling,
             min_new_tokens=config.min_new_tokens or 0, phone_frame_rate=self.phone_frame_rate,
-            call=self._with_server)
+            call=lambda request: self._with_server(request, resync=True))
         width = max((len(c) for c in completions), default=0)
         out = torch.full((input_ids.shape[0], input_ids.shape[1] + width), self.vocab.pad_token_id,
                          dtype=input_ids.dtype)
