@@ -4,7 +4,8 @@ stands in for the training operator), then tear it all down.
 
 Prints the KUBECONFIG to watch it with while it runs (`ttsctl status demo-cluster --backend kubeflow`,
 `ttsctl logs demo-cluster --stage sft --backend kubeflow`); writes runs/demo-cluster/cluster.json (every pod of
-every stage: job, replica type, node, image, container ID, phase, exit code, restarts). The pods' workspace
+every stage, the rollout server's included: stage, job, replica type, node, image, container ID, phase, exit
+code, restarts). The pods' workspace
 is runs/demo-cluster/workspace: a copy of example/ in, the run's outputs (runs/demo-cluster/...) out.
 """
 
@@ -44,9 +45,17 @@ def main() -> int:
               f"  KUBECONFIG={kubeconfig} ttsctl status {RUN} --backend kubeflow -n {NAMESPACE}\n"
               f"  KUBECONFIG={kubeconfig} ttsctl logs {RUN} --stage sft --backend kubeflow -n {NAMESPACE}", flush=True)
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "TTSCTL_POLL_SECONDS": "2"}
-        code = subprocess.run([sys.executable, "-m", "controller.cli", "run", str(SPEC), "--backend", "kubeflow"],
-                              cwd=REPO, env=env).returncode
-        pods = node.pod_report(NAMESPACE)
+        run = subprocess.Popen([sys.executable, "-m", "controller.cli", "run", str(SPEC), "--backend", "kubeflow"],
+                               cwd=REPO, env=env)
+        # Sampled while the run goes on: the rollout server's pod goes with its stage, so it would be missing
+        # from a report taken at the end (its row keeps the last state seen).
+        seen: dict[str, dict] = {}
+        while run.poll() is None:
+            seen.update((row["name"], row) for row in node.pod_report(NAMESPACE))
+            time.sleep(5)
+        code = run.returncode
+        seen.update((row["name"], row) for row in node.pod_report(NAMESPACE))
+        pods = [seen[name] for name in sorted(seen)]
         report = run_dir / "cluster.json"
         report.write_text(json.dumps({"run": RUN, "exit_code": code, "seconds": round(time.time() - started),
                                       "operator": f"stand-in for the Kubeflow training operator "

@@ -276,7 +276,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             self.cluster.service_account_kubeconfig(namespace, service_account)
 
     def pod_report(self, namespace: str) -> list[dict[str, Any]]:
-        """For every PyTorchJob pod of `namespace`: what ran where, and how it ended."""
+        """For every pod of `namespace` (PyTorchJob pods, the rollout server's): what ran where, how it ended."""
         out = json.loads(_run(self.cluster.kubectl_cmd("-n", namespace, "get", "pods", "-o", "json")).stdout)
         rows = []
         for pod in out["items"]:
@@ -287,8 +287,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             ended = state.get("terminated") or main.get("lastState", {}).get("terminated") or {}
             rows.append({
                 "name": pod["metadata"]["name"],
-                "job": labels.get("training.kubeflow.org/job-name") or labels.get("app.kubernetes.io/name"),
-                "replica_type": labels.get("training.kubeflow.org/replica-type"),
+                "stage": labels.get("speechlm.io/stage"),
+                # A PyTorchJob's pod names its job; a Deployment's, its ReplicaSet.
+                "job": labels.get("training.kubeflow.org/job-name") or "/".join(
+                    (owner["kind"], owner["name"]) for owner in pod["metadata"].get("ownerReferences", [])[:1]),
+                "replica_type": labels.get("training.kubeflow.org/replica-type") or labels.get(
+                    "app.kubernetes.io/component"),
                 "node": pod["spec"].get("nodeName"),
                 "image": main.get("image"),
                 "image_id": main.get("imageID"),
