@@ -7,6 +7,7 @@ them)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ CHART = REPO / "charts" / "tts-training"
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[Cluster]:
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     try:
         bin_dir = binaries()
     except RuntimeError as err:
@@ -37,6 +38,9 @@ def cluster() -> Iterator[Cluster]:
         yield c
     finally:
         c.stop()
+        # ~74 MB of etcd data and logs per run; kept when a test failed (the servers' logs are the evidence).
+        if not request.session.testsfailed:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
