@@ -119,8 +119,16 @@ bud() {  # DOCKERFILE TAG
   log "building $1 as $2"
   local start
   start=$(date +%s)
-  "${B[@]}" bud --layers --pull-never --format docker --isolation chroot "${mounts[@]}" "${env_args[@]}" \
-    -f "$repo/$1" -t "$2" "$repo" >&2
+  # Docker (BuildKit) reads <Dockerfile>.dockerignore by itself; buildah 1.28 only reads the context's own
+  # .dockerignore, so name it. Without it COPY took __pycache__ in, and each test run's bytecode missed the cache.
+  # The build stage is tagged too (<tag>-build): its layers are then not dangling, so the prune below keeps
+  # them as the cache of the next build (untagged, every build re-ran its torch/vLLM installs).
+  local target
+  for target in build runtime; do
+    "${B[@]}" bud --layers --pull-never --format docker --isolation chroot "${mounts[@]}" "${env_args[@]}" \
+      --ignorefile "$repo/$1.dockerignore" --target "$target" -f "$repo/$1" \
+      -t "$2$([[ $target == build ]] && echo -build)" "$repo" >&2
+  done
   log "built in $(( $(date +%s) - start )) s"
 }
 bud images/cpu/Dockerfile "$CPU_TAG"

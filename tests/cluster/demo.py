@@ -50,12 +50,18 @@ def main() -> int:
         # Sampled while the run goes on: the rollout server's pod goes with its stage, so it would be missing
         # from a report taken at the end (its row keeps the last state seen).
         seen: dict[str, dict] = {}
-        while run.poll() is None:
-            seen.update((row["name"], row) for row in node.pod_report(NAMESPACE))
-            time.sleep(5)
+        try:
+            while run.poll() is None:
+                seen.update((row["name"], row) for row in node.pod_report(NAMESPACE))
+                time.sleep(5)
+        finally:
+            if run.poll() is None:  # the report failed: stop the run before the cluster goes
+                run.terminate()
+                run.wait()
         code = run.returncode
-        seen.update((row["name"], row) for row in node.pod_report(NAMESPACE))
-        pods = [seen[name] for name in sorted(seen)]
+        final = {row["name"]: row for row in node.pod_report(NAMESPACE)}
+        # A pod gone by the end (deleted with its stage) keeps the state it was last seen in, marked.
+        pods = [final.get(name) or {**seen[name], "deleted": True} for name in sorted(seen | final)]
         report = run_dir / "cluster.json"
         report.write_text(json.dumps({"run": RUN, "exit_code": code, "seconds": round(time.time() - started),
                                       "operator": f"stand-in for the Kubeflow training operator "

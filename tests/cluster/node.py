@@ -289,8 +289,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 "name": pod["metadata"]["name"],
                 "stage": labels.get("speechlm.io/stage"),
                 # A PyTorchJob's pod names its job; a Deployment's, its ReplicaSet.
-                "job": labels.get("training.kubeflow.org/job-name") or "/".join(
-                    (owner["kind"], owner["name"]) for owner in pod["metadata"].get("ownerReferences", [])[:1]),
+                "job": labels.get("training.kubeflow.org/job-name") or next(
+                    (f"{o['kind']}/{o['name']}" for o in pod["metadata"].get("ownerReferences", [])), None),
                 "replica_type": labels.get("training.kubeflow.org/replica-type") or labels.get(
                     "app.kubernetes.io/component"),
                 "node": pod["spec"].get("nodeName"),
