@@ -1,6 +1,7 @@
 """Regenerate the example speech dataset: `python example/make_dataset.py`; or write a larger
 training corpus at run time: `python example/make_dataset.py corpus --out DIR [--n 3000 --seed 0]`;
-or the phone-aligned corpus of the shipped SpeechLM: `python example/make_dataset.py phones --out DIR`.
+or the phone-aligned corpus of the shipped SpeechLM: `python example/make_dataset.py phones --out DIR`
+(`--voices rms kal16 awb slt`: the four flite voices taking turns, each eval item prompted by its own voice).
 
 Real synthetic speech from Debian's `flite` (four distinct voices: rms, kal16, awb, slt; pocketsphinx
 understands them, so WER and speaker-similarity rewards carry signal) and `espeak-ng` (more voices
@@ -394,28 +395,32 @@ def phone_clip(wav_dir: Path, utt_id: str, text: str, voice: str) -> tuple[Path,
     return path, json.loads(times_path.read_text())
 
 
-def write_phones_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, workers: int, voice: str,
-                        varied: float, vocabulary: int) -> None:
+def write_phones_corpus(out: Path, n: int, n_val: int, n_test: int, seed: int, workers: int,
+                        voices: list[str], varied: float, vocabulary: int) -> None:
     """The phone-aligned corpus (`phone_sentence_sets`, clips by `phone_clip`, each line with its
-    "phone_times") and eval lists cloning the held-out sets from a training clip."""
+    "phone_times"), utterance i of each split spoken by voices[i % len(voices)], and eval lists cloning
+    each held-out sentence from a training clip of its own voice."""
     sets = phone_sentence_sets(n, n_val, n_test, seed, varied, vocabulary)
     wav_dir = out / "wavs"
     wav_dir.mkdir(parents=True, exist_ok=True)
 
     def run(job: tuple[str, int, str]) -> dict:
         split, i, text = job
+        voice = voices[i % len(voices)]
         path, times = phone_clip(wav_dir, f"{split}_{i:05d}", text, voice)
         return _record(split, path.stem, text, path, voice, phone_times=times)
 
     jobs = [(split, i, text) for split, texts in sets.items() for i, text in enumerate(texts)]
     by_split = _synthesize_splits(out, jobs, run, workers, sets)
-    # Eval lists: the voice prompt is the training clip nearest 3 s (its phones are prefilled).
-    prompt = min(by_split["train"], key=lambda r: abs(r["duration"] - 3))
-    for split, name in (("test", "eval_list.jsonl"), ("everyday", "eval_everyday.jsonl")):
-        _write_jsonl(out / name, [_eval_item(r, prompt) for r in by_split[split]])
+    # Eval lists: each voice's prompt is its training clip nearest 3 s (its phones are prefilled).
+    prompts = {v: min((r for r in by_split["train"] if r["speaker_id"] == v), key=lambda r: abs(r["duration"] - 3))
+               for v in voices}
+    # eval_val.jsonl is for choosing among checkpoints, so that the test lists judge the choice unseen.
+    for split, name in (("test", "eval_list.jsonl"), ("everyday", "eval_everyday.jsonl"), ("val", "eval_val.jsonl")):
+        _write_jsonl(out / name, [_eval_item(r, prompts[r["speaker_id"]]) for r in by_split[split]])
     vocab = {split: set().union(*(words_of(t) for t in texts)) for split, texts in sets.items()}
     summary = {
-        "seed": seed, "voice": voice, "varied_share": varied,
+        "seed": seed, "voices": voices, "varied_share": varied,
         "utterances": {split: len(rows) for split, rows in by_split.items()},
         "hours": {split: round(sum(r["duration"] for r in rows) / 3600, 3) for split, rows in by_split.items()},
         "train_vocabulary_size": len(vocab["train"]),
@@ -513,19 +518,20 @@ def main(argv: list[str] | None = None) -> None:
     corpus.add_argument("--n_pairs", type=int, default=1000,
                         help="extra training utterances of two training sentences (zero-shot cloning practice)")
     corpus.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    phones = sub.add_parser("phones", help="write the phone-aligned corpus (one voice, phone timings)")
+    phones = sub.add_parser("phones", help="write the phone-aligned corpus (flite voices, phone timings)")
     phones.add_argument("--out", type=Path, required=True)
     phones.add_argument("--n", type=int, default=9000, help="training utterances")
     phones.add_argument("--n_val", type=int, default=100)
     phones.add_argument("--n_test", type=int, default=40)
     phones.add_argument("--seed", type=int, default=0)
-    phones.add_argument("--voice", default="rms", choices=FLITE_VOICES)
+    phones.add_argument("--voices", nargs="+", default=["rms"], choices=FLITE_VOICES,
+                        help="flite voices, taking turns utterance by utterance (the shipped model: rms)")
     phones.add_argument("--varied", type=float, default=0.5, help="share of frequent-word training sentences")
     phones.add_argument("--vocabulary", type=int, default=8000, help="frequent words drawn from")
     phones.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     if args.mode == "phones":
-        write_phones_corpus(args.out, args.n, args.n_val, args.n_test, args.seed, args.workers, args.voice,
+        write_phones_corpus(args.out, args.n, args.n_val, args.n_test, args.seed, args.workers, args.voices,
                             args.varied, args.vocabulary)
     elif args.mode == "corpus":
         write_corpus(args.out, args.n, args.n_val, args.n_test, args.seed, args.workers, args.n_pairs)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +47,10 @@ def ship_codec(layout: RunLayout, out: Path, command: str = COMMAND, config: Pat
                corpus: Path | None = None) -> Path:
     codec = Codec.load(layout.output("codec"))
     target = out / "codec-small"
+    # A decoder continued from a shipped codec (codec.train.init_from) keeps that codec's history.
+    init_from = yaml.safe_load(config.read_text())["codec"]["train"].get("init_from")
+    parent = ROOT / init_from / "provenance.json" if init_from else None
+    parent_provenance = json.loads(parent.read_text()) if parent is not None and parent.exists() else None
     # The decoder (90 % of the weights) at float16; the encoder stays float32 so its codes are exactly
     # the ones the shipped SpeechLM was trained on.
     for prefix in DECODER_PREFIXES:
@@ -64,6 +69,8 @@ def ship_codec(layout: RunLayout, out: Path, command: str = COMMAND, config: Pat
         "steps": summary["steps"], "wall_time_s": summary["wall_time_s"], "resynthesis_curve": curve,
         "corpus": json.loads(corpus.read_text()) if corpus is not None and corpus.exists() else None,
     }
+    if init_from:
+        provenance["continued_from"] = {"codec": init_from, "provenance": parent_provenance}
     (target / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return target
 

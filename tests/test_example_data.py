@@ -77,3 +77,24 @@ def test_corpus_sentence_sets_are_disjoint_deterministic_and_test_words_are_trai
     assert len(train) == 3000 and not (train & val) and not (train & test) and not (val & test)
     train_vocab = set().union(*(make_dataset.words_of(s) for s in train))
     assert all(make_dataset.words_of(s) <= train_vocab for s in test)
+
+
+def test_phone_corpus_takes_turns_between_voices_and_prompts_each_item_in_its_own_voice(tmp_path: Path) -> None:
+    """`make_dataset.py phones --voices`: the four-voice corpus (real flite); every eval item is cloned
+    from a training clip of the target's own voice, and the selection list (eval_val) is the val split."""
+    out = tmp_path / "corpus"
+    _load_make_dataset().main(["phones", "--out", str(out), "--n", "8", "--n_val", "4", "--n_test", "4",
+                               "--vocabulary", "300", "--workers", "2", "--voices", "rms", "slt"])
+    manifests = {split: [json.loads(line) for line in (out / f"{split}.jsonl").read_text().splitlines()]
+                 for split in ("train", "val", "test")}
+    for rows in manifests.values():
+        assert [r["speaker_id"] for r in rows] == ["rms", "slt"] * (len(rows) // 2)
+        assert all(r["phone_times"] for r in rows)
+    speaker = {r["wav_path"]: r["speaker_id"] for rows in manifests.values() for r in rows}
+    train_texts = {r["transcript"] for r in manifests["train"]}
+    for name, split in (("eval_list.jsonl", "test"), ("eval_val.jsonl", "val")):
+        items = [json.loads(line) for line in (out / name).read_text().splitlines()]
+        assert [i["target_text"] for i in items] == [r["transcript"] for r in manifests[split]]
+        assert all(speaker[i["prompt_wav"]] == speaker[i["target_wav"]] for i in items)
+        assert all(i["prompt_text"] in train_texts and i["target_text"] not in train_texts for i in items)
+    assert json.loads((out / "summary.json").read_text())["voices"] == ["rms", "slt"]

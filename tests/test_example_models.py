@@ -36,6 +36,18 @@ def test_the_spec_chains_phone_corpus_sft_grpo_and_eval_on_the_shipped_codec() -
     assert evaluation.test_list == "runs/example-models/corpus/eval_list.jsonl" and not evaluation.sampling.do_sample
 
 
+def test_the_four_voice_spec_continues_the_one_voice_sft_on_the_four_voice_corpus() -> None:
+    """example/four-voices.yaml (the four-voice stretch): the recipe's own configs, retargeted by overrides."""
+    plan = {run.name: run for run in build_plan(load_spec(REPO / "example" / "four-voices.yaml"))}
+    assert list(plan) == ["vectorize", "merge", "sft", "export-sft", "eval"]
+    assert plan["vectorize"].config.vectorize.dataset_path == "runs/four-voices/corpus/train.jsonl"
+    sft = plan["sft"].config
+    assert sft.modeling.parameters.model_name == "runs/example-models/export/sft"
+    assert sft.modeling.parameters.prompt_format == "phones" and sft.training.max_steps == 700
+    assert list(sft.train_weighted_datasets) == ["runs/four-voices/data/vectorized"]
+    assert plan["eval"].config.eval.test_list == "runs/four-voices/corpus/eval_list.jsonl"
+
+
 def test_the_shipped_speechlm_speaks_every_phone_of_new_text() -> None:
     """The shipped model loads with the shipped codec and, greedy, says each phone of a sentence it never
     saw, in order, ending by itself within the phone budget (how well it sounds: bench/RESULTS.md)."""
@@ -113,3 +125,29 @@ def test_shipping_the_codec_halves_the_decoder_keeps_the_codes_and_records_prove
     assert provenance["corpus"] == {"hours": {"train": 3.5}}
     config = REPO / "example" / "configs" / "models" / "codec-small.yaml"
     assert (shipped / "train_config.yaml").read_text() == config.read_text()
+
+
+def test_shipping_a_continued_decoder_keeps_the_history_of_the_codec_it_continued(tmp_path) -> None:
+    """A decoder continued from the shipped codec (codec.train.init_from, decoder_only) is shipped over
+    it: its provenance holds the continuation's curve and, under continued_from, the earlier codec's."""
+    import json
+
+    from trainer.codec import Codec, tiny_codec_config
+
+    models = tmp_path / "models"
+    for name, init_from, wer in (("first", None, 0.5), ("continued", str(models / "codec-small"), 0.3)):
+        run = tmp_path / name
+        Codec.from_config(tiny_codec_config()).save(str(run / "checkpoints" / "codec" / "final"))
+        rows = [{"step": 0, "time": 0.0}, {"step": 100, "time": 50.0, "resynth_wer": wer, "resynth_sim": 0.9}]
+        (run / "checkpoints" / "codec" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        config = tmp_path / f"{name}.yaml"
+        train = {"decoder_only": True, "init_from": init_from} if init_from else {}
+        config.write_text(json.dumps({"codec": {"train": train}}))
+        assert _ship_models().main(["--run", str(run), "--out", str(models), "--only", "codec",
+                                    "--codec_config", str(config), "--command", f"train {name}"]) == 0
+
+    provenance = json.loads((models / "codec-small" / "provenance.json").read_text())
+    assert provenance["command"] == "train continued" and provenance["resynthesis_curve"][0]["resynth_wer"] == 0.3
+    earlier = provenance["continued_from"]
+    assert earlier["codec"] == str(models / "codec-small")
+    assert earlier["provenance"]["command"] == "train first" and "continued_from" not in earlier["provenance"]
