@@ -201,6 +201,10 @@ def test_three_grpo_steps_end_to_end(artefacts):
     assert (step / "speechlm.json").exists() and (step / "optimizer.pt").exists()
     final = run / "final_model"
     assert (final / "_COMPLETE").exists()
+    # A step checkpoint carries the model's own tokenizer (as final_model and SFT's do), not the copy TRL
+    # samples with (eos = speech-end, left padding): an export of either serves the same.
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        assert json.loads((step / name).read_text()) == json.loads((final / name).read_text()), name
     trained, _, vocab = load_speechlm(str(final))
     base, _, base_vocab = load_speechlm(str(model_dir))
     assert vocab == base_vocab

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback
+from transformers import PreTrainedTokenizerBase, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from trainer import distributed, io, metrics
@@ -313,13 +313,18 @@ class PublishCheckpoints(TrainerCallback):
     own scratch `checkpoint-<N>`: every rank uploads its files, rank 0 marks the upload complete, and each
     rank deletes its scratch copy (a pod's disk would fill with one model per save otherwise)."""
 
-    def __init__(self, run: str, vocab: AudioVocab, codec_url: str, keep: int | None):
+    def __init__(self, run: str, tokenizer: PreTrainedTokenizerBase, vocab: AudioVocab, codec_url: str,
+                 keep: int | None):
         self.run = run
+        self.tokenizer = tokenizer
         self.vocab = vocab
         self.codec_url = codec_url
         self.keep = keep
 
     def _add_speechlm_files(self, directory: Path) -> None:
+        # Over the sampling copy TRL saved (eos = speech-end, left padding): the model's own tokenizer, as in
+        # final_model, so a step checkpoint exports and serves like the final model.
+        self.tokenizer.save_pretrained(directory)
         self.vocab.save(directory)
         write_codec_reference(str(directory), self.codec_url)
 
@@ -489,7 +494,7 @@ def run(config: TrainerConfig) -> int:
         ScalarLogCallback(scalars),
         GuardRails(_guard_prompts(config, prompt_format), prompt_format, guard_scorer,
                    _guard_generation(rl, vocab, vocab_size), rl.guard_rail_steps, scalars, t.seed),
-        PublishCheckpoints(run, vocab, codec_url, ck.keep_only_last_n_checkpoints),
+        PublishCheckpoints(run, tokenizer, vocab, codec_url, ck.keep_only_last_n_checkpoints),
         completions,
     ]
     # The same adapter as SFT's: the added (audio) rows train too, so GRPO can move the codes.
