@@ -493,7 +493,8 @@ def _synthesize_splits(out: Path, jobs: list, run, workers: int, splits) -> dict
 def _eval_item(target: dict, prompt: dict) -> dict:
     """An eval-list line: `target`'s text cloned from the voice prompt `prompt` (both manifest records)."""
     return {"id": target["id"], "prompt_wav": prompt["wav_path"], "prompt_text": prompt["transcript"],
-            "target_text": target["transcript"], "target_wav": target["wav_path"], "language": "en"}
+            "target_text": target["transcript"], "target_wav": target["wav_path"], "language": "en",
+            "speaker_id": target["speaker_id"]}
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

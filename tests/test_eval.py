@@ -59,6 +59,30 @@ def test_eval_writes_results_report_and_audio(model_dir: Path, tmp_path: Path) -
     assert html.count("<audio") == 4
 
 
+def test_multi_voice_list_is_judged_per_voice(model_dir: Path, tmp_path: Path) -> None:
+    items = [json.loads(line) for line in EVAL_LIST.read_text().splitlines()[:3]]
+    for item, voice in zip(items, ("a", "b", "a"), strict=True):
+        item["speaker_id"] = voice
+        for key in ("prompt_wav", "target_wav"):
+            item[key] = str((EVAL_LIST.parent / item[key]).resolve())
+    test_list = tmp_path / "voices.jsonl"
+    test_list.write_text("".join(json.dumps(it) + "\n" for it in items))
+    out = tmp_path / "eval"
+    assert main([
+        "eval", "--config", str(REPO / "example" / "configs" / "eval.yaml"), "--model_path", str(model_dir),
+        "--test_list", str(test_list), "--output_dir", str(out), "--set", "eval.sampling.max_new_tokens=60",
+    ]) == 0
+    results = json.loads((out / "results.json").read_text())
+    by_speaker = results["by_speaker"]
+    assert sorted(by_speaker) == ["a", "b"]
+    assert by_speaker["a"]["model"]["items"] == 2 and by_speaker["b"]["ground_truth"]["items"] == 1
+    for voice, rows in by_speaker.items():
+        mine = [it for it in results["items"] if it["speaker_id"] == voice]
+        for row in ("model", "ground_truth"):
+            assert rows[row]["sim"] == pytest.approx(sum(it[row]["sim"] for it in mine) / len(mine))
+    assert "voice a: model" in (out / "report.html").read_text()
+
+
 def test_bad_test_list_fails_with_line_number(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "list.jsonl"
     bad.write_text(json.dumps({"prompt_wav": "x.wav", "prompt_text": "hi", "target_text": "yo"}) + "\n{oops\n")

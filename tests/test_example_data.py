@@ -95,6 +95,6 @@ def test_phone_corpus_takes_turns_between_voices_and_prompts_each_item_in_its_ow
     for name, split in (("eval_list.jsonl", "test"), ("eval_val.jsonl", "val")):
         items = [json.loads(line) for line in (out / name).read_text().splitlines()]
         assert [i["target_text"] for i in items] == [r["transcript"] for r in manifests[split]]
-        assert all(speaker[i["prompt_wav"]] == speaker[i["target_wav"]] for i in items)
+        assert all(speaker[i["prompt_wav"]] == speaker[i["target_wav"]] == i["speaker_id"] for i in items)
         assert all(i["prompt_text"] in train_texts and i["target_text"] not in train_texts for i in items)
     assert json.loads((out / "summary.json").read_text())["voices"] == ["rms", "slt"]

@@ -72,12 +72,15 @@ def _publish(cfg: EvalConfig, out_dir: Path, results: dict[str, Any], plots: lis
     if not io.is_local(cfg.output_dir):
         for file in sorted(p for p in out_dir.rglob("*") if p.is_file()):
             io.write_bytes_atomic(io.join(cfg.output_dir, file.relative_to(out_dir).as_posix()), file.read_bytes())
-    for row_name, agg in results["aggregate"].items():
-        log.info(
-            "%s: WER %.3f  SIM %s  DNSMOS %s  RTF %s  (%d items, %d failed)", row_name, agg["wer"],
-            _maybe(agg.get("sim")), _maybe(agg.get("dnsmos")), _maybe(agg.get("rtf")), agg["items"],
-            agg.get("failed", 0),
-        )
+    tables = [("", results["aggregate"])]
+    tables += [(f"voice {s} ", rows) for s, rows in results.get("by_speaker", {}).items()]
+    for prefix, rows in tables:
+        for row_name, agg in rows.items():
+            log.info(
+                "%s%s: WER %.3f  SIM %s  DNSMOS %s  RTF %s  (%d items, %d failed)", prefix, row_name, agg["wer"],
+                _maybe(agg.get("sim")), _maybe(agg.get("dnsmos")), _maybe(agg.get("rtf")), agg["items"],
+                agg.get("failed", 0),
+            )
     print(f"eval report: {out_dir / 'report.html'}\neval results: {out_dir / 'results.json'}")
 
 
@@ -144,23 +147,37 @@ def run(config: TrainerConfig) -> int:
     model_scores = scorers.score(model_clips, prompt_embeddings, texts, languages)
     for row, scores in zip(model_rows, model_scores, strict=True):
         row.update({k: v for k, v in scores.items() if k not in row})
+    gt_rows = _score_ground_truth(scorers, items, prompt_embeddings, out_dir)
+
+    def aggregates(indices: list[int]) -> dict[str, Any]:
+        rows = {"model": aggregate([model_rows[i] for i in indices], [texts[i] for i in indices],
+                                   [languages[i] for i in indices])}
+        gt_idx = [i for i in indices if i in gt_rows]
+        if gt_idx:
+            rows["ground_truth"] = aggregate([gt_rows[i] for i in gt_idx], [texts[i] for i in gt_idx],
+                                             [languages[i] for i in gt_idx])
+        return rows
+
     results: dict[str, Any] = {
         "model_path": cfg.model_path,
         "codec_path": cfg.codec_model_path,
         "asr_backend": cfg.asr_backend,
         "speaker_backend": cfg.speaker_backend,
-        "aggregate": {"model": aggregate(model_rows, texts, languages)},
+        "aggregate": aggregates(list(range(len(items)))),
         "items": [],
     }
-    gt_rows = _score_ground_truth(scorers, items, prompt_embeddings, out_dir)
-    if gt_rows:
-        results["aggregate"]["ground_truth"] = aggregate(
-            list(gt_rows.values()), [texts[i] for i in gt_rows], [languages[i] for i in gt_rows]
-        )
+    # A multi-voice list (items naming their `speaker_id`) is also judged per voice: one voice that does not
+    # clone or speak hides in the mean.
+    speakers = sorted({str(it["speaker_id"]) for it in items if it.get("speaker_id") is not None})
+    if speakers:
+        results["by_speaker"] = {
+            s: aggregates([i for i, it in enumerate(items) if str(it.get("speaker_id")) == s]) for s in speakers
+        }
     for i, it in enumerate(items):
         results["items"].append({
             "id": it["id"], "target_text": it["target_text"], "prompt_text": it["prompt_text"],
-            "language": it["language"], "model": model_rows[i], "ground_truth": gt_rows.get(i),
+            "language": it["language"], "speaker_id": it.get("speaker_id"), "model": model_rows[i],
+            "ground_truth": gt_rows.get(i),
         })
     results["plots"] = _plot(cfg, items, model_clips, gt_rows, results["items"], out_dir)
     _publish(cfg, out_dir, results, results["plots"])

@@ -104,10 +104,13 @@ def write_html(results: dict[str, Any], plots: list[str], out: Path) -> None:
     agg = results["aggregate"]
     metric_keys = ["wer", "sim", "dnsmos", "rtf", "duration", "items", "failed"]
     head = "".join(f"<th>{k}</th>" for k in ["row", *metric_keys])
+    tables = [("", agg), *((f"voice {s}: ", rows) for s, rows in results.get("by_speaker", {}).items())]
     agg_rows = "".join(
-        "<tr><td>" + row + "</td>" + "".join(f"<td>{_fmt(agg[row].get(k))}</td>" for k in metric_keys) + "</tr>"
+        f"<tr><td>{html.escape(prefix)}{row}</td>"
+        + "".join(f"<td>{_fmt(rows[row].get(k))}</td>" for k in metric_keys) + "</tr>"
+        for prefix, rows in tables
         for row in ("model", "ground_truth")
-        if row in agg
+        if row in rows
     )
     item_rows = []
     for it in results["items"]:
