@@ -51,6 +51,13 @@ def test_codec_alone_is_judged_on_its_copies_of_a_manifest(codec_dir: Path, tmp_
     assert rate == codec.output_sample_rate and len(written) == len(expected)
     assert np.corrcoef(written, expected)[0, 1] > 0.99  # equal up to the 16-bit WAV rounding
     assert (tmp_path / "out" / "report.html").read_text().count("<audio") == 6
+    # The manifest's first three utterances are three voices: each is also judged on its own.
+    voices = [json.loads(line)["speaker_id"] for line in MANIFEST.read_text().splitlines()[:3]]
+    by_speaker = results["by_speaker"]
+    assert sorted(by_speaker) == sorted(voices)
+    for item, voice in zip(results["items"], voices, strict=True):
+        assert by_speaker[voice]["model"]["items"] == 1
+        assert by_speaker[voice]["model"]["sim"] == pytest.approx(item["model"]["sim"])
 
 
 def test_a_test_list_is_read_through_its_target_wavs(codec_dir: Path, tmp_path) -> None:

@@ -134,6 +134,12 @@ class Utterance:
     wav: str
     text: str
     language: str
+    speaker_id: str | None = None
+
+
+def _speaker_of(record: dict) -> str | None:
+    speaker = record.get("speaker_id")
+    return None if speaker is None else str(speaker)
 
 
 def read_utterances(url: str, max_items: int | None = None) -> list[Utterance]:
@@ -148,7 +154,7 @@ def read_utterances(url: str, max_items: int | None = None) -> list[Utterance]:
         if not wav or not text:
             raise ConfigError(f"{url}:{line_no}: needs wav_path + transcript or target_wav + target_text")
         found.append(Utterance(str(record.get("id", f"item_{line_no:04d}")), resolve_wav_path(url, wav), text,
-                               record.get("language", "en")))
+                               record.get("language", "en"), _speaker_of(record)))
         if max_items and len(found) >= max_items:
             break
     if not found:

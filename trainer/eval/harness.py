@@ -107,7 +107,7 @@ def run_resynthesis(config: TrainerConfig) -> int:
         gt["sim"] = None  # the original against itself
         write_wav(str(out_dir / gt["wav"]), orig, orig_sr)
         items.append({"id": u.id, "target_text": u.text, "prompt_text": "", "language": u.language,
-                      "model": row, "ground_truth": gt})
+                      "speaker_id": u.speaker_id, "model": row, "ground_truth": gt})
     aggregate_copy.update(rtf=elapsed / audio_seconds if audio_seconds else None)
     aggregate_truth = aggregate(truth, texts, languages)
     results: dict[str, Any] = {
@@ -117,6 +117,7 @@ def run_resynthesis(config: TrainerConfig) -> int:
         "asr_backend": cfg.asr_backend,
         "speaker_backend": cfg.speaker_backend,
         "aggregate": {"model": aggregate_copy, "ground_truth": aggregate_truth},
+        **_by_speaker(items),
         "items": items,
     }
     report.plot_spectrograms([(f"resynthesis: {utterances[0].text}", *copies[0]), ("original", *originals[0])],
@@ -148,40 +149,49 @@ def run(config: TrainerConfig) -> int:
     for row, scores in zip(model_rows, model_scores, strict=True):
         row.update({k: v for k, v in scores.items() if k not in row})
     gt_rows = _score_ground_truth(scorers, items, prompt_embeddings, out_dir)
-
-    def aggregates(indices: list[int]) -> dict[str, Any]:
-        rows = {"model": aggregate([model_rows[i] for i in indices], [texts[i] for i in indices],
-                                   [languages[i] for i in indices])}
-        gt_idx = [i for i in indices if i in gt_rows]
-        if gt_idx:
-            rows["ground_truth"] = aggregate([gt_rows[i] for i in gt_idx], [texts[i] for i in gt_idx],
-                                             [languages[i] for i in gt_idx])
-        return rows
-
+    result_items = [{
+        "id": it["id"], "target_text": it["target_text"], "prompt_text": it["prompt_text"],
+        "language": it["language"], "speaker_id": _speaker_of(it), "model": model_rows[i],
+        "ground_truth": gt_rows.get(i),
+    } for i, it in enumerate(items)]
     results: dict[str, Any] = {
         "model_path": cfg.model_path,
         "codec_path": cfg.codec_model_path,
         "asr_backend": cfg.asr_backend,
         "speaker_backend": cfg.speaker_backend,
-        "aggregate": aggregates(list(range(len(items)))),
-        "items": [],
+        "aggregate": _aggregates(result_items),
+        **_by_speaker(result_items),
+        "items": result_items,
     }
-    # A multi-voice list (items naming their `speaker_id`) is also judged per voice: one voice that does not
-    # clone or speak hides in the mean.
-    speakers = sorted({str(it["speaker_id"]) for it in items if it.get("speaker_id") is not None})
-    if speakers:
-        results["by_speaker"] = {
-            s: aggregates([i for i, it in enumerate(items) if str(it.get("speaker_id")) == s]) for s in speakers
-        }
-    for i, it in enumerate(items):
-        results["items"].append({
-            "id": it["id"], "target_text": it["target_text"], "prompt_text": it["prompt_text"],
-            "language": it["language"], "speaker_id": it.get("speaker_id"), "model": model_rows[i],
-            "ground_truth": gt_rows.get(i),
-        })
     results["plots"] = _plot(cfg, items, model_clips, gt_rows, results["items"], out_dir)
     _publish(cfg, out_dir, results, results["plots"])
     return 0
+
+
+def _speaker_of(item: dict[str, Any]) -> str | None:
+    speaker = item.get("speaker_id")
+    return None if speaker is None else str(speaker)
+
+
+def _aggregates(result_items: list[dict[str, Any]]) -> dict[str, Any]:
+    """The model row and (over the items that have one) the ground-truth row of these result items."""
+    rows = {"model": aggregate([it["model"] for it in result_items], [it["target_text"] for it in result_items],
+                               [it["language"] for it in result_items])}
+    with_truth = [it for it in result_items if it["ground_truth"]]
+    if with_truth:
+        rows["ground_truth"] = aggregate([it["ground_truth"] for it in with_truth],
+                                         [it["target_text"] for it in with_truth],
+                                         [it["language"] for it in with_truth])
+    return rows
+
+
+def _by_speaker(result_items: list[dict[str, Any]]) -> dict[str, Any]:
+    """`{"by_speaker": {voice: aggregates}}` for a multi-voice list (items naming their `speaker_id`), else {}:
+    one voice that does not clone or speak hides in the mean."""
+    speakers = sorted({it["speaker_id"] for it in result_items if it["speaker_id"] is not None})
+    if not speakers:
+        return {}
+    return {"by_speaker": {s: _aggregates([it for it in result_items if it["speaker_id"] == s]) for s in speakers}}
 
 
 def _synthesize_items(
