@@ -2,7 +2,7 @@
 
 Backends (local files only, never a hub download):
 - `pocketsphinx`: offline English ASR whose acoustic model, language model and dictionary ship in the
-  PyPI wheel. Far less accurate than Whisper, but deterministic and tiny: the default for tests/demos.
+  PyPI wheel. Far less accurate than Whisper, but deterministic (per clip) and tiny: the default for tests/demos.
 - `whisper`: a local Hugging Face Whisper directory (e.g. whisper-large-v3 pre-staged on a volume),
   batched `generate` over padded log-mel features.
 
@@ -101,14 +101,19 @@ class Transcriber(Protocol):
 
 
 class PocketsphinxTranscriber:
-    """CMU pocketsphinx with the US-English model shipped in its wheel. One decoder, reused: loading the
-    language model (~0.5 s) dominates short utterances otherwise."""
+    """CMU pocketsphinx with the US-English model shipped in its wheel.
+
+    A fresh decoder per clip: a reused one carries adaptive front-end state (its noise estimate) from clip
+    to clip, so a clip's transcript depended on which clips came before it (measured: 2 of 40 held-out
+    transcripts changed when the list was read in reverse, 5 against one decoder each), which made eval rows
+    and a GRPO group's rewards depend on their neighbours. Resetting the cepstral mean (`set_cmn`) did not
+    remove it; a new decoder costs ~0.2 s against ~0.3 s to transcribe a 3 s clip."""
 
     def __init__(self) -> None:
         # lazy: each ASR backend loads only its own library
         from pocketsphinx import Decoder
 
-        self._decoder = Decoder(samprate=ASR_SAMPLE_RATE, loglevel="FATAL")
+        self._decoder_type = Decoder
 
     def transcribe(self, waves: list[np.ndarray], sample_rate: int, languages: list[str] | None = None
                    ) -> list[str]:
@@ -118,10 +123,11 @@ class PocketsphinxTranscriber:
             if pcm.size == 0:
                 texts.append("")
                 continue
-            self._decoder.start_utt()
-            self._decoder.process_raw((pcm * 32767).astype(np.int16).tobytes(), full_utt=True)
-            self._decoder.end_utt()
-            hyp = self._decoder.hyp()
+            decoder = self._decoder_type(samprate=ASR_SAMPLE_RATE, loglevel="FATAL")
+            decoder.start_utt()
+            decoder.process_raw((pcm * 32767).astype(np.int16).tobytes(), full_utt=True)
+            decoder.end_utt()
+            hyp = decoder.hyp()
             texts.append(hyp.hypstr if hyp is not None else "")
         return texts
 
