@@ -13,6 +13,7 @@ import sys
 import time
 
 import fsspec
+import torch.distributed
 from fsspec.implementations.local import LocalFileSystem
 from transformers import Trainer
 
@@ -42,4 +43,10 @@ if int(os.environ.get("RANK", "0")) > 0:
     Trainer._save_rng_state = _slow_save_rng_state
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    # A stage that leaves its process group to interpreter exit can die there: gloo's worker threads are torn
+    # down with the interpreter ("terminate called without an active exception", SIGABRT after the work).
+    if torch.distributed.is_initialized():
+        print("the stage returned with its process group still initialised", file=sys.stderr)
+        code = code or 3
+    sys.exit(code)

@@ -454,6 +454,15 @@ def _save_final(trainer: SpeechGRPOTrainer, config: TrainerConfig, tokenizer, vo
 def run(config: TrainerConfig) -> int:
     if config.dry_run:
         return preflight.report(plan(config))
+    try:
+        return _run(config)
+    finally:
+        # accelerate joined the process group for TRL. Left to interpreter exit, gloo's worker threads are torn
+        # down with it and can abort the process (SIGABRT) after the work is done: a failed pod, a retry.
+        distributed.shutdown()
+
+
+def _run(config: TrainerConfig) -> int:
     preflight.require(problems(config))
     rl, t, ck = config.rlhf_training, config.training, config.checkpointing
     if t.use_wandb and t.project_name:
