@@ -137,7 +137,8 @@ class Utterance:
     speaker_id: str | None = None
 
 
-def _speaker_of(record: dict) -> str | None:
+def speaker_of(record: dict) -> str | None:
+    """A manifest record's or eval item's `speaker_id` as text (None when it names none)."""
     speaker = record.get("speaker_id")
     return None if speaker is None else str(speaker)
 
@@ -154,7 +155,7 @@ def read_utterances(url: str, max_items: int | None = None) -> list[Utterance]:
         if not wav or not text:
             raise ConfigError(f"{url}:{line_no}: needs wav_path + transcript or target_wav + target_text")
         found.append(Utterance(str(record.get("id", f"item_{line_no:04d}")), resolve_wav_path(url, wav), text,
-                               record.get("language", "en"), _speaker_of(record)))
+                               record.get("language", "en"), speaker_of(record)))
         if max_items and len(found) >= max_items:
             break
     if not found:

@@ -26,7 +26,7 @@ from trainer import io
 from trainer.audio import Audio, read_audio, write_wav
 from trainer.codec.model import Codec
 from trainer.config import EvalConfig, TrainerConfig, section_flags
-from trainer.data.manifest import read_json_objects, read_utterances, resolve_wav_path
+from trainer.data.manifest import read_json_objects, read_utterances, resolve_wav_path, speaker_of
 from trainer.errors import ConfigError
 from trainer.eval import report
 from trainer.scoring.resynthesis import Clip, resynthesize, score_resynthesis
@@ -151,7 +151,7 @@ def run(config: TrainerConfig) -> int:
     gt_rows = _score_ground_truth(scorers, items, prompt_embeddings, out_dir)
     result_items = [{
         "id": it["id"], "target_text": it["target_text"], "prompt_text": it["prompt_text"],
-        "language": it["language"], "speaker_id": _speaker_of(it), "model": model_rows[i],
+        "language": it["language"], "speaker_id": speaker_of(it), "model": model_rows[i],
         "ground_truth": gt_rows.get(i),
     } for i, it in enumerate(items)]
     results: dict[str, Any] = {
@@ -166,11 +166,6 @@ def run(config: TrainerConfig) -> int:
     results["plots"] = _plot(cfg, items, model_clips, gt_rows, results["items"], out_dir)
     _publish(cfg, out_dir, results, results["plots"])
     return 0
-
-
-def _speaker_of(item: dict[str, Any]) -> str | None:
-    speaker = item.get("speaker_id")
-    return None if speaker is None else str(speaker)
 
 
 def _aggregates(result_items: list[dict[str, Any]]) -> dict[str, Any]:

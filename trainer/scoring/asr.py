@@ -103,7 +103,7 @@ class Transcriber(Protocol):
 class PocketsphinxTranscriber:
     """CMU pocketsphinx with the US-English model shipped in its wheel.
 
-    A fresh decoder per clip: a reused one carries adaptive front-end state (its noise estimate) from clip
+    A fresh decoder per clip: a reused one carries adaptive state (its noise removal is on by default) from clip
     to clip, so a clip's transcript depended on which clips came before it (measured: 2 of 40 held-out
     transcripts changed when the list was read in reverse, 5 against one decoder each), which made eval rows
     and a GRPO group's rewards depend on their neighbours. Resetting the cepstral mean (`set_cmn`) did not
