@@ -112,6 +112,7 @@ bench: $(STAMP)  ## benchmarks (CPU sizes; each prints a ratio against its basel
 	$(BIN)/python bench/packing.py
 	$(BIN)/python bench/codec_encode.py
 	$(BIN)/python bench/rewards.py
+	$(BIN)/python bench/asr.py
 	$(BIN)/python bench/sft_throughput.py
 
 manifests: $(STAMP)  ## regenerate manifests/ from example/pipeline.yaml

@@ -73,9 +73,9 @@ def test_pocketsphinx_ground_truth_beats_wrong_sentence_and_noise(short_flite):
 
 def test_pocketsphinx_transcript_of_a_clip_does_not_depend_on_the_clips_before_it(short_flite):
     """Eval rows and a GRPO group's rewards must not depend on their neighbours in a batch."""
-    asr = load_transcriber("pocketsphinx")
     waves = [_wave(r) for r in short_flite]
-    alone = [asr.transcribe([w], 16000)[0] for w in waves]
+    alone = [load_transcriber("pocketsphinx").transcribe([w], 16000)[0] for w in waves]  # a new one each
+    asr = load_transcriber("pocketsphinx")
     after_noise = asr.transcribe([x for i, w in enumerate(waves) for x in (_noise(1.0, seed=i) * 5, w)], 16000)[1::2]
     assert after_noise == alone
     assert asr.transcribe(waves[::-1], 16000)[::-1] == alone

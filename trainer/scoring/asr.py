@@ -103,17 +103,19 @@ class Transcriber(Protocol):
 class PocketsphinxTranscriber:
     """CMU pocketsphinx with the US-English model shipped in its wheel.
 
-    A fresh decoder per clip: a reused one carries adaptive state (its noise removal is on by default) from clip
-    to clip, so a clip's transcript depended on which clips came before it (measured: 2 of 40 held-out
-    transcripts changed when the list was read in reverse, 5 against one decoder each), which made eval rows
-    and a GRPO group's rewards depend on their neighbours. Resetting the cepstral mean (`set_cmn`) did not
-    remove it; a new decoder costs ~0.2 s against ~0.3 s to transcribe a 3 s clip."""
+    One decoder whose feature extraction is re-initialised before every clip. A decoder reused as it is
+    carries adaptive front-end state (noise removal, on by default) from clip to clip, so a clip's transcript
+    depended on which clips came before it (measured: 2 of 40 held-out transcripts changed when the list was
+    read in reverse), which made eval rows and a GRPO group's rewards depend on their neighbours; resetting
+    the cepstral mean (`set_cmn`) did not remove it. `reinit_feat` gives the transcripts of a fresh decoder
+    per clip (80 of 80 model clips, either order) without reloading the acoustic model, language model and
+    dictionary for each clip (bench/asr.py)."""
 
     def __init__(self) -> None:
         # lazy: each ASR backend loads only its own library
         from pocketsphinx import Decoder
 
-        self._decoder_type = Decoder
+        self._decoder = Decoder(samprate=ASR_SAMPLE_RATE, loglevel="FATAL")
 
     def transcribe(self, waves: list[np.ndarray], sample_rate: int, languages: list[str] | None = None
                    ) -> list[str]:
@@ -123,11 +125,11 @@ class PocketsphinxTranscriber:
             if pcm.size == 0:
                 texts.append("")
                 continue
-            decoder = self._decoder_type(samprate=ASR_SAMPLE_RATE, loglevel="FATAL")
-            decoder.start_utt()
-            decoder.process_raw((pcm * 32767).astype(np.int16).tobytes(), full_utt=True)
-            decoder.end_utt()
-            hyp = decoder.hyp()
+            self._decoder.reinit_feat()
+            self._decoder.start_utt()
+            self._decoder.process_raw((pcm * 32767).astype(np.int16).tobytes(), full_utt=True)
+            self._decoder.end_utt()
+            hyp = self._decoder.hyp()
             texts.append(hyp.hypstr if hyp is not None else "")
         return texts
 
