@@ -104,12 +104,12 @@ class PocketsphinxTranscriber:
     """CMU pocketsphinx with the US-English model shipped in its wheel.
 
     One decoder whose feature extraction is re-initialised before every clip. A decoder reused as it is
-    carries adaptive front-end state (noise removal, on by default) from clip to clip, so a clip's transcript
-    depended on which clips came before it (measured: 2 of 40 held-out transcripts changed when the list was
-    read in reverse), which made eval rows and a GRPO group's rewards depend on their neighbours; resetting
-    the cepstral mean (`set_cmn`) did not remove it. `reinit_feat` gives the transcripts of a fresh decoder
-    per clip (80 of 80 model clips, either order) without reloading the acoustic model, language model and
-    dictionary for each clip (bench/asr.py)."""
+    carries adaptive feature-extraction state (likely its noise removal, on by default) from clip to clip,
+    so a clip's transcript depended on which clips came before it (measured: 2 of 40 held-out transcripts
+    changed when the list was read in reverse), which made eval rows and a GRPO group's rewards depend on
+    their neighbours; resetting the cepstral mean (`set_cmn`) did not remove it. `reinit_feat` gives the
+    transcripts of a fresh decoder per clip (80 of 80 model clips, either order) without reloading the
+    acoustic model, language model and dictionary for each clip (bench/asr.py)."""
 
     def __init__(self) -> None:
         # lazy: each ASR backend loads only its own library
