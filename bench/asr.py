@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.audio import read_audio
-from trainer.scoring.asr import ASR_SAMPLE_RATE, PocketsphinxTranscriber, resample
+from trainer.scoring.asr import ASR_SAMPLE_RATE, PocketsphinxTranscriber, pocketsphinx_utterance, resample
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,12 +29,7 @@ def fresh_decoder_per_clip(waves: list[np.ndarray], sample_rate: int) -> list[st
     texts = []
     for wave in waves:
         pcm = np.clip(resample(wave, sample_rate, ASR_SAMPLE_RATE), -1.0, 1.0)
-        decoder = Decoder(samprate=ASR_SAMPLE_RATE, loglevel="FATAL")
-        decoder.start_utt()
-        decoder.process_raw((pcm * 32767).astype(np.int16).tobytes(), full_utt=True)
-        decoder.end_utt()
-        hyp = decoder.hyp()
-        texts.append(hyp.hypstr if hyp is not None else "")
+        texts.append(pocketsphinx_utterance(Decoder(samprate=ASR_SAMPLE_RATE, loglevel="FATAL"), pcm))
     return texts
 
 

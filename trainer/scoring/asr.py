@@ -14,7 +14,7 @@ put in the spoken form the TTS model reads (numbers as words), so a correct "thr
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Any, Protocol
 
 import jiwer
 import numpy as np
@@ -126,12 +126,17 @@ class PocketsphinxTranscriber:
                 texts.append("")
                 continue
             self._decoder.reinit_feat()
-            self._decoder.start_utt()
-            self._decoder.process_raw((pcm * 32767).astype(np.int16).tobytes(), full_utt=True)
-            self._decoder.end_utt()
-            hyp = self._decoder.hyp()
-            texts.append(hyp.hypstr if hyp is not None else "")
+            texts.append(pocketsphinx_utterance(self._decoder, pcm))
         return texts
+
+
+def pocketsphinx_utterance(decoder: Any, pcm: np.ndarray) -> str:
+    """One utterance of float PCM at ASR_SAMPLE_RATE through a pocketsphinx decoder: its best hypothesis."""
+    decoder.start_utt()
+    decoder.process_raw((pcm * 32767).astype(np.int16).tobytes(), full_utt=True)
+    decoder.end_utt()
+    hyp = decoder.hyp()
+    return hyp.hypstr if hyp is not None else ""
 
 
 class WhisperTranscriber:
