@@ -1,9 +1,10 @@
 """GRPO with rollouts on a real vLLM server (`use_vllm`, `weight_sync: storage`): after every sync the
-server's greedy completion equals the policy's; a server killed mid-run is waited for and re-synced;
+server scores a probe as the policy does; a server killed mid-run is waited for and re-synced;
 one that stays away fails the stage with its last checkpoint intact, and the re-run resumes."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -17,10 +18,11 @@ from trainer.cli import main
 from trainer.metrics import read_scalars
 from trainer.model.build import load_speechlm
 from trainer.rl import server_rollouts
-from trainer.serve.vllm_server import VllmServer, complete_ids, free_port
+from trainer.serve.vllm_server import VllmServer, free_port, post
 
 pytestmark = pytest.mark.vllm
 PROBE_TOKENS = 12
+TOLERANCE = 1e-3  # log-probability, fp32 policy vs fp32 server
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -63,10 +65,31 @@ def _args(base: Path, data: Path, out: Path, port: int, **extra) -> list[str]:
     return ["rlhf", *[a for k, v in settings.items() for a in ("--set", f"{k}={json.dumps(v)}")]]
 
 
+def _probe(vocab) -> list[int]:
+    """A fixed speech prompt and 12 audio tokens after it, scored teacher-forced by both sides."""
+    return [vocab.speech_start_id, *(vocab.audio_offset + (37 * i + 3) % 256 for i in range(PROBE_TOKENS + 1))]
+
+
+def _served_logprobs(base_url: str, model: str, ids: list[int]) -> list[float]:
+    """The server's log-probability of each token of `ids` after the first, given those before it."""
+    body = {"model": model, "prompt": [ids], "max_tokens": 1, "prompt_logprobs": 0}
+    scored = post(base_url, "/v1/completions", body)["choices"][0]["prompt_logprobs"][1:]
+    return [entry[str(token)]["logprob"] for entry, token in zip(scored, ids[1:], strict=True)]
+
+
+def _policy_logprobs(model: torch.nn.Module, ids: list[int]) -> list[float]:
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    return logits.log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
 @pytest.fixture
 def checked_syncs(monkeypatch):
-    """After every sync: the server's greedy completion of a fixed prompt vs the policy's own (HF)."""
-    checks: list[tuple[int, bool]] = []
+    """After every sync: (policy version, the policy's log-probabilities of a fixed probe, the largest gap
+    between those and the server's). Teacher-forced scores, not greedy strings: after a training step a
+    greedy argmax can sit on a near-tie that another CPU's numeric path (AVX2 vs AVX-512) breaks the other
+    way, while a served stale or half-loaded policy moves these scores by far more than float error."""
+    checks: list[tuple[int, list[float], float]] = []
     sync = server_rollouts.ServerRollouts.sync
 
     def checked(self, collective: bool = False) -> None:
@@ -74,17 +97,24 @@ def checked_syncs(monkeypatch):
         sync(self, collective)
         if len(self.sync_seconds) == before:
             return
-        prompt = [self.vocab.speech_start_id, self.vocab.audio_offset + 3]
-        ids = torch.tensor([prompt])
-        policy = type(self.model).generate(self.model, ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                           max_new_tokens=PROBE_TOKENS, min_new_tokens=PROBE_TOKENS,
-                                           pad_token_id=self.vocab.pad_token_id)[0, len(prompt):].tolist()
-        served = complete_ids(self.base_url, self.served_name(), [prompt], PROBE_TOKENS, temperature=0.0,
-                              ignore_eos=True)[0]
-        checks.append((self.synced[0], served == policy))
+        ids = _probe(self.vocab)
+        policy = _policy_logprobs(self.model, ids)
+        served = _served_logprobs(self.base_url, self.served_name(), ids)
+        checks.append((self.synced[0], policy, max(abs(a - b) for a, b in zip(policy, served, strict=True))))
 
     monkeypatch.setattr(server_rollouts.ServerRollouts, "sync", checked)
     return checks
+
+
+def _assert_served_each_version(checks: list[tuple[int, list[float], float]], versions: list[int]) -> None:
+    """Each sync at the expected version; the server scored the probe as the policy did (fp32 on both
+    sides: float error ~1e-5); and consecutive versions score it differently by far more than that, so a
+    server still holding the previous weights would have failed the first check."""
+    assert [version for version, _, _ in checks] == versions
+    assert max(gap for _, _, gap in checks) < TOLERANCE
+    for (v0, before, _), (v1, after, _) in itertools.pairwise(checks):
+        if v0 != v1:
+            assert max(abs(a - b) for a, b in zip(before, after, strict=True)) > 100 * TOLERANCE
 
 
 def _server(python: str, model_dir: Path, port: int, log: Path) -> VllmServer:
@@ -103,7 +133,7 @@ def test_grpo_samples_on_vllm_and_every_sync_serves_the_policy(fmt, grpo_inputs,
             "training.max_steps": 3, "rlhf_training.max_completion_length": length})) == 0
     # Each policy version published once, before the first sampling from it (rollouts at versions 0, 1, 2;
     # the guard rails after steps 2 and 3 at 2 and 3), and served exactly after each sync.
-    assert checked_syncs == [(0, True), (1, True), (2, True), (3, True)]
+    _assert_served_each_version(checked_syncs, [0, 1, 2, 3])
     scalars = read_scalars(str(tmp_path / "out" / "rl" / "metrics.jsonl"))
     assert len([s for s in scalars if "timing/weight_sync_seconds" in s]) == 2  # the rollouts' own syncs
     final = load_speechlm(str(tmp_path / "out" / "rl" / "final_model"))[0]
@@ -136,7 +166,7 @@ def test_a_killed_server_is_waited_for_and_resynced(grpo_inputs, checked_syncs, 
             server.stop()
     assert "rollout server unreachable" in caplog.text and "the rollout server restarted" in caplog.text
     # The restarted server (back on its startup weights) got version 2 again before step 3 sampled from it.
-    assert checked_syncs == [(0, True), (1, True), (2, True), (2, True), (3, True)]
+    _assert_served_each_version(checked_syncs, [0, 1, 2, 2, 3])
 
 
 def test_a_server_that_stays_away_fails_the_stage_and_the_rerun_resumes(grpo_inputs, vllm_python, tmp_path, capsys,
