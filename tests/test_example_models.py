@@ -74,9 +74,15 @@ def test_the_small_speechlm_fits_the_shipping_budget() -> None:
     per_layer += 3 * config.hidden_size * config.intermediate_size
     parameters = rows + config.num_hidden_layers * per_layer
     assert vocab.codebook_size == 4096 and config.tie_word_embeddings
-    # With the float16 codec (~17M parameters, 34 MB) the two ship within example/models' 80 MB.
-    assert 4 * parameters + 2 * 17.1e6 < 80e6, parameters
+    # Two float16 SpeechLMs (the GRPO model and the SFT model it started from) and the float16 codec
+    # (~17M parameters, 34 MB) ship within example/models' 80 MB.
+    assert 2 * 2 * parameters + 2 * 17.1e6 < 80e6, parameters
 
+
+
+def test_the_shipped_models_fit_the_budget_on_disk() -> None:
+    shipped = REPO / "example" / "models"
+    assert sum(f.stat().st_size for f in shipped.rglob("*") if f.is_file()) < 80e6
 
 def _ship_models():
     import importlib.util
@@ -151,3 +157,43 @@ def test_shipping_a_continued_decoder_keeps_the_history_of_the_codec_it_continue
     earlier = provenance["continued_from"]
     assert earlier["codec"] == str(models / "codec-small")
     assert earlier["provenance"]["command"] == "train first" and "continued_from" not in earlier["provenance"]
+
+
+def test_shipping_the_speechlm_ships_the_grpo_model_and_the_sft_model_it_started_from(tmp_path) -> None:
+    """`ship_models.py --only speechlm`: the rlhf export as speechlm-small and the sft export as
+    speechlm-small-sft, both float16 and loadable, each with its own runs and evals in provenance."""
+    import json
+
+    from safetensors import safe_open
+    from speech_fixtures import make_model
+
+    from trainer.model.build import load_speechlm
+    from trainer.stages import RunLayout
+
+    run = tmp_path / "run"
+    layout = RunLayout(str(run / "data"), str(run / "checkpoints"), str(run))
+    for seed, stage, steps in ((1, "sft", 3000), (2, "rlhf", 60)):
+        make_model(Path(layout.output(f"export-{stage}")), seed=seed, prompt_format="phones")
+        metrics = Path(layout.run_dir(stage)) / "metrics.jsonl"
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        metrics.write_text(json.dumps({"step": 0, "time": 0.0}) + "\n"
+                           + json.dumps({"step": steps, "time": 10.0 * steps, "loss": 1.0}) + "\n")
+    for name, wer in (("eval", 0.28), ("eval-sft", 0.31)):
+        (run / name).mkdir()
+        (run / name / "results.json").write_text(json.dumps({"aggregate": {"model": {"wer": wer}}}))
+    assert _ship_models().main(["--run", str(run), "--out", str(tmp_path / "models"), "--only", "speechlm"]) == 0
+
+    for target, stage, runs, evals in (("speechlm-small", "rlhf", {"sft": 3000, "rlhf": 60}, ["eval-sft"]),
+                                       ("speechlm-small-sft", "sft", {"sft": 3000}, ["eval-sft"])):
+        shipped = tmp_path / "models" / target
+        with safe_open(str(shipped / "model.safetensors"), "pt") as f:
+            names = f.keys()
+            assert {f.get_tensor(k).dtype for k in names} == {torch.float16}
+        exported = load_speechlm(layout.output(f"export-{stage}"))[0]
+        loaded = load_speechlm(str(shipped))[0]
+        for a, b in zip(loaded.state_dict().values(), exported.state_dict().values(), strict=True):
+            torch.testing.assert_close(a.float(), b.float(), atol=1e-3, rtol=1e-3)
+        provenance = json.loads((shipped / "provenance.json").read_text())
+        assert {k: v["steps"] for k, v in provenance["runs"].items()} == runs
+        assert sorted(provenance["other_evals"]) == evals
+        assert (provenance["eval"] or {}).get("model") == ({"wer": 0.28} if stage == "rlhf" else None)
