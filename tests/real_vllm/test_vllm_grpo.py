@@ -1,6 +1,7 @@
 """GRPO with rollouts on a real vLLM server (`use_vllm`, `weight_sync: storage`): after every sync the
-server scores a probe as the policy does; a server killed mid-run is waited for and re-synced;
-one that stays away fails the stage with its last checkpoint intact, and the re-run resumes."""
+server's greedy completion is the policy's and it scores a probe as the policy does; a server killed
+mid-run is waited for and re-synced; one that stays away fails the stage with its last checkpoint intact,
+and the re-run resumes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import logging
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from trainer.cli import main
 from trainer.metrics import read_scalars
 from trainer.model.build import load_speechlm
 from trainer.rl import server_rollouts
-from trainer.serve.vllm_server import VllmServer, free_port, post
+from trainer.serve.vllm_server import VllmServer, complete_ids, free_port, post
 
 pytestmark = pytest.mark.vllm
 PROBE_TOKENS = 12
@@ -77,19 +79,27 @@ def _served_logprobs(base_url: str, model: str, ids: list[int]) -> list[float]:
     return [entry[str(token)]["logprob"] for entry, token in zip(scored, ids[1:], strict=True)]
 
 
-def _policy_logprobs(model: torch.nn.Module, ids: list[int]) -> list[float]:
+def _policy_logprobs(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """The policy's log-softmax at each position of `ids` but the last (the distribution of the next token)."""
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, :-1].float()
-    return logits.log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+        return model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+
+
+class SyncCheck(NamedTuple):
+    version: int
+    probe: list[float]  # the policy's log-probabilities of the probe's tokens
+    probe_gap: float  # the largest |policy - server| over them
+    greedy_gap: float  # the largest (policy's best - served token's) log-probability along the served greedy
 
 
 @pytest.fixture
 def checked_syncs(monkeypatch):
-    """After every sync: (policy version, the policy's log-probabilities of a fixed probe, the largest gap
-    between those and the server's). Teacher-forced scores, not greedy strings: after a training step a
-    greedy argmax can sit on a near-tie that another CPU's numeric path (AVX2 vs AVX-512) breaks the other
-    way, while a served stale or half-loaded policy moves these scores by far more than float error."""
-    checks: list[tuple[int, list[float], float]] = []
+    """After every sync, what the server serves against the policy (HF): its greedy completion of a fixed
+    prompt must be the policy's greedy completion — every token the policy's argmax up to float error, so
+    a near-tie that another CPU's kernels (AVX2 vs AVX-512) break the other way still counts as equal —
+    and it must score a fixed probe teacher-forced as the policy does (a stale policy whose greedy happens
+    to agree still moves these scores by far more than float error)."""
+    checks: list[SyncCheck] = []
     sync = server_rollouts.ServerRollouts.sync
 
     def checked(self, collective: bool = False) -> None:
@@ -97,24 +107,30 @@ def checked_syncs(monkeypatch):
         sync(self, collective)
         if len(self.sync_seconds) == before:
             return
+        prompt = [self.vocab.speech_start_id, self.vocab.audio_offset + 3]
+        served = complete_ids(self.base_url, self.served_name(), [prompt], PROBE_TOKENS, temperature=0.0,
+                              ignore_eos=True)[0]
+        along = _policy_logprobs(self.model, prompt + served)[len(prompt) - 1 :]
+        greedy_gap = (along.max(-1).values - along.gather(1, torch.tensor(served)[:, None])[:, 0]).max().item()
         ids = _probe(self.vocab)
-        policy = _policy_logprobs(self.model, ids)
-        served = _served_logprobs(self.base_url, self.served_name(), ids)
-        checks.append((self.synced[0], policy, max(abs(a - b) for a, b in zip(policy, served, strict=True))))
+        probe = _policy_logprobs(self.model, ids).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+        served_probe = _served_logprobs(self.base_url, self.served_name(), ids)
+        probe_gap = max(abs(a - b) for a, b in zip(probe, served_probe, strict=True))
+        checks.append(SyncCheck(self.synced[0], probe, probe_gap, greedy_gap))
 
     monkeypatch.setattr(server_rollouts.ServerRollouts, "sync", checked)
     return checks
 
 
-def _assert_served_each_version(checks: list[tuple[int, list[float], float]], versions: list[int]) -> None:
-    """Each sync at the expected version; the server scored the probe as the policy did (fp32 on both
-    sides: float error ~1e-5); and consecutive versions score it differently by far more than that, so a
-    server still holding the previous weights would have failed the first check."""
-    assert [version for version, _, _ in checks] == versions
-    assert max(gap for _, _, gap in checks) < TOLERANCE
-    for (v0, before, _), (v1, after, _) in itertools.pairwise(checks):
-        if v0 != v1:
-            assert max(abs(a - b) for a, b in zip(before, after, strict=True)) > 100 * TOLERANCE
+def _assert_served_each_version(checks: list[SyncCheck], versions: list[int]) -> None:
+    """Each sync at the expected version, served as the policy (fp32 on both sides: float error ~1e-5), and
+    consecutive versions score the probe differently by far more than that, so a server still holding the
+    previous weights would have failed."""
+    assert [c.version for c in checks] == versions
+    assert max(c.greedy_gap for c in checks) < TOLERANCE and max(c.probe_gap for c in checks) < TOLERANCE
+    for a, b in itertools.pairwise(checks):
+        if a.version != b.version:
+            assert max(abs(x - y) for x, y in zip(a.probe, b.probe, strict=True)) > 100 * TOLERANCE
 
 
 def _server(python: str, model_dir: Path, port: int, log: Path) -> VllmServer:
