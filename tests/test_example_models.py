@@ -79,10 +79,10 @@ def test_the_small_speechlm_fits_the_shipping_budget() -> None:
     assert 2 * 2 * parameters + 2 * 17.1e6 < 80e6, parameters
 
 
-
 def test_the_shipped_models_fit_the_budget_on_disk() -> None:
     shipped = REPO / "example" / "models"
     assert sum(f.stat().st_size for f in shipped.rglob("*") if f.is_file()) < 80e6
+
 
 def _ship_models():
     import importlib.util
