@@ -3,9 +3,8 @@
 #
 #   Step 1, where pip reaches PyPI (the dev machine), from the repo root:
 #       bash bench/gpu_check.sh --fetch-wheels
-#     packs the pinned pure-Python dependencies the GPU machine lacks (and the versions our pins need
-#     where it has others: transformers 4.57, its tokenizers/huggingface-hub) into .gpu/ (git-ignored;
-#     bench/gpu_site.sh: 9.5 MiB, so the call stays under the 64 MiB a device call carries).
+#     packs the pinned dependencies the GPU machine lacks into .gpu/ (git-ignored; bench/gpu_site.sh:
+#     3.5 MiB, so the call stays under the 64 MiB a device call carries; its transformers is the image's).
 #   Step 2, on the GPU machine (torch + CUDA there; nothing else of ours), with .gpu/ carried along:
 #       bash bench/gpu_check.sh [--out FILE]          # default FILE: gpu_check_results.txt
 #     unpacks them into /tmp/site (the machine has no network), puts it first on PYTHONPATH, then runs

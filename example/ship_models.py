@@ -2,8 +2,7 @@
 
     python example/ship_models.py [--run runs/example-models] [--out example/models] [--only codec]
 
-The SpeechLM ships twice: `speechlm-small` (after GRPO) and `speechlm-small-sft` (the SFT model GRPO started
-from). For each model: the weights as safetensors (the SpeechLM and the codec's decoder at float16, half the
+For each model: the weights as safetensors (the SpeechLM and the codec's decoder at float16, half the
 bytes; the codec's encoder at float32, so codes are unchanged), the stage config that produced it, the command, steps,
 wall time and the figures its run measured (`provenance.json`).
 """
@@ -76,20 +75,12 @@ def ship_codec(layout: RunLayout, out: Path, command: str = COMMAND, config: Pat
     return target
 
 
-SPEECHLM_TARGETS = {"rlhf": "speechlm-small", "sft": "speechlm-small-sft"}
-
-
-def ship_speechlm(layout: RunLayout, out: Path, command: str = COMMAND, stage: str = "rlhf") -> Path:
-    """The SpeechLM a stage exported: `rlhf` (the final model; the SFT export if the run has no GRPO) or `sft`
-    (the rlhf stage's starting point, shipped so GRPO can be re-run and judged against it without the SFT
-    hour). The final model's provenance records every eval of the run (`<run>/eval*/results.json`); the SFT
-    model's, those of `<run>/eval-sft*`."""
-    source = Path(layout.output(f"export-{stage}"))
-    if stage == "rlhf" and not source.exists():
-        source = Path(layout.output("export-sft"))
+def ship_speechlm(layout: RunLayout, out: Path, command: str = COMMAND) -> Path:
+    source = Path(layout.output("export-rlhf"))
+    source = source if source.exists() else Path(layout.output("export-sft"))
     if not source.exists():
-        raise SystemExit(f"no {stage} export at {source}: run the pipeline first (make example-models)")
-    target = out / SPEECHLM_TARGETS[stage]
+        raise SystemExit(f"no SpeechLM export at {source}: run the pipeline first (make example-models)")
+    target = out / "speechlm-small"
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
@@ -100,20 +91,18 @@ def ship_speechlm(layout: RunLayout, out: Path, command: str = COMMAND, stage: s
     weights = load_file(str(target / "model.safetensors"))
     save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items()},
               str(target / "model.safetensors"), metadata={"format": "pt"})
-    stages = ("sft", "rlhf") if stage == "rlhf" else ("sft",)
     runs = {src: run_summary(read_scalars(str(Path(layout.run_dir(src)) / "metrics.jsonl")))
-            for src in stages if (Path(layout.run_dir(src)) / "metrics.jsonl").exists()}
+            for src in ("sft", "rlhf") if (Path(layout.run_dir(src)) / "metrics.jsonl").exists()}
     results = Path(layout.output("eval")) / "results.json"
     # Every eval of the run (the pipeline's, and any other list scored into <run>/eval-*/ by hand).
-    pattern = "eval-*" if stage == "rlhf" else "eval-sft*"
     evals = {d.name: json.loads((d / "results.json").read_text())["aggregate"]
-             for d in sorted(Path(layout.output("eval")).parent.glob(pattern)) if (d / "results.json").exists()}
+             for d in sorted(Path(layout.output("eval")).parent.glob("eval-*")) if (d / "results.json").exists()}
     provenance = {
         "command": command,
         "configs": [f"example/configs/models/{src}-phones.json" for src in runs],
         "exported_from": str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else str(source),
         "runs": {k: {"steps": v["steps"], "wall_time_s": v["wall_time_s"]} for k, v in runs.items()},
-        "eval": json.loads(results.read_text())["aggregate"] if results.exists() and stage == "rlhf" else None,
+        "eval": json.loads(results.read_text())["aggregate"] if results.exists() else None,
         "other_evals": evals,
     }
     (target / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
@@ -134,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         corpus = args.run / "corpus" / "summary.json"
         print(f"codec -> {ship_codec(layout, args.out, args.command, args.codec_config, corpus)}")
     if args.only != "codec":
-        for stage in ("sft", "rlhf"):
-            print(f"speechlm ({stage}) -> {ship_speechlm(layout, args.out, args.command, stage)}")
+        print(f"speechlm -> {ship_speechlm(layout, args.out, args.command)}")
     return 0
 
 

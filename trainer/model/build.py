@@ -60,8 +60,8 @@ def _small_config(vocab_size: int) -> LlamaConfig:
 
 
 def _small_wide_config(vocab_size: int) -> LlamaConfig:
-    """~20M parameters (10 layers x 384): the largest SpeechLM that ships beside the small codec within the
-    example models' 80 MB at float16; sized for a GPU run (example/gpu_models.sh), slow on 2 CPU cores."""
+    """~20M parameters (10 layers x 384): sized for a GPU run (example/gpu_models.sh), whose models come back
+    as float16 parts rather than travelling in the checkout; slow on 2 CPU cores."""
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=384, intermediate_size=1152, num_hidden_layers=10,
         num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=10000.0,
