@@ -237,6 +237,48 @@ def test_three_grpo_steps_end_to_end(artefacts):
     assert steps == [1, 2, 3, 4]
 
 
+def test_save_best_keeps_the_lowest_guard_wer_policy_across_a_resume(artefacts, tmp_path):
+    """checkpointing.save_best in GRPO: <run>/best_model is the policy of the lowest guard/wer so far (the first
+    of equals) with best.json (step, guard/wer), the same weights as that step's checkpoint; a resumed run
+    competes with the best model it already published instead of starting afresh."""
+    root, _, model_dir, data = artefacts
+    settings = {"rlhf_training.reward_funcs": ["SimilarityRewardFunc"], "rlhf_training.guard_rail_steps": 1,
+                "rlhf_training.guard_rail_decoding": "greedy", "checkpointing.save_best": True,
+                "checkpointing.save_steps": 1, "checkpointing.keep_only_last_n_checkpoints": None,
+                "training.output_dir": str(tmp_path)}
+    run = tmp_path / "rl"
+
+    def check(steps: list[int]) -> None:
+        guard = [(r["step"], r["guard/wer"]) for r in read_scalars(str(run / "metrics.jsonl")) if "guard/wer" in r]
+        assert [step for step, _ in guard] == steps
+        best_step, best_wer = min(guard, key=lambda row: row[1])  # min() keeps the first of equals
+        record = json.loads((run / "best_model" / "best.json").read_text())
+        assert record == {"step": best_step, "guard/wer": pytest.approx(best_wer)}
+        best = load_speechlm(str(run / "best_model"))[0].state_dict()
+        at_step = load_speechlm(str(run / "checkpoints" / f"step_{best_step}"))[0].state_dict()
+        assert all(torch.equal(best[k], at_step[k]) for k in at_step)
+
+    assert main(["rlhf", *_overrides(root, model_dir, data, **settings, **{"rlhf_training.max_steps": 3})]) == 0
+    assert (run / "best_model" / "_COMPLETE").exists()
+    check([1, 2, 3])
+    assert main(["rlhf", *_overrides(root, model_dir, data, **settings, **{"rlhf_training.max_steps": 5})]) == 0
+    check([1, 2, 3, 4, 5])
+
+
+def test_guard_rails_decode_as_the_rollouts_sample_or_greedily(artefacts):
+    _, _, model_dir, _ = artefacts
+    model, _, vocab = load_speechlm(str(model_dir))
+    rows = model.get_input_embeddings().weight.shape[0]
+    rl = RlhfConfig(sampling={"temperature": 0.5, "top_p": 0.9})
+    sampled = grpo._guard_generation(rl, vocab, rows)
+    greedy = grpo._guard_generation(rl.model_copy(update={"guard_rail_decoding": "greedy"}), vocab, rows)
+    assert sampled["do_sample"] is True and (sampled["temperature"], sampled["top_p"]) == (0.5, 0.9)
+    assert greedy["do_sample"] is False and not {"temperature", "top_p", "top_k"} & set(greedy)
+    # Both under the rollouts' constraints (audio tokens only, speech-end at the end).
+    assert {k: v for k, v in greedy.items() if k != "do_sample"} == {
+        k: v for k, v in sampled.items() if k not in ("do_sample", "temperature", "top_p", "top_k")}
+
+
 def test_lora_grpo_trains_the_added_rows_and_merges_into_the_final_model(artefacts, tmp_path):
     """GRPO under LoRA uses SFT's adapter: the audio rows (and the prompt tags) train with the LoRA
     matrices, the text rows and the untargeted layers stay as they were, and the final model is merged."""

@@ -126,8 +126,10 @@ class CheckpointingConfig(Section):
     # Take only the model weights from the resumed checkpoint: optimiser, schedule and data order start fresh.
     only_load_model_weights: bool = False
     resume: Literal["auto", "never"] = "auto"
-    # Also keep the model of the lowest validation loss so far in <run>/best_model (with best.json: step,
-    # eval_loss): many epochs over a small corpus overfit, and the last step is then not the best model.
+    # Also keep the best model so far in <run>/best_model, with best.json (its step and measure): SFT's of the
+    # lowest validation loss (eval_loss; many epochs over a small corpus overfit, and the last step is then
+    # not the best model), GRPO's of the lowest guard-rail WER on the val prompts (guard/wer, measured every
+    # rlhf_training.guard_rail_steps; a reward can keep rising after the model heard by a listener is best).
     save_best: bool = False
 
 
@@ -246,6 +248,10 @@ class RlhfConfig(ScorerSettings):
     mask_truncated_completions: bool = True
     guard_rail_steps: int = Field(50, gt=0)
     guard_rail_samples: int = Field(8, gt=0)
+    # How the guard rails decode their val prompts: "rollout" samples as the rollouts do (the policy GRPO
+    # sees); "greedy" decodes as infer and eval do by default, the model a user gets (and the measure
+    # checkpointing.save_best keeps the best model by).
+    guard_rail_decoding: Literal["rollout", "greedy"] = "rollout"
     # Codec whose decoder turns completions into audio for the rewards. None: the codec the base model's
     # serving directory references (codec.json / codec/), else the dataset's dataset_info.json.
     codec_model_path: str | None = None

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -353,6 +355,56 @@ class PublishCheckpoints(TrainerCallback):
         distributed.barrier()  # no rank goes on (or resumes) before the checkpoint is published
 
 
+class SaveBestModel(TrainerCallback):
+    """checkpointing.save_best for GRPO: after each guard-rail measurement (GuardRails, which runs before this
+    callback), the policy of the lowest guard/wer so far is published to `<run>/best_model` with best.json
+    (step, guard/wer). A resumed run competes with the best model it already published."""
+
+    MEASURE = "guard/wer"
+
+    def __init__(self, guard: GuardRails, run: str, tokenizer: PreTrainedTokenizerBase, vocab: AudioVocab,
+                 codec_url: str, lora: bool, best: float | None):
+        self.guard = guard
+        self.run = run
+        self.tokenizer = tokenizer
+        self.vocab = vocab
+        self.codec_url = codec_url
+        self.lora = lora
+        self.best = best
+        self._seen_step = -1
+
+    def _check(self, state, model) -> None:
+        if not state.is_world_process_zero or self.guard.last is None or self.guard.last[0] == self._seen_step:
+            return
+        step, values = self.guard.last
+        self._seen_step = step
+        wer = values[self.MEASURE]
+        if not math.isfinite(wer) or (self.best is not None and wer >= self.best):
+            return
+        self.best = wer
+        # Training goes on with the adapter: merge a copy.
+        policy = copy.deepcopy(model).merge_and_unload() if self.lora else model
+        _publish_speechlm(io.join(self.run, checkpoint.BEST_MODEL), policy, self.tokenizer, self.vocab,
+                          self.codec_url, {checkpoint.BEST_RECORD: {"step": step, self.MEASURE: wer}})
+        log.info("best model so far (%s %.4f at step %d) saved", self.MEASURE, wer, step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._check(state, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._check(state, model)
+
+
+def _publish_speechlm(url: str, policy, tokenizer: PreTrainedTokenizerBase, vocab: AudioVocab, codec_url: str,
+                      records: dict[str, dict] | None = None) -> None:
+    """A serving directory (weights, tokenizer, speechlm.json, codec reference, JSON records), atomically."""
+    with io.staged_dir(url) as staging:
+        save_speechlm(policy, tokenizer, vocab, staging)
+        write_codec_reference(str(staging), codec_url)
+        for name, record in (records or {}).items():
+            (Path(staging) / name).write_text(json.dumps(record))
+
+
 def resume_source(config: TrainerConfig, run: str) -> str | None:
     ck = config.checkpointing
     if ck.checkpoint_file_to_resume_from and not ck.only_load_model_weights:
@@ -401,10 +453,13 @@ def _rewards(config: TrainerConfig, codec: Codec, vocab: AudioVocab, run: str,
 
 
 def _guard_generation(rl: RlhfConfig, vocab: AudioVocab, vocab_size: int) -> dict[str, Any]:
-    """The guard rails sample with HF generate as the rollouts do (same constraints and sampler)."""
+    """HF generate for the guard rails, under the rollouts' constraints: sampling as the rollouts do, or
+    greedily (rlhf_training.guard_rail_decoding)."""
+    greedy = rl.guard_rail_decoding == "greedy"
+    sampling = rl.sampling.model_copy(update={"do_sample": not greedy})
     return {
-        **rollout.hf_generation_kwargs(vocab, vocab_size, rl.min_completion_length), **rl.sampling.hf_kwargs(),
-        "max_new_tokens": rl.max_completion_length, "do_sample": True,
+        **rollout.hf_generation_kwargs(vocab, vocab_size, rl.min_completion_length), **sampling.hf_kwargs(),
+        "max_new_tokens": rl.max_completion_length, "do_sample": not greedy,
         "pad_token_id": vocab.pad_token_id, "eos_token_id": vocab.speech_end_id,
     }
 
@@ -425,8 +480,7 @@ def _scratch_dir(run: str) -> str:
     return tempfile.mkdtemp(prefix="grpo-")
 
 
-def _train(trainer: SpeechGRPOTrainer, config: TrainerConfig, run: str, hf_dir: str) -> None:
-    resume_url = resume_source(config, run)
+def _train(trainer: SpeechGRPOTrainer, resume_url: str | None, run: str, hf_dir: str) -> None:
     resume = str(checkpoint.local_copy(resume_url)) if resume_url else None
     try:
         trainer.train(resume_from_checkpoint=resume)
@@ -445,9 +499,7 @@ def _save_final(trainer: SpeechGRPOTrainer, config: TrainerConfig, tokenizer, vo
     if config.modeling.lora.enabled:
         policy = policy.merge_and_unload()
     final = io.join(run, checkpoint.FINAL_MODEL)
-    with io.staged_dir(final) as staging:
-        save_speechlm(policy, tokenizer, vocab, staging)
-        write_codec_reference(str(staging), codec_url)
+    _publish_speechlm(final, policy, tokenizer, vocab, codec_url)
     log.info("final model: %s", final)
 
 
@@ -499,13 +551,18 @@ def _run(config: TrainerConfig) -> int:
     policy_tokenizer.model_input_names = ["input_ids", "attention_mask"]  # LLaMA takes no token_type_ids
     vocab_size = model.get_input_embeddings().weight.shape[0]
     hf_dir = _scratch_dir(run)
+    guard = GuardRails(_guard_prompts(config, prompt_format), prompt_format, guard_scorer,
+                       _guard_generation(rl, vocab, vocab_size), rl.guard_rail_steps, scalars, t.seed)
     callbacks = [
         ScalarLogCallback(scalars),
-        GuardRails(_guard_prompts(config, prompt_format), prompt_format, guard_scorer,
-                   _guard_generation(rl, vocab, vocab_size), rl.guard_rail_steps, scalars, t.seed),
+        guard,
         PublishCheckpoints(run, tokenizer, vocab, codec_url, ck.keep_only_last_n_checkpoints),
         completions,
     ]
+    resume_url = resume_source(config, run)
+    if ck.save_best:  # after the guard rails, whose measurement it reads
+        best = checkpoint.best_measure(run, SaveBestModel.MEASURE) if resume_url else None
+        callbacks.append(SaveBestModel(guard, run, tokenizer, vocab, codec_url, config.modeling.lora.enabled, best))
     # The same adapter as SFT's: the added (audio) rows train too, so GRPO can move the codes.
     adapter = (peft_config(config.modeling.lora, vocab, bool(model.config.tie_word_embeddings))
                if config.modeling.lora.enabled else None)
@@ -519,7 +576,7 @@ def _run(config: TrainerConfig) -> int:
         )
     if server_rollouts is not None:
         server_rollouts.install(lambda: trainer.state.global_step)
-    _train(trainer, config, run, hf_dir)
+    _train(trainer, resume_url, run, hf_dir)
     _save_final(trainer, config, tokenizer, vocab, codec_url, run)
     scalars.close()
     return 0

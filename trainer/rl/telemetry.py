@@ -76,6 +76,7 @@ class GuardRails(TrainerCallback):
         self.scalars = scalars
         self.seed = seed
         self._last_step = -1
+        self.last: tuple[int, dict[str, float]] | None = None  # (step, values) of the latest measurement
 
     @staticmethod
     def scorer_functions(reward_funcs: list[RewardFunc], build) -> list[RewardFunc]:
@@ -127,6 +128,7 @@ class GuardRails(TrainerCallback):
         start = time.perf_counter()
         values = self.evaluate(model)
         self._last_step = state.global_step
+        self.last = (state.global_step, values)
         self.scalars.log(state.global_step, **values, **{"guard/seconds": time.perf_counter() - start})
         log.info("guard rails at step %d: %s", state.global_step, values)
 

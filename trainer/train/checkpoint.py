@@ -4,8 +4,9 @@
                                                     speechlm.json) + resume/ (optimizer, scheduler,
                                                     step, sampler position, RNG) + _COMPLETE
     <output_dir>/<run_name>/final_model/            HF directory
-    <output_dir>/<run_name>/best_model/             HF directory + best.json (step, eval_loss) of the
-                                                    lowest validation loss (checkpointing.save_best)
+    <output_dir>/<run_name>/best_model/             HF directory + best.json (step and measure: SFT's
+                                                    eval_loss, GRPO's guard/wer) of the best model so far
+                                                    (checkpointing.save_best)
 
 codec-train (`trainer.train.codec`) publishes the same way: `<output_dir>/checkpoints/step_<N>/` holds
 `codec/` and `train_state.pt`, the final codec goes to `<output_dir>/final/`.
@@ -117,12 +118,12 @@ def publish(dest_url: str, write: Callable[[Path], None]) -> None:
     distributed.barrier()
 
 
-def best_eval_loss(run_url: str) -> float | None:
-    """The validation loss of the run's published best model (None: none yet)."""
+def best_measure(run_url: str, measure: str) -> float | None:
+    """The measure (`eval_loss`, `guard/wer`) of the run's published best model (None: none yet)."""
     url = io.join(run_url, BEST_MODEL)
     if not io.is_complete(url):
         return None
-    return float(io.read_json(io.join(url, BEST_RECORD))["eval_loss"])
+    return float(io.read_json(io.join(url, BEST_RECORD))[measure])
 
 
 def local_copy(url: str) -> Path:

@@ -143,7 +143,8 @@ class SFTTrainer:
                      self.resume_url)
         # A resumed run keeps competing with the best model it already published; a new run starts afresh.
         resumed = self.resume_url is not None and not self.weights_only
-        self.best_loss = checkpoint.best_eval_loss(self.run_url) if config.checkpointing.save_best and resumed else None
+        self.best_loss = (checkpoint.best_measure(self.run_url, "eval_loss")
+                          if config.checkpointing.save_best and resumed else None)
         self._stop = distributed.StopRequest()
         self.scalars = metrics.ScalarLog(io.join(self.run_url, "metrics.jsonl"), "sft")
         self.wandb = self._init_wandb()
