@@ -371,13 +371,12 @@ class SaveBestModel(TrainerCallback):
         self.codec_url = codec_url
         self.lora = lora
         self.best = best
-        self._seen_step = -1
 
     def _check(self, state, model) -> None:
-        if not state.is_world_process_zero or self.guard.last is None or self.guard.last[0] == self._seen_step:
+        # A measurement seen before is no better than the best it set (or was not finite): no step record needed.
+        if not state.is_world_process_zero or self.guard.last is None:
             return
         step, values = self.guard.last
-        self._seen_step = step
         wer = values[self.MEASURE]
         if not math.isfinite(wer) or (self.best is not None and wer >= self.best):
             return
@@ -455,11 +454,10 @@ def _rewards(config: TrainerConfig, codec: Codec, vocab: AudioVocab, run: str,
 def _guard_generation(rl: RlhfConfig, vocab: AudioVocab, vocab_size: int) -> dict[str, Any]:
     """HF generate for the guard rails, under the rollouts' constraints: sampling as the rollouts do, or
     greedily (rlhf_training.guard_rail_decoding)."""
-    greedy = rl.guard_rail_decoding == "greedy"
-    sampling = rl.sampling.model_copy(update={"do_sample": not greedy})
+    sampling = rl.sampling.model_copy(update={"do_sample": rl.guard_rail_decoding == "rollout"})
     return {
         **rollout.hf_generation_kwargs(vocab, vocab_size, rl.min_completion_length), **sampling.hf_kwargs(),
-        "max_new_tokens": rl.max_completion_length, "do_sample": not greedy,
+        "max_new_tokens": rl.max_completion_length, "do_sample": sampling.do_sample,
         "pad_token_id": vocab.pad_token_id, "eos_token_id": vocab.speech_end_id,
     }
 

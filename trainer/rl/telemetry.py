@@ -75,7 +75,6 @@ class GuardRails(TrainerCallback):
         self.every = every
         self.scalars = scalars
         self.seed = seed
-        self._last_step = -1
         self.last: tuple[int, dict[str, float]] | None = None  # (step, values) of the latest measurement
 
     @staticmethod
@@ -123,11 +122,10 @@ class GuardRails(TrainerCallback):
         }
 
     def _run(self, state, model) -> None:
-        if not state.is_world_process_zero or state.global_step == self._last_step:
+        if not state.is_world_process_zero or (self.last is not None and self.last[0] == state.global_step):
             return
         start = time.perf_counter()
         values = self.evaluate(model)
-        self._last_step = state.global_step
         self.last = (state.global_step, values)
         self.scalars.log(state.global_step, **values, **{"guard/seconds": time.perf_counter() - start})
         log.info("guard rails at step %d: %s", state.global_step, values)
